@@ -1,0 +1,179 @@
+"""The multi-camera nuScenes dataset for BEV detection (reads info files, never the devkit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bevperc.data.augment import apply_image_aug, sample_bev_aug, sample_image_aug
+from bevperc.data.classes import DETECTION_CLASSES
+from bevperc.data.config import DataConfig
+from bevperc.data.infos import CAMERA_NAMES, DataError, load_infos
+from bevperc.geometry import invert_transform, project_to_image, transform_boxes, transform_points
+
+
+def load_lidar_points(path: str | Path) -> np.ndarray:
+    """Read a nuScenes ``.pcd.bin`` sweep: float32 rows of (x, y, z, intensity, ring) -> ``(P, 5)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: LiDAR file not found")
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % 5:
+        raise DataError(f"{path}: size {raw.size * 4} bytes is not a multiple of 5 float32 columns")
+    return raw.reshape(-1, 5)
+
+
+def lidar_depth_map(
+    points_ego: np.ndarray,
+    ego_from_camera: np.ndarray,
+    intrinsics: np.ndarray,
+    image_aug: np.ndarray,
+    input_size: tuple[int, int],
+    min_depth: float = 0.5,
+) -> np.ndarray:
+    """Project ego-frame LiDAR points ``(P, 3)`` into one augmented camera image.
+
+    Returns:
+        ``(H, W)`` float32 depth (camera z, metres) of the nearest point per pixel, 0 where none.
+    """
+    input_h, input_w = input_size
+    points_camera = transform_points(invert_transform(ego_from_camera), points_ego)
+    in_front = points_camera[:, 2] > min_depth
+    points_camera = points_camera[in_front]
+    pixels, depth = project_to_image(points_camera, intrinsics)
+    pixels = pixels @ image_aug[:2, :2].T + image_aug[:2, 2]
+    cols, rows = np.floor(pixels[:, 0]).astype(np.int64), np.floor(pixels[:, 1]).astype(np.int64)
+    inside = (cols >= 0) & (cols < input_w) & (rows >= 0) & (rows < input_h)
+    cols, rows, depth = cols[inside], rows[inside], depth[inside]
+    depth_map = np.full(input_h * input_w, np.inf, dtype=np.float64)
+    np.minimum.at(depth_map, rows * input_w + cols, depth)
+    depth_map[~np.isfinite(depth_map)] = 0.0
+    return depth_map.reshape(input_h, input_w).astype(np.float32)
+
+
+class NuScenesBEVDataset(Dataset):
+    """Six-camera samples in the batch format of ``.notes``/docs (see :func:`collate_bev`).
+
+    Each item is a dict:
+        images          float32 [6, 3, H, W]  normalised network input
+        intrinsics      float32 [6, 3, 3]     of the original camera
+        ego_from_camera float32 [6, 4, 4]
+        image_aug       float32 [6, 3, 3]     original pixel -> input pixel
+        bev_aug         float32 [4, 4]        ego -> augmented ego
+        gt_boxes        float32 [M, 9]        augmented ego frame, box convention
+        gt_labels       int64   [M]
+        depth_maps      float32 [6, H, W]     only with ``cfg.load_depth``
+        global_from_ego float64 [4, 4]
+        sample_token    str
+
+    Augmentation randomness comes from a generator seeded by ``(seed, epoch, index)``, so
+    an item is a pure function of its index and epoch: resuming a killed run replays the
+    same augmentations, whatever the number of workers.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, train: bool, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.dataroot = Path(cfg.dataroot)
+        self.info_path = Path(cfg.info_path(split))
+        payload = load_infos(self.info_path)
+        self.samples: list[dict[str, Any]] = payload["samples"]
+        self.class_names: Sequence[str] = DETECTION_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch so augmentations change between epochs."""
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> np.random.Generator | None:
+        if not (self.train and self.cfg.augment):
+            return None
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def _open_image(self, sample: dict, camera: str) -> Image.Image:
+        path = self.dataroot / sample["cameras"][camera]["path"]
+        if not path.is_file():
+            raise DataError(
+                f"{self.info_path}: sample {sample['token']} camera {camera}: image file not found: {path}"
+            )
+        try:
+            return Image.open(path)
+        except OSError as err:
+            raise DataError(f"{path}: cannot read image ({err})") from None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        rng = self._rng(index)
+        input_size = tuple(self.cfg.input_size)
+        images, intrinsics, ego_from_camera, image_augs = [], [], [], []
+        mean = np.asarray(self.cfg.image_mean, dtype=np.float32) * 255.0
+        std = np.asarray(self.cfg.image_std, dtype=np.float32) * 255.0
+        for camera in CAMERA_NAMES:
+            cam = sample["cameras"][camera]
+            image = self._open_image(sample, camera)
+            resize, crop_flip_rotate = sample_image_aug(rng, image.size, input_size, self.cfg.image_aug)
+            image, image_aug = apply_image_aug(image, resize, crop_flip_rotate, input_size)
+            array = (np.asarray(image, dtype=np.float32) - mean) / std
+            images.append(torch.from_numpy(array.transpose(2, 0, 1).copy()))
+            intrinsics.append(np.asarray(cam["intrinsics"], dtype=np.float64))
+            ego_from_camera.append(np.asarray(cam["ego_from_camera"], dtype=np.float64))
+            image_augs.append(image_aug)
+
+        bev_aug = sample_bev_aug(rng, self.cfg.bev_aug)
+        boxes, labels = self._gt(sample, bev_aug)
+        item = {
+            "images": torch.stack(images),
+            "intrinsics": torch.tensor(np.stack(intrinsics), dtype=torch.float32),
+            "ego_from_camera": torch.tensor(np.stack(ego_from_camera), dtype=torch.float32),
+            "image_aug": torch.tensor(np.stack(image_augs), dtype=torch.float32),
+            "bev_aug": torch.tensor(bev_aug, dtype=torch.float32),
+            "gt_boxes": torch.tensor(boxes, dtype=torch.float32),
+            "gt_labels": torch.tensor(labels, dtype=torch.int64),
+            "global_from_ego": torch.tensor(sample["global_from_ego"], dtype=torch.float64),
+            "sample_token": sample["token"],
+        }
+        if self.cfg.load_depth:
+            points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
+            points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
+            item["depth_maps"] = torch.from_numpy(
+                np.stack(
+                    [
+                        lidar_depth_map(points_ego, e, k, a, input_size)
+                        for e, k, a in zip(ego_from_camera, intrinsics, image_augs)
+                    ]
+                )
+            )
+        return item
+
+    def _gt(self, sample: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gt = sample["gt"]
+        boxes = np.asarray(gt["boxes"], dtype=np.float64).reshape(-1, 9)
+        labels = np.array([self.class_names.index(n) for n in gt["names"]], dtype=np.int64)
+        points = np.asarray(gt["num_lidar_pts"]) + np.asarray(gt["num_radar_pts"])
+        keep = points >= self.cfg.min_lidar_points if len(points) else np.zeros(0, dtype=bool)
+        boxes, labels = transform_boxes(bev_aug, boxes[keep]), labels[keep]
+        low, high = np.asarray(self.cfg.gt_range[:3]), np.asarray(self.cfg.gt_range[3:])
+        inside = np.all((boxes[:, :3] >= low) & (boxes[:, :3] <= high), axis=1)
+        return boxes[inside], labels[inside]
+
+
+def collate_bev(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items: tensors gain a batch dim B; boxes, labels and tokens become lists."""
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key in ("gt_boxes", "gt_labels", "sample_token"):
+            out[key] = values
+        else:
+            out[key] = torch.stack(values)
+    return out

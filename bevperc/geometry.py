@@ -1,0 +1,250 @@
+"""Frames, rigid transforms, 3D boxes and camera projection: the one geometry module.
+
+Frames (nuScenes)
+-----------------
+``global``  world frame of a log (map frame), metres, z up.
+``ego``     vehicle frame at a sensor timestamp: x forward, y left, z up; origin at the
+            rear-axle centre on the ground.
+``lidar``   LIDAR_TOP frame (x right, y forward, z up in the real rig).
+``camera``  OpenCV camera frame: x right, y down, z forward (optical axis).
+``image``   pixel coordinates (u right, v down) of the full-resolution image.
+
+Transforms are 4x4 homogeneous matrices named ``<to>_from_<from>``:
+``ego_from_camera @ p_camera = p_ego``. Compose right to left:
+``global_from_camera = global_from_ego @ ego_from_camera``.
+
+The box convention (used everywhere in bevperc)
+-----------------------------------------------
+A box is a row of 9 numbers ``[x, y, z, w, l, h, yaw, vx, vy]``:
+
+* ``x, y, z``: the geometric centre of the box (not the bottom face), metres;
+* ``w, l, h``: width (extent along the box's left axis), length (along its heading),
+  height; the order is the nuScenes ``wlh``;
+* ``yaw``: heading angle in radians about +z, measured from +x of the frame the box is
+  expressed in (counter-clockwise seen from above); the box's length axis points along
+  ``(cos yaw, sin yaw)``;
+* ``vx, vy``: velocity in m/s, expressed in the same frame as the centre.
+
+Boxes for training live in the (augmented) ego frame; submissions are written in the
+global frame, exactly as the nuScenes devkit expects (``translation`` = centre,
+``size`` = wlh, ``rotation`` = quaternion w,x,y,z, ``velocity`` = vx, vy).
+
+Corner order matches the devkit's ``Box.corners()``: corners 0-3 are the front face
+(+l/2), 4-7 the rear face; 0,1,4,5 are the top (+h/2).
+
+Everything here accepts NumPy arrays; functions marked (torch) also accept tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import numpy as np
+
+try:  # torch is optional for the pure-NumPy parts (data tools run without it)
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore
+
+Array = Union[np.ndarray, "torch.Tensor"]
+
+BOX_DIM = 9
+"""Number of values per box: x, y, z, w, l, h, yaw, vx, vy."""
+
+BOX_FIELDS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy")
+
+
+# --------------------------------------------------------------------------- rotations
+def quaternion_to_matrix(q_wxyz: Array) -> np.ndarray:
+    """Unit quaternion ``(w, x, y, z)`` -> 3x3 rotation matrix (NumPy)."""
+    w, x, y, z = (float(v) for v in q_wxyz)
+    n = math.sqrt(w * w + x * x + y * y + z * z)
+    if n == 0:
+        raise ValueError("quaternion has zero norm")
+    w, x, y, z = w / n, x / n, y / n, z / n
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def matrix_to_quaternion(rotation: np.ndarray) -> np.ndarray:
+    """3x3 rotation matrix -> unit quaternion ``(w, x, y, z)`` with ``w >= 0``."""
+    m = np.asarray(rotation, dtype=np.float64)
+    trace = m[0, 0] + m[1, 1] + m[2, 2]
+    if trace > 0:
+        s = 2.0 * math.sqrt(trace + 1.0)
+        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
+    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
+        s = 2.0 * math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
+        q = [(m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
+    elif m[1, 1] > m[2, 2]:
+        s = 2.0 * math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
+        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s]
+    else:
+        s = 2.0 * math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
+        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s]
+    q = np.array(q)
+    q /= np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
+def yaw_to_quaternion(yaw: float) -> np.ndarray:
+    """Rotation by ``yaw`` about +z as quaternion ``(w, x, y, z)``."""
+    return np.array([math.cos(yaw / 2.0), 0.0, 0.0, math.sin(yaw / 2.0)])
+
+
+def quaternion_to_yaw(q_wxyz: Array) -> float:
+    """Heading of a rotation: the angle of its rotated +x axis in the xy plane.
+
+    Same definition as the devkit's ``quaternion_yaw``.
+    """
+    rotated_x = quaternion_to_matrix(q_wxyz) @ np.array([1.0, 0.0, 0.0])
+    return float(math.atan2(rotated_x[1], rotated_x[0]))
+
+
+def yaw_of_rotation(rotation: np.ndarray) -> float:
+    """Heading (about +z) of a 3x3 rotation: angle of its rotated +x axis."""
+    return float(math.atan2(rotation[1, 0], rotation[0, 0]))
+
+
+def wrap_angle(angle: Array) -> Array:
+    """Wrap angles to ``[-pi, pi)`` (torch)."""
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+# --------------------------------------------------------------------------- transforms
+def make_transform(rotation: Array, translation: Array) -> np.ndarray:
+    """4x4 transform from a rotation (3x3 matrix or quaternion w,x,y,z) and translation."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    if rotation.shape == (4,):
+        rotation = quaternion_to_matrix(rotation)
+    if rotation.shape != (3, 3):
+        raise ValueError(f"rotation must be a 3x3 matrix or a quaternion, got shape {rotation.shape}")
+    transform = np.eye(4)
+    transform[:3, :3] = rotation
+    transform[:3, 3] = np.asarray(translation, dtype=np.float64).reshape(3)
+    return transform
+
+
+def invert_transform(transform: Array) -> Array:
+    """Inverse of a rigid 4x4 transform (torch; batched over leading dims)."""
+    if torch is not None and isinstance(transform, torch.Tensor):
+        rot = transform[..., :3, :3]
+        trans = transform[..., :3, 3:]
+        out = torch.zeros_like(transform)
+        out[..., :3, :3] = rot.transpose(-1, -2)
+        out[..., :3, 3:] = -rot.transpose(-1, -2) @ trans
+        out[..., 3, 3] = 1
+        return out
+    transform = np.asarray(transform, dtype=np.float64)
+    rot = transform[..., :3, :3]
+    out = np.zeros_like(transform)
+    out[..., :3, :3] = np.swapaxes(rot, -1, -2)
+    out[..., :3, 3] = -(np.swapaxes(rot, -1, -2) @ transform[..., :3, 3:])[..., 0]
+    out[..., 3, 3] = 1
+    return out
+
+
+def transform_points(transform: Array, points: Array) -> Array:
+    """Apply a 4x4 transform to points ``(..., 3)`` (torch)."""
+    return points @ transform[:3, :3].T + transform[:3, 3]
+
+
+def transform_boxes(transform: Array, boxes: Array) -> Array:
+    """Express boxes ``(N, 9)`` in another frame: ``boxes_b = transform_boxes(b_from_a, boxes_a)``.
+
+    ``transform`` is a rigid frame change (ego/global/lidar) or a BEV augmentation: a
+    rotation about z times a uniform scale, possibly with x/y reflections. Centres are
+    transformed as points; the heading vector ``(cos yaw, sin yaw)`` is mapped by the
+    2x2 xy block, which gives the new yaw under rotation *and* reflection; sizes are
+    multiplied by the scale; velocities are mapped by the 2x2 block (a frame change
+    adds no velocity: both frames are taken at one instant). Assumes the z axis is
+    (close to) preserved, which holds for nuScenes ego/global/lidar frames up to small
+    pitch/roll. (torch)
+    """
+    is_torch = torch is not None and isinstance(boxes, torch.Tensor)
+    lib = torch if is_torch else np
+    out = boxes.clone() if is_torch else np.array(boxes, dtype=np.float64, copy=True)
+    if len(boxes) == 0:
+        return out
+    transform = transform.to(boxes) if is_torch else np.asarray(transform, dtype=np.float64)
+    linear = transform[:3, :3]
+    xy_block = linear[:2, :2]
+    # Uniform scale of the transform (1 for rigid ones); |det| of the 3x3 block is s^3.
+    scale = float(abs(np.linalg.det(np.asarray(linear.tolist())))) ** (1.0 / 3.0)
+    out[:, 0:3] = boxes[:, 0:3] @ linear.T + transform[:3, 3]
+    out[:, 3:6] = boxes[:, 3:6] * scale
+    heading = lib.stack([lib.cos(boxes[:, 6]), lib.sin(boxes[:, 6])], -1) @ xy_block.T
+    out[:, 6] = lib.arctan2(heading[:, 1], heading[:, 0])
+    if boxes.shape[1] >= 9:
+        out[:, 7:9] = boxes[:, 7:9] @ xy_block.T
+    return out
+
+
+# --------------------------------------------------------------------------- boxes
+def box_corners(boxes: Array) -> Array:
+    """Corners ``(N, 8, 3)`` of boxes ``(N, >=7)``, in the devkit's ``Box.corners()`` order (torch)."""
+    is_torch = torch is not None and isinstance(boxes, torch.Tensor)
+    lib = torch if is_torch else np
+    centre, w, l, h, yaw = boxes[:, 0:3], boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
+    sx = [1, 1, 1, 1, -1, -1, -1, -1]
+    sy = [1, -1, -1, 1, 1, -1, -1, 1]
+    sz = [1, 1, -1, -1, 1, 1, -1, -1]
+    if is_torch:
+        sx, sy, sz = (torch.tensor(s, dtype=boxes.dtype, device=boxes.device) for s in (sx, sy, sz))
+    else:
+        sx, sy, sz = (np.array(s, dtype=np.float64) for s in (sx, sy, sz))
+    local_x = l[:, None] / 2 * sx
+    local_y = w[:, None] / 2 * sy
+    local_z = h[:, None] / 2 * sz
+    cos, sin = lib.cos(yaw)[:, None], lib.sin(yaw)[:, None]
+    x = cos * local_x - sin * local_y + centre[:, 0:1]
+    y = sin * local_x + cos * local_y + centre[:, 1:2]
+    z = local_z + centre[:, 2:3]
+    return lib.stack([x, y, z], -1)
+
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Boolean mask ``(N_boxes, N_points)``: which points ``(P, 3)`` lie inside each box."""
+    points = np.asarray(points, dtype=np.float64)[:, :3]
+    masks = np.zeros((len(boxes), len(points)), dtype=bool)
+    for i, box in enumerate(np.asarray(boxes, dtype=np.float64)):
+        local = points - box[:3]
+        cos, sin = math.cos(box[6]), math.sin(box[6])
+        along = local[:, 0] * cos + local[:, 1] * sin
+        across = -local[:, 0] * sin + local[:, 1] * cos
+        masks[i] = (
+            (np.abs(along) <= box[4] / 2) & (np.abs(across) <= box[3] / 2) & (np.abs(local[:, 2]) <= box[5] / 2)
+        )
+    return masks
+
+
+# --------------------------------------------------------------------------- cameras
+def project_to_image(points_camera: Array, intrinsics: Array, eps: float = 1e-6) -> tuple[Array, Array]:
+    """Pinhole projection of camera-frame points ``(..., 3)`` -> pixels ``(..., 2)`` and depth ``(...)``.
+
+    Depth is the camera z; points with ``depth <= eps`` get non-finite pixels and must be
+    masked by the caller. Same maths as the devkit's ``view_points(..., normalize=True)``. (torch)
+    """
+    depth = points_camera[..., 2]
+    pixels_h = points_camera @ intrinsics[:3, :3].T
+    pixels = pixels_h[..., :2] / pixels_h[..., 2:3]
+    return pixels, depth
+
+
+def camera_from_ego_points(points_ego: Array, ego_from_camera: Array) -> Array:
+    """Ego-frame points ``(..., 3)`` -> camera frame (torch)."""
+    return transform_points(invert_transform(ego_from_camera), points_ego)
+
+
+def box_in_image(corners_camera: np.ndarray, intrinsics: np.ndarray, image_size: tuple[int, int], min_depth: float = 0.1) -> bool:
+    """True when any corner ``(8, 3)`` is in front of the camera and inside the image (w, h)."""
+    pixels, depth = project_to_image(corners_camera, intrinsics)
+    width, height = image_size
+    ok = (depth > min_depth) & (pixels[:, 0] >= 0) & (pixels[:, 0] < width) & (pixels[:, 1] >= 0) & (pixels[:, 1] < height)
+    return bool(ok.any())
