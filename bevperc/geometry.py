@@ -132,20 +132,23 @@ def make_transform(rotation: Array, translation: Array) -> np.ndarray:
 
 
 def invert_transform(transform: Array) -> Array:
-    """Inverse of a rigid 4x4 transform (torch; batched over leading dims)."""
+    """Inverse of a 4x4 affine transform (torch; batched over leading dims).
+
+    Exact for rigid frame changes and for BEV augmentations, which add scale and
+    reflections (the 3x3 block is inverted, not transposed).
+    """
     if torch is not None and isinstance(transform, torch.Tensor):
-        rot = transform[..., :3, :3]
-        trans = transform[..., :3, 3:]
+        linear_inv = torch.linalg.inv(transform[..., :3, :3])
         out = torch.zeros_like(transform)
-        out[..., :3, :3] = rot.transpose(-1, -2)
-        out[..., :3, 3:] = -rot.transpose(-1, -2) @ trans
+        out[..., :3, :3] = linear_inv
+        out[..., :3, 3:] = -linear_inv @ transform[..., :3, 3:]
         out[..., 3, 3] = 1
         return out
     transform = np.asarray(transform, dtype=np.float64)
-    rot = transform[..., :3, :3]
+    linear_inv = np.linalg.inv(transform[..., :3, :3])
     out = np.zeros_like(transform)
-    out[..., :3, :3] = np.swapaxes(rot, -1, -2)
-    out[..., :3, 3] = -(np.swapaxes(rot, -1, -2) @ transform[..., :3, 3:])[..., 0]
+    out[..., :3, :3] = linear_inv
+    out[..., :3, 3] = -(linear_inv @ transform[..., :3, 3:])[..., 0]
     out[..., 3, 3] = 1
     return out
 

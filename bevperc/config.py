@@ -1,0 +1,69 @@
+"""The one config object of a BEV detection run: data, model, loss engine, training, evaluation.
+
+Each section is a dataclass declared next to the code it configures; follow the import to
+find what a field does:
+
+    data   -> bevperc.data.config.DataConfig
+    model  -> bevperc.models.config.ModelConfig
+    loss   -> bevperc.losses.engine.LossEngineConfig
+    train  -> bevperc.engine.config.TrainConfig
+    eval   -> EvalConfig (below)
+
+    cfg = load_run_config("configs/demo_cpu.yaml", ["train.epochs=2"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from bevperc.data.config import DataConfig
+from bevperc.engine.config import TrainConfig
+from bevperc.losses.engine import LossEngineConfig
+from bevperc.models.config import ModelConfig
+from bevperc.utils.config import ConfigError, load_config
+
+
+@dataclass
+class EvalConfig:
+    """Inference and evaluation settings."""
+
+    engine: Literal["fast", "devkit"] = "fast"
+    """Metric engine for `python -m bevperc.eval` (in-training validation always uses 'fast')."""
+    batch_size: int = 2
+    num_workers: int = 2
+    use_ema: bool = True
+    """Evaluate the EMA weights when the checkpoint has them."""
+    figures: int = 2
+    """`bevperc.eval` draws this many best and worst samples (0: none)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossEngineConfig = field(default_factory=LossEngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # The network input size lives in two places that must agree: the data pipeline
+        # produces it and the frustum is built for it.
+        if tuple(self.data.input_size) != tuple(self.model.view.input_size):
+            raise ConfigError(
+                f"data.input_size {tuple(self.data.input_size)} != model.view.input_size "
+                f"{tuple(self.model.view.input_size)}: set both to the same (H, W)"
+            )
+        grid = self.model.grid
+        expected = (grid.x_range[0], grid.y_range[0], grid.z_range[0], grid.x_range[1], grid.y_range[1], grid.z_range[1])
+        if tuple(self.data.gt_range) != tuple(expected):
+            raise ConfigError(
+                f"data.gt_range {tuple(self.data.gt_range)} != model grid ranges {expected} "
+                "(x_min, y_min, z_min, x_max, y_max, z_max): GT outside the grid cannot be learned"
+            )
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a run config from YAML plus ``section.field=value`` overrides."""
+    return load_config(Config, path, overrides)

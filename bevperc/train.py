@@ -1,0 +1,149 @@
+"""Train the camera BEV detector: ``python -m bevperc.train --config configs/X.yaml``.
+
+    python -m bevperc.train --config configs/demo_cpu.yaml --work-dir outputs/demo/train
+    python -m bevperc.train --config configs/demo_cpu.yaml --work-dir outputs/demo/train --resume
+    python -m bevperc.train --config configs/demo_cpu.yaml train.epochs=2 loss.enabled=false
+    torchrun --nproc_per_node 8 -m bevperc.train --config configs/bevdet_r50_256x704.yaml --work-dir runs/r50
+
+Trailing ``section.field=value`` arguments override single config fields. The run writes
+``config.yaml``, ``train.log``, ``tensorboard/``, ``checkpoints/`` and ``loss_engine.json``
+(the task sets the loss engine found, and its weights over training) to the work dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from bevperc.config import Config, load_run_config
+from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
+from bevperc.engine.distributed import broadcast_object, dist_info
+from bevperc.engine.trainer import Trainer
+from bevperc.inference import predict_dataset, unwrap
+from bevperc.losses.engine import LossEngine
+from bevperc.models.centerpoint_head import default_task_weights, task_names
+from bevperc.models.detector import build_detector
+from bevperc.utils.config import ConfigError, save_config
+from bevperc.utils.io import atomic_write_json
+
+
+def build_loss_engine(cfg: Config) -> LossEngine:
+    """The loss engine over the detector's tasks; CenterPoint weights are the first-weight priors.
+
+    ``cfg.loss.fixed_weights`` overrides single tasks; with ``loss.enabled=false`` the engine
+    returns exactly the fixed CenterPoint-style weighted sum.
+    """
+    weights = {**default_task_weights(cfg.model), **cfg.loss.fixed_weights}
+    return LossEngine(task_names(cfg.model), dataclasses.replace(cfg.loss, fixed_weights=weights))
+
+
+class DetectionLoss:
+    """``compute_loss(model, batch)`` for the trainer: detector task losses -> loss engine."""
+
+    def __init__(self, engine: LossEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = model(batch)
+        task_losses, per_sample = unwrap(model).loss(outputs, batch)
+        total = self.engine(task_losses, per_sample)
+        logs = {f"task/{name}": value.detach() for name, value in task_losses.items()}
+        return total, logs
+
+
+class SyncLossEngine:
+    """After-step hook: run the engine's second process, then share rank 0's engine state.
+
+    Each rank measures affinities and loss ratios on its own samples; copying rank 0's state
+    every ``condition_every`` steps keeps every rank on the same task sets and weights.
+    """
+
+    def __init__(self, engine: LossEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, global_step: int) -> None:
+        self.engine.step()
+        if dist_info().is_distributed and global_step % self.engine.cfg.condition_every == 0:
+            state = broadcast_object({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.engine.state_dict().items()})
+            self.engine.load_state_dict(state)
+
+
+class FastValidation:
+    """``validate(model, epoch)``: predict the val split, score it with the fast exact engine."""
+
+    def __init__(self, cfg: Config, work_dir: Path) -> None:
+        self.cfg = cfg
+        self.work_dir = work_dir
+        self.dataset = NuScenesBEVDataset(cfg.data, cfg.data.val_split, train=False)
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if not dist_info().is_main:
+            return {}
+        from bevperc.evaluation import evaluate_submission
+
+        submission = predict_dataset(model, self.dataset, self.cfg.eval.batch_size, 0, progress=False)
+        out_dir = self.work_dir / "val" / f"epoch_{epoch + 1:03d}"
+        metrics = evaluate_submission(
+            submission, self.cfg.data.dataroot, self.cfg.data.version, self.cfg.data.val_split,
+            out_dir=out_dir, engine="fast",
+        )
+        return {"mAP": metrics["mean_ap"], "NDS": metrics["nd_score"]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bevperc.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--work-dir", required=True, help="where logs, checkpoints and results go")
+    parser.add_argument("--resume", action="store_true", help="continue from work-dir/checkpoints/latest.pth")
+    parser.add_argument("--no-validate", action="store_true", help="skip in-training validation")
+    parser.add_argument("overrides", nargs="*", help="section.field=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    work_dir = Path(args.work_dir)
+    if dist_info().is_main:
+        save_config(cfg, work_dir / "config.yaml")
+
+    train_set = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+    model = build_detector(cfg.model)
+    engine = build_loss_engine(cfg)
+    validate = None if args.no_validate or cfg.train.val_every == 0 else FastValidation(cfg, work_dir)
+    trainer = Trainer(
+        model,
+        DetectionLoss(engine),
+        train_set,
+        cfg.train,
+        work_dir,
+        collate_fn=collate_bev,
+        extra_state={"loss_engine": engine},
+        extra_parameters=list(engine.parameters()),
+        after_step=[SyncLossEngine(engine)],
+        validate=validate,
+    )
+    trainer.fit(resume=args.resume)
+    if trainer.dist.is_main:
+        summary = engine.summary()
+        atomic_write_json(work_dir / "loss_engine.json", summary)
+        trainer.logger.info("loss engine task sets: %s", summary.get("task_sets", engine.task_sets))
+        trainer.logger.info("loss engine second weights: %s", [round(float(w), 4) for w in engine.second_weights])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
