@@ -23,7 +23,8 @@ from torch import nn
 
 from bevperc.config import Config, load_run_config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
-from bevperc.engine.distributed import broadcast_object, dist_info
+from bevperc.data.infos import DataError
+from bevperc.engine.distributed import broadcast_object, cleanup_distributed, dist_info
 from bevperc.engine.trainer import Trainer
 from bevperc.inference import predict_dataset, unwrap
 from bevperc.losses.engine import LossEngine
@@ -119,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if dist_info().is_main:
         save_config(cfg, work_dir / "config.yaml")
 
-    train_set = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    try:
+        train_set = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
     model = build_detector(cfg.model)
     engine = build_loss_engine(cfg)
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(work_dir / "loss_engine.json", summary)
         trainer.logger.info("loss engine task sets: %s", summary.get("task_sets", engine.task_sets))
         trainer.logger.info("loss engine second weights: %s", [round(float(w), 4) for w in engine.second_weights])
+    cleanup_distributed()
     return 0
 
 

@@ -37,11 +37,11 @@ step "2/5 train $CONFIG -> $OUT/train"
   data.dataroot="$DATA" data.version="$VERSION" data.train_split="$TRAIN_SPLIT" data.val_split="$VAL_SPLIT"
 
 step "3/5 evaluate with the nuScenes devkit -> $OUT/eval"
-"$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/latest.pth" --split "$VAL_SPLIT" \
+"$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --engine devkit --out "$OUT/eval" data.dataroot="$DATA" data.version="$VERSION"
 
 step "4/5 figures -> $OUT/figures"
-"$PY" -m bevperc.viz --config "$CONFIG" --checkpoint "$OUT/train/latest.pth" --split "$VAL_SPLIT" \
+"$PY" -m bevperc.viz --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --out "$OUT/figures" data.dataroot="$DATA" data.version="$VERSION"
 
 step "5/5 gestures: dual-teacher distillation demo -> $OUT/gesture"

@@ -133,14 +133,22 @@ class _LiftSplat(torch.autograd.Function):
         return grad_depth, grad_context, None, None, None, None, None
 
 
-def bev_pool(depth: torch.Tensor, context: torch.Tensor, plan: PoolPlan, chunk_size: int = 1 << 17) -> torch.Tensor:
+CPU_CHUNK_SIZE = 1 << 13
+"""Points per chunk on CPU: the ``[chunk, C]`` temporaries stay in L2 cache (8192 x 80 floats
+= 2.6 MB); measured 3-5x faster than one 143k-point chunk on the benchmark machine."""
+GPU_CHUNK_SIZE = 1 << 20
+"""On GPU fewer, larger kernels win; 10^6 points covers a 6-camera BEVDet frustum at once."""
+
+
+def bev_pool(depth: torch.Tensor, context: torch.Tensor, plan: PoolPlan, chunk_size: int | None = None) -> torch.Tensor:
     """Fast LSS splat.
 
     Args:
         depth: ``[B, N, D, h, w]`` depth probabilities.
         context: ``[B, N, h, w, C]`` context features.
         plan: from ``make_pool_plan`` on the matching ``[B, N, D, h, w, 3]`` geometry.
-        chunk_size: points processed at once (bounds the temporary ``[chunk, C]`` buffers).
+        chunk_size: points processed at once (bounds the temporary ``[chunk, C]`` buffers);
+            default ``CPU_CHUNK_SIZE`` on CPU, ``GPU_CHUNK_SIZE`` otherwise.
     Returns:
         ``[B, C, ny, nx]`` BEV features (row = y cell, column = x cell).
     """
@@ -150,8 +158,12 @@ def bev_pool(depth: torch.Tensor, context: torch.Tensor, plan: PoolPlan, chunk_s
     if plan.batch_size != batch:
         raise ValueError(f"bev_pool: plan is for batch {plan.batch_size}, got {batch}")
     channels = context.shape[-1]
+    if chunk_size is None:
+        chunk_size = CPU_CHUNK_SIZE if context.device.type == "cpu" else GPU_CHUNK_SIZE
+    # autocast may give fp32 depth probabilities and fp16 context: pool in the wider type
+    dtype = torch.promote_types(depth.dtype, context.dtype)
     out = _LiftSplat.apply(
-        depth.reshape(-1), context.reshape(-1, channels), plan.point_ids, plan.ray_ids, plan.cell_ids,
+        depth.reshape(-1).to(dtype), context.reshape(-1, channels).to(dtype), plan.point_ids, plan.ray_ids, plan.cell_ids,
         plan.num_cells, chunk_size,
     )
     return out.view(batch, plan.num_y, plan.num_x, channels).permute(0, 3, 1, 2).contiguous()

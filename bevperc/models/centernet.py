@@ -139,7 +139,7 @@ class Encoder(nn.Module):
         for width, depth, stride in zip(cfg.stage_widths, cfg.stage_depths, cfg.stage_strides):
             k = _downsample_kernel(stride)
             layers: list[nn.Module] = [
-                Conv2dNormActivation(c_in, width, kernel_size=k, stride=stride, padding=k // 2)
+                Conv2dNormActivation(c_in, width, kernel_size=k, stride=stride, padding=(k - 1) // 2)
             ]
             layers += [BasicBlock(width, width) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
@@ -291,8 +291,14 @@ def assert_stride_alignment(
             f"teacher 2 neck_upsample_steps={teacher2.neck_upsample_steps} != student "
             f"{student.neck_upsample_steps}: head maps would not share the student's grid"
         )
-    s_shapes = stage_shapes(student, student_input)
-    t_shapes = stage_shapes(teacher2, teacher2_input)
+    try:
+        s_shapes = stage_shapes(student, student_input)
+        t_shapes = stage_shapes(teacher2, teacher2_input)
+    except RuntimeError as err:  # e.g. the neck cannot add laterals of mismatched size
+        raise StrideAlignmentError(
+            f"student input {student_input} / teacher 2 input {teacher2_input} do not divide by the "
+            f"strides {student.stage_strides} / {teacher2.stage_strides}: {err}"
+        ) from None
     for i in range(stage_k, student.num_stages + 1):
         if s_shapes[i] != t_shapes[i]:
             what = "head maps" if i == student.num_stages else f"stage {i} map"

@@ -108,8 +108,11 @@ def depth_loss(depth_logits: torch.Tensor, depth_maps: torch.Tensor, cfg: ViewTr
     """
     one_hot, valid = depth_targets(depth_maps, cfg)
     probs = depth_logits.float().softmax(dim=2).permute(0, 1, 3, 4, 2)  # [B, N, h, w, D]
-    # BCE on probabilities (BEVDepth); computed with autocast off for stability.
-    bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), one_hot.float(), reduction="none").sum(-1)
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    target = one_hot.float()
+    # BCE on probabilities as BEVDepth, written out: F.binary_cross_entropy refuses to run
+    # inside a CUDA autocast region.
+    bce = -(target * probs.log() + (1 - target) * (1 - probs).log()).sum(-1)
     bce = bce * valid
     per_sample_sum = bce.flatten(1).sum(1)
     per_sample_count = valid.flatten(1).sum(1)

@@ -1,0 +1,184 @@
+"""Checkpoint files: atomic writes, rotation, ``latest.pth``, RNG state as plain tensors.
+
+Layout under ``work_dir/checkpoints``::
+
+    iter_00001200.pth   numbered checkpoints, the newest ``keep`` are kept
+    latest.pth          hard link to (or copy of) the newest one, replaced atomically
+
+Every file is written to a temporary name in the same folder and renamed over the final
+name, so a crash or a failed write (disk full, killed process) never leaves a truncated
+``latest.pth``: the previous one stays intact. Contents are restricted to tensors and
+python primitives so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bevperc.utils.io import atomic_torch_save
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_NAME = "latest.pth"
+_NUMBERED = re.compile(r"^iter_(\d+)\.pth$")
+_PLAIN_SCALARS = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def checkpoint_dir(work_dir: str | Path) -> Path:
+    return Path(work_dir) / CHECKPOINT_DIR
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise ``TypeError`` naming the key path if ``obj`` holds anything but tensors/primitives.
+
+    Catches e.g. a numpy array or a dataclass in a loss engine's ``state_dict`` at save time,
+    instead of a ``weights_only`` unpickling error when someone resumes days later.
+    """
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            raise TypeError(f"{where}: tensor subclass {type(obj).__name__} is not allowed in a checkpoint")
+        return
+    if isinstance(obj, _PLAIN_SCALARS):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: dict key {key!r} has type {type(key).__name__}; "
+                                f"checkpoints allow str or int keys")
+            check_plain(value, f"{where}.{key}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__name__} is not allowed in a checkpoint "
+                    f"(use tensors, numbers, strings, lists and dicts so it loads with weights_only=True)")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict:
+    """python/numpy/torch CPU/CUDA generator states of this process, as tensors and primitives."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()),
+                     python["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) != torch.cuda.device_count():
+            cuda_states = cuda_states[:torch.cuda.device_count()]
+        for index, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+# ----------------------------------------------------------------------------- files
+
+def numbered_checkpoints(work_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of numbered checkpoints, oldest first."""
+    folder = checkpoint_dir(work_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NUMBERED.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(work_dir: str | Path) -> Path | None:
+    """``work_dir/checkpoints/latest.pth`` if it exists, else the newest numbered one, else None."""
+    latest = checkpoint_dir(work_dir) / LATEST_NAME
+    if latest.is_file():
+        return latest
+    numbered = numbered_checkpoints(work_dir)
+    return numbered[-1][1] if numbered else None
+
+
+def remove_stale_temporaries(work_dir: str | Path) -> list[Path]:
+    """Delete ``.*.tmp`` files a killed writer left behind; returns what was removed."""
+    folder = checkpoint_dir(work_dir)
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _point_latest_at(target: Path) -> Path:
+    """Atomically make ``latest.pth`` the same file as ``target`` (hard link, else a copy)."""
+    latest = target.parent / LATEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST_NAME}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(target, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(target, tmp)
+        os.replace(tmp, latest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return latest
+
+
+def save_checkpoint(state: dict, work_dir: str | Path, step: int, keep: int) -> Path:
+    """Write ``state`` as ``iter_<step>.pth`` + ``latest.pth``; keep the newest ``keep`` numbered files.
+
+    With ``keep == 0`` only ``latest.pth`` is written. Call on rank 0 only.
+    Returns the path of ``latest.pth``.
+    """
+    check_plain(state)
+    folder = checkpoint_dir(work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if keep == 0:
+        return atomic_torch_save(state, folder / LATEST_NAME)
+    numbered = atomic_torch_save(state, folder / f"iter_{step:08d}.pth")
+    latest = _point_latest_at(numbered)
+    for _, old in numbered_checkpoints(work_dir)[:-keep]:
+        old.unlink(missing_ok=True)  # latest.pth is a separate link, so it survives
+    return latest
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise RuntimeError(f"{path}: not a bevperc checkpoint (expected a dict with a 'model' entry)")
+    return state

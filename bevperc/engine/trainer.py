@@ -1,0 +1,663 @@
+"""The model-agnostic training loop: AdamW, schedule, clipping, AMP, EMA, DDP, checkpoints, resume.
+
+The trainer knows nothing about detection. It is given
+
+* ``model``: an ``nn.Module`` (moved to the device and, under torchrun, wrapped in DDP);
+* ``compute_loss(model, batch) -> (loss, logs)``: ``loss`` a scalar tensor to minimise,
+  ``logs`` a ``dict[str, float | Tensor]`` of scalars to log (same keys on every rank);
+* ``train_dataset``: a map-style dataset (``len`` + ``__getitem__``); see
+  :mod:`bevperc.engine.seeding` for the augmentation-randomness rule that makes resume exact;
+* ``extra_state``: objects with ``state_dict``/``load_state_dict`` saved in checkpoints
+  (e.g. the loss engine); ``nn.Module`` ones are moved to the device; any with a
+  ``log_scalars(writer, step)`` method are asked to log to TensorBoard;
+* ``extra_parameters``: parameters optimised besides the model's (e.g. learned loss
+  weights). AdamW updates them without weight decay and, under DDP, the trainer averages
+  their gradients over ranks itself (DDP only averages the wrapped model's gradients);
+* ``after_step``: callbacks ``f(global_step)`` run after every *applied* optimizer step
+  (e.g. ``lambda step: loss_engine.step()``);
+* ``validate(model, epoch) -> dict``: run on every rank after every ``val_every`` epochs (and
+  after the last) with the EMA model when EMA is on (else the bare model); ``epoch`` is the
+  0-based index of the epoch just finished; rank 0 logs the numeric values.
+
+One step (:meth:`Trainer.train_one_step`):
+forward under autocast -> all-reduce ``[loss, non-finite flag, logs]`` -> skip everywhere if any
+rank saw a non-finite loss -> backward (scaled) -> average extra-parameter grads -> unscale ->
+clip -> all-reduce a non-finite-gradient flag -> skip everywhere or step -> EMA -> after_step ->
+scheduler step (always: the learning rate is a function of the iteration number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from bevperc.engine import checkpoint as ckpt
+from bevperc.engine.config import TrainConfig
+from bevperc.engine.distributed import (DistInfo, ResumableDistributedSampler, all_gather_objects,
+                                        all_reduce_sum, average_gradients, broadcast_object, init_distributed,
+                                        iterations_per_epoch)
+from bevperc.engine.ema import ModelEMA
+from bevperc.engine.logging import setup_logger, write_run_info
+from bevperc.engine.schedule import build_scheduler
+from bevperc.engine.seeding import loader_generator, preserved_rng_state, seed_process, seed_worker
+
+CHECKPOINT_FORMAT = 1
+
+ComputeLoss = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]
+Validate = Callable[[nn.Module, int], Mapping[str, Any]]
+
+
+@dataclass
+class StepResult:
+    """What one call of :meth:`Trainer.train_one_step` did."""
+
+    loss: float                  # loss averaged over ranks (non-finite when that caused the skip)
+    logs: dict[str, float]       # compute_loss's scalars averaged over ranks
+    grad_norm: float             # global grad L2 norm before clipping (nan if no backward ran)
+    lr: float                    # learning rate of the first param group used by this step
+    skipped: bool                # True when the weights were left unchanged
+    skip_reason: str | None      # "non-finite loss" | "non-finite gradients" | "amp overflow" | None
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors inside dicts/lists/tuples moved to ``device``; everything else untouched."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def _resolve_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but torch.cuda.is_available() is False")
+    return torch.device("cuda", info.local_rank)
+
+
+class Trainer:
+    """Trains ``model`` with ``compute_loss`` on ``train_dataset``; see the module docstring."""
+
+    def __init__(self, model: nn.Module, compute_loss: ComputeLoss, train_dataset: Dataset, cfg: TrainConfig,
+                 work_dir: str | Path, *, collate_fn: Callable[[list], Any] | None = None,
+                 extra_state: Mapping[str, Any] | None = None,
+                 extra_parameters: Iterable[nn.Parameter] | None = None,
+                 after_step: Sequence[Callable[[int], None]] | None = None,
+                 validate: Validate | None = None) -> None:
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.dist = init_distributed(cfg.device)
+        self.device = _resolve_device(cfg, self.dist)
+        self.logger = setup_logger(self.work_dir, self.dist.rank)
+        self.compute_loss = compute_loss
+        self.train_dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.after_step = list(after_step or [])
+        self.validate = validate
+        self.extra_state = dict(extra_state or {})
+        for name, obj in self.extra_state.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"extra_state[{name!r}]: {type(obj).__name__} has no state_dict/load_state_dict")
+            if isinstance(obj, nn.Module):
+                obj.to(self.device)
+
+        self._configure_determinism()
+        self.amp_enabled = cfg.amp and self.device.type == "cuda"
+        if cfg.amp and not self.amp_enabled:
+            self.logger.warning("TrainConfig.amp=True but training on CPU: mixed precision disabled")
+        self.amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+
+        model.to(self.device)
+        if cfg.sync_bn and self.dist.is_distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model  # the bare module: what checkpoints, EMA and validation use
+        if self.dist.is_distributed:
+            self.train_model: nn.Module = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters)
+        else:
+            self.train_model = model
+
+        model_params = [p for p in model.parameters() if p.requires_grad]
+        self.extra_parameters = [p for p in (extra_parameters or []) if p.requires_grad]
+        overlap = {id(p) for p in model_params} & {id(p) for p in self.extra_parameters}
+        if overlap:
+            raise ValueError(f"extra_parameters: {len(overlap)} parameter(s) also belong to the model; "
+                             f"pass only parameters outside it (e.g. the loss engine's)")
+        for param in self.extra_parameters:
+            if param.device != self.device:
+                raise ValueError(f"extra_parameters: a parameter is on {param.device}, training runs on "
+                                 f"{self.device}; pass its owner module in extra_state so it is moved")
+        groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
+        if self.extra_parameters:
+            groups.append({"params": self.extra_parameters, "weight_decay": 0.0})
+        self._all_params = model_params + self.extra_parameters
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+        try:
+            self.dataset_len = len(train_dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("train_dataset must be a map-style dataset with __len__") from None
+        self.sampler = ResumableDistributedSampler(train_dataset, num_replicas=self.dist.world_size,
+                                                   rank=self.dist.rank, seed=cfg.seed)
+        self.iters_per_epoch = iterations_per_epoch(self.sampler.num_samples, cfg.batch_size, cfg.drop_last)
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"train_dataset has {self.dataset_len} samples: fewer than one batch of "
+                             f"{cfg.batch_size} per process x {self.dist.world_size} processes")
+        self.total_iters = cfg.epochs * self.iters_per_epoch
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_iters)
+        self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+
+        # Position: `iteration_in_epoch` batches of epoch `epoch` (0-based) are done.
+        self.epoch = 0
+        self.iteration_in_epoch = 0
+        self.global_step = 0
+        self.skipped_steps = 0          # non-finite loss or gradients (weights untouched)
+        self.amp_overflow_steps = 0     # fp16 GradScaler overflow steps (expected early on)
+        self.history: dict[str, list] = {"loss": [], "lr": [], "grad_norm": [], "skipped_steps": [], "val": []}
+        self._last_saved_step = -1
+        self._writer = None
+        self._buffer_backups: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _configure_determinism(self) -> None:
+        if self.cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.batch_size * self.dist.world_size
+
+    def make_loader(self, epoch: int, start_iteration: int = 0) -> DataLoader:
+        """The DataLoader for ``epoch``, starting after ``start_iteration`` batches.
+
+        Order from ``(seed, epoch)``; worker seeds from ``(seed, epoch, rank)``; the dataset
+        gets ``set_epoch(epoch)`` first (before workers copy it) when it has that method.
+        """
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(min(start_iteration * self.cfg.batch_size, self.sampler.num_samples))
+        set_epoch = getattr(self.train_dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        return DataLoader(self.train_dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                          num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
+                          pin_memory=self.device.type == "cuda", drop_last=self.cfg.drop_last,
+                          worker_init_fn=seed_worker, generator=loader_generator(self.cfg.seed, epoch, self.dist.rank),
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_one_step(self, batch: Any) -> StepResult:
+        """Forward, backward and (unless a rank saw a non-finite value) one optimizer step.
+
+        Collective under DDP: every rank must call it the same number of times.
+        """
+        if not self.model.training:
+            self.train_model.train()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        batch = move_to_device(batch, self.device)
+        self._backup_buffers()
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+            loss, logs = self.compute_loss(self.train_model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"compute_loss must return (scalar loss tensor, logs); got loss "
+                             f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
+        log_names = sorted(logs)
+        # One collective (and one device->host copy) carries the loss, a non-finite flag
+        # and the logged scalars; tensor logs stay on the device until then.
+        loss_value = loss.detach().reshape(()).to(torch.float64)
+        stats = torch.stack([loss_value, (~torch.isfinite(loss_value)).to(torch.float64),
+                             *(self._log_scalar(logs[name], name) for name in log_names)])
+        all_reduce_sum(stats)
+        totals = stats.tolist()
+        world = self.dist.world_size
+        mean_loss = totals[0] / world
+        mean_logs = {name: totals[2 + i] / world for i, name in enumerate(log_names)}
+
+        if totals[1] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore_buffers()
+            self.skipped_steps += 1
+            self.logger.warning("step %d: non-finite loss (%s, %d of %d ranks): step skipped, weights unchanged "
+                                "(%d skipped so far)", self.global_step + 1, mean_loss, int(totals[1]), world,
+                                self.skipped_steps)
+            return self._finish_step(mean_loss, mean_logs, float("nan"), lr, "non-finite loss")
+
+        self.scaler.scale(loss).backward()
+        average_gradients(self.extra_parameters)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._all_params, max_norm=max_norm)
+        grad_stats = torch.stack([grad_norm.detach().to(torch.float64).reshape(()),
+                                  (~torch.isfinite(grad_norm.detach())).to(torch.float64).reshape(())])
+        all_reduce_sum(grad_stats)
+        grad_total, bad_grad_ranks = grad_stats.tolist()
+        grad_norm_value = grad_total / world
+        if bad_grad_ranks > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lowers the loss scale; an fp16 overflow, not a bad batch
+                self.amp_overflow_steps += 1
+                self.logger.debug("step %d: fp16 overflow, loss scale now %g", self.global_step + 1,
+                                  self.scaler.get_scale())
+                reason = "amp overflow"
+            else:
+                self._restore_buffers()
+                self.skipped_steps += 1
+                self.logger.warning("step %d: non-finite gradients (norm %s): step skipped, weights unchanged "
+                                    "(%d skipped so far)", self.global_step + 1, grad_norm_value, self.skipped_steps)
+                reason = "non-finite gradients"
+            return self._finish_step(mean_loss, mean_logs, grad_norm_value, lr, reason)
+
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        for callback in self.after_step:
+            callback(self.global_step + 1)
+        return self._finish_step(mean_loss, mean_logs, grad_norm_value, lr, None)
+
+    def _log_scalar(self, value: float | torch.Tensor, name: str) -> torch.Tensor:
+        """A logged value as a float64 0-d tensor on the training device."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"compute_loss logs[{name!r}]: expected a scalar, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            return value.detach().reshape(()).to(self.device, torch.float64)
+        try:
+            return torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        except (TypeError, ValueError):
+            raise ValueError(f"compute_loss logs[{name!r}]: expected a number, got {value!r}") from None
+
+    @torch.no_grad()
+    def _backup_buffers(self) -> None:
+        """Copy the model's buffers (BatchNorm running stats...) aside before the forward pass.
+
+        A batch that yields a non-finite loss has usually already fed NaN/inf into the
+        running statistics during its forward pass; restoring them keeps a skipped step
+        from poisoning the model. Buffers are small, so this costs a few memcpys.
+        """
+        backups = self._buffer_backups
+        for name, buffer in self.model.named_buffers():
+            backup = backups.get(name)
+            if backup is None or backup.shape != buffer.shape or backup.dtype != buffer.dtype \
+                    or backup.device != buffer.device:
+                backups[name] = buffer.detach().clone()
+            else:
+                backup.copy_(buffer)
+
+    @torch.no_grad()
+    def _restore_buffers(self) -> None:
+        for name, buffer in self.model.named_buffers():
+            buffer.copy_(self._buffer_backups[name])
+
+    def _finish_step(self, loss: float, logs: dict[str, float], grad_norm: float, lr: float,
+                     skip_reason: str | None) -> StepResult:
+        with warnings.catch_warnings():
+            # The schedule is indexed by iteration, skipped ones included, on purpose.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        self.global_step += 1
+        self.history["loss"].append(loss)
+        self.history["lr"].append(lr)
+        self.history["grad_norm"].append(grad_norm)
+        if skip_reason is not None and skip_reason != "amp overflow":
+            self.history["skipped_steps"].append(self.global_step)
+        return StepResult(loss, logs, grad_norm, lr, skip_reason is not None, skip_reason)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> dict[str, list]:
+        """Train until ``cfg.epochs`` are done; returns :attr:`history`.
+
+        ``resume=True`` continues from ``work_dir/checkpoints/latest.pth`` (model, optimizer,
+        scheduler, scaler, EMA, extra_state, RNG states, data position); with no checkpoint
+        there it starts from scratch with a warning, so a preempted job can be relaunched with
+        the same command. History keys: ``loss``, ``lr``, ``grad_norm`` (one entry per
+        iteration), ``skipped_steps`` (1-based steps), ``val`` (one dict per validation:
+        ``{"epoch": 0-based index, **numeric metrics}``).
+        """
+        resumed_from = self.resume_from_latest() if resume else None
+        if resumed_from is None:
+            seed_process(self.cfg.seed, self.dist.rank)
+        if self.dist.is_main:
+            ckpt.remove_stale_temporaries(self.work_dir)
+            write_run_info(self.work_dir, self.cfg, extra={
+                "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size,
+                "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters,
+                "resumed_from": str(resumed_from) if resumed_from else None,
+                "resumed_at_step": self.global_step})
+            if self.cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events a killed run logged after its last checkpoint.
+                self._writer = SummaryWriter(str(self.work_dir / "tensorboard"),
+                                             purge_step=self.global_step if resumed_from else None)
+        self._log_start(resumed_from)
+        try:
+            while self.epoch < self.cfg.epochs:
+                self._train_epoch()
+            if self._last_saved_step != self.global_step:
+                self.save_checkpoint()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        self.logger.info("training done: %d steps, %d skipped (non-finite), %d fp16 overflow steps",
+                         self.global_step, self.skipped_steps, self.amp_overflow_steps)
+        return self.history
+
+    def _log_start(self, resumed_from: Path | None) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.logger.info("training on %s x %d process(es): %d samples, %d iterations/epoch x %d epochs, "
+                         "global batch %d, %d model parameters (+%d extra), amp=%s, ema=%s, schedule=%s",
+                         self.device, self.dist.world_size, self.dataset_len, self.iters_per_epoch,
+                         self.cfg.epochs, self.global_batch_size, n_params,
+                         sum(p.numel() for p in self.extra_parameters),
+                         self.cfg.amp_dtype if self.amp_enabled else "off", self.cfg.ema, self.cfg.schedule)
+        if resumed_from is not None:
+            self.logger.info("resumed from %s at epoch %d, iteration %d (step %d)", resumed_from,
+                             self.epoch + 1, self.iteration_in_epoch, self.global_step)
+
+    def _train_epoch(self) -> None:
+        from tqdm import tqdm
+
+        epoch = self.epoch
+        loader = self.make_loader(epoch, self.iteration_in_epoch)
+        bar = tqdm(total=self.iters_per_epoch, initial=self.iteration_in_epoch,
+                   desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and self.cfg.progress_bar))
+        window = _Window()
+        last_time = time.perf_counter()
+        try:
+            for batch in loader:
+                result = self.train_one_step(batch)
+                self.iteration_in_epoch += 1
+                now = time.perf_counter()
+                window.add(result, now - last_time, self.global_batch_size)
+                last_time = now
+                bar.update(1)
+                if self.dist.is_main and self.cfg.progress_bar:
+                    bar.set_postfix(loss=f"{result.loss:.4g}", lr=f"{result.lr:.3g}",
+                                    sps=f"{window.samples_per_second():.1f}", refresh=False)
+                if self.global_step % self.cfg.log_every == 0 or self.iteration_in_epoch == self.iters_per_epoch:
+                    self._log_window(window)
+                    window = _Window()
+                mid_epoch = self.iteration_in_epoch < self.iters_per_epoch
+                if mid_epoch and self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if not mid_epoch:
+                    break
+        finally:
+            bar.close()
+        # The epoch is complete: the position moves before validation and the epoch-end
+        # checkpoint, which is written after validation so its RNG state follows it.
+        self.epoch += 1
+        self.iteration_in_epoch = 0
+        last_epoch = self.epoch == self.cfg.epochs
+        if self.validate is not None and self.cfg.val_every and (self.epoch % self.cfg.val_every == 0 or last_epoch):
+            self.run_validation()
+        step_due = self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0
+        if self.cfg.checkpoint_at_epoch_end or last_epoch or step_due:
+            self.save_checkpoint()
+
+    def _log_window(self, window: "_Window") -> None:
+        if not self.dist.is_main or window.steps == 0:
+            return
+        remaining = self.total_iters - self.global_step
+        eta = _format_duration(window.seconds_per_step() * remaining)
+        logs = window.mean_logs()
+        log_text = " ".join(f"{name} {value:.4g}" for name, value in logs.items())
+        self.logger.info("epoch %d/%d iter %d/%d step %d/%d | loss %.4f%s | lr %.3e | grad_norm %.3f | "
+                         "%.1f samples/s | eta %s | skipped %d", self.epoch + 1, self.cfg.epochs,
+                         self.iteration_in_epoch, self.iters_per_epoch, self.global_step, self.total_iters,
+                         window.mean_loss(), f" ({log_text})" if log_text else "", window.last_lr,
+                         window.mean_grad_norm(), window.samples_per_second(), eta, self.skipped_steps)
+        writer = self._writer
+        if writer is None:
+            return
+        step = self.global_step
+        writer.add_scalar("train/loss", window.mean_loss(), step)
+        for name, value in logs.items():
+            writer.add_scalar(f"train/{name}", value, step)
+        writer.add_scalar("train/lr", window.last_lr, step)
+        writer.add_scalar("train/grad_norm", window.mean_grad_norm(), step)
+        writer.add_scalar("train/samples_per_s", window.samples_per_second(), step)
+        writer.add_scalar("train/skipped_steps", self.skipped_steps, step)
+        if self.scaler.is_enabled():
+            writer.add_scalar("train/amp_loss_scale", self.scaler.get_scale(), step)
+        for obj in self.extra_state.values():
+            log_scalars = getattr(obj, "log_scalars", None)
+            if callable(log_scalars):
+                log_scalars(writer, step)
+
+    def run_validation(self) -> dict[str, Any]:
+        """Call ``validate`` (all ranks) on the EMA model if any, else the bare model.
+
+        Runs inside :func:`preserved_rng_state`, so validating never changes the training result.
+        """
+        assert self.validate is not None
+        module = self.ema.module if self.ema is not None else self.model
+        finished_epoch = self.epoch - 1  # 0-based index of the epoch just completed
+        with preserved_rng_state():
+            metrics = dict(self.validate(module, finished_epoch))
+        self.train_model.train()
+        numeric = {name: float(value) for name, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self.history["val"].append({"epoch": finished_epoch, **numeric})
+        if self.dist.is_main:
+            self.logger.info("validation after epoch %d: %s", self.epoch,
+                             " ".join(f"{name} {value:.4g}" for name, value in numeric.items()) or metrics)
+            if self._writer is not None:
+                for name, value in numeric.items():
+                    self._writer.add_scalar(f"val/{name}", value, self.global_step)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, rng_states: list[dict]) -> dict:
+        """Everything a resume needs, as tensors and primitives (loads with weights_only=True)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+            "rng": rng_states,  # one entry per rank
+            "progress": {"epoch": self.epoch, "iteration_in_epoch": self.iteration_in_epoch,
+                         "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+                         "amp_overflow_steps": self.amp_overflow_steps},
+            "data": {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
+                     "iters_per_epoch": self.iters_per_epoch, "dataset_len": self.dataset_len,
+                     "seed": self.cfg.seed},
+            "config": dataclasses.asdict(self.cfg),
+            "history": {"loss": torch.tensor(self.history["loss"], dtype=torch.float64),
+                        "lr": torch.tensor(self.history["lr"], dtype=torch.float64),
+                        "grad_norm": torch.tensor(self.history["grad_norm"], dtype=torch.float64),
+                        "skipped_steps": torch.tensor(self.history["skipped_steps"], dtype=torch.int64),
+                        "val": self.history["val"]},
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current position (collective; rank 0 writes).
+
+        The RNG gather is the barrier before writing; the all-reduced success flag is the
+        barrier after it, and makes every rank raise if rank 0's write failed.
+        """
+        rng_states = all_gather_objects(ckpt.capture_rng_state())
+        path, error = None, None
+        if self.dist.is_main:
+            try:
+                path = ckpt.save_checkpoint(self.state_dict(rng_states), self.work_dir, self.global_step,
+                                            self.cfg.keep_checkpoints)
+            except Exception as err:  # re-raised below, after telling the other ranks
+                error = err
+        failed = torch.tensor([1.0 if error is not None else 0.0], device=self.device)
+        all_reduce_sum(failed)
+        if error is not None:
+            self.logger.error("writing the checkpoint at step %d failed: %s (previous latest.pth kept)",
+                              self.global_step, error)
+            raise error
+        if failed.item() > 0:
+            raise RuntimeError(f"rank 0 failed to write the checkpoint at step {self.global_step}")
+        self._last_saved_step = self.global_step
+        if path is not None:
+            where = (f"end of epoch {self.epoch}" if self.iteration_in_epoch == 0 else
+                     f"epoch {self.epoch + 1}, iteration {self.iteration_in_epoch}/{self.iters_per_epoch}")
+            numbered = ckpt.checkpoint_dir(self.work_dir) / f"iter_{self.global_step:08d}.pth"
+            self.logger.info("saved checkpoint at step %d (%s): %s", self.global_step, where,
+                             numbered if self.cfg.keep_checkpoints else path)
+        return path
+
+    def resume_from_latest(self) -> Path | None:
+        """Load ``work_dir/checkpoints/latest.pth`` (read by rank 0, broadcast to the others)."""
+        path = ckpt.latest_checkpoint(self.work_dir) if self.dist.is_main else None
+        path = broadcast_object(str(path) if path else None)
+        if path is None:
+            self.logger.warning("resume requested but %s has no checkpoint: starting from scratch",
+                                ckpt.checkpoint_dir(self.work_dir))
+            return None
+        state = ckpt.load_checkpoint(path) if self.dist.is_main else None
+        state = broadcast_object(state)
+        self.load_state_dict(state, source=path)
+        return Path(path)
+
+    def load_state_dict(self, state: dict, source: str | Path = "<checkpoint>") -> None:
+        """Restore a :meth:`state_dict` (same model, data and global batch size)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"{source}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        data = state["data"]
+        if data["dataset_len"] != self.dataset_len or \
+                data["batch_size"] * data["world_size"] != self.global_batch_size:
+            raise RuntimeError(
+                f"{source}: saved with {data['dataset_len']} samples and global batch "
+                f"{data['batch_size']}x{data['world_size']}; this run has {self.dataset_len} samples and "
+                f"{self.cfg.batch_size}x{self.dist.world_size}: the schedule and data position would not match")
+        if data["world_size"] != self.dist.world_size:
+            self.logger.warning("%s: saved with %d processes, resuming with %d: training continues but is not "
+                                "bit-identical to an uninterrupted run", source, data["world_size"],
+                                self.dist.world_size)
+        changed = {k: (v, getattr(self.cfg, k, None)) for k, v in state["config"].items()
+                   if k in dataclasses.asdict(self.cfg) and _plain(v) != _plain(getattr(self.cfg, k))}
+        if changed:
+            self.logger.warning("%s: config differs from the checkpoint's (saved -> now): %s", source,
+                                {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
+
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                self.logger.warning("%s: no EMA state saved; EMA restarts from the loaded weights", source)
+                self.ema = ModelEMA(self.model, self.cfg.ema_decay)
+            else:
+                self.ema.load_state_dict(state["ema"])
+        for name, obj in self.extra_state.items():
+            if name not in state["extra"]:
+                raise RuntimeError(f"{source}: no state for extra_state[{name!r}] "
+                                   f"(saved: {sorted(state['extra'])})")
+            obj.load_state_dict(state["extra"][name])
+        for name in set(state["extra"]) - set(self.extra_state):
+            self.logger.warning("%s: ignoring saved extra state %r (not passed to this Trainer)", source, name)
+
+        progress = state["progress"]
+        self.epoch = int(progress["epoch"])
+        self.iteration_in_epoch = int(progress["iteration_in_epoch"])
+        self.global_step = int(progress["global_step"])
+        self.skipped_steps = int(progress["skipped_steps"])
+        self.amp_overflow_steps = int(progress["amp_overflow_steps"])
+        if self.iteration_in_epoch >= self.iters_per_epoch:
+            self.epoch, self.iteration_in_epoch = self.epoch + 1, 0
+        self._last_saved_step = self.global_step
+        history = state["history"]
+        self.history = {"loss": history["loss"].tolist(), "lr": history["lr"].tolist(),
+                        "grad_norm": history["grad_norm"].tolist(),
+                        "skipped_steps": history["skipped_steps"].tolist(), "val": list(history["val"])}
+
+        rng_states = state["rng"]
+        if len(rng_states) == self.dist.world_size:
+            ckpt.restore_rng_state(rng_states[self.dist.rank])
+        else:  # different process count: fresh, still seed-determined streams
+            seed_process(self.cfg.seed + self.global_step, self.dist.rank)
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _Window:
+    """Running means between two log lines."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.applied = 0
+        self.loss_sum = 0.0
+        self.grad_norm_sum = 0.0
+        self.log_sums: dict[str, float] = {}
+        self.seconds = 0.0
+        self.samples = 0
+        self.last_lr = float("nan")
+
+    def add(self, result: StepResult, seconds: float, samples: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.samples += samples
+        self.last_lr = result.lr
+        if result.skipped:
+            return
+        self.applied += 1
+        self.loss_sum += result.loss
+        self.grad_norm_sum += result.grad_norm
+        for name, value in result.logs.items():
+            self.log_sums[name] = self.log_sums.get(name, 0.0) + value
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.applied if self.applied else float("nan")
+
+    def mean_grad_norm(self) -> float:
+        return self.grad_norm_sum / self.applied if self.applied else float("nan")
+
+    def mean_logs(self) -> dict[str, float]:
+        return {name: total / self.applied for name, total in self.log_sums.items()} if self.applied else {}
+
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else math.nan

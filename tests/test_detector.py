@@ -1,0 +1,380 @@
+"""The BEV detector: targets, encode/decode round trip, NMS, submission entries, full forward/backward."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from nuscenes.eval.detection.data_classes import DetectionBox
+
+from bevperc.data.classes import CLASS_INDEX
+from bevperc.geometry import invert_transform, make_transform, transform_boxes
+from bevperc.models import (
+    BEVDetector,
+    ModelConfig,
+    build_detector,
+    circle_nms,
+    decode_detections,
+    default_task_weights,
+    demo_model_config,
+    task_names,
+    to_nuscenes_detections,
+)
+from bevperc.models.backbone import ResNetBackbone
+from bevperc.models.centerpoint_head import assign_targets, gaussian_radius
+from bevperc.models.config import (
+    BEVEncoderConfig,
+    BEVGridConfig,
+    DecodeConfig,
+    HeadConfig,
+    NeckConfig,
+    ViewTransformerConfig,
+)
+from bevperc.models.lift import depth_loss, depth_targets
+from bevperc.models.postprocess import transform_boxes_affine
+from bevperc.utils.config import ConfigError, load_config
+
+GRID = BEVGridConfig()  # 128 x 128 cells of 0.8 m
+HEAD = HeadConfig()  # the 6 standard groups
+
+
+def bev_aug_matrix(angle_deg: float, scale: float, flip_y: bool) -> torch.Tensor:
+    cos, sin = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    linear = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) * scale
+    if flip_y:
+        linear = torch.diag(torch.tensor([1.0, -1.0, 1.0])) @ linear
+    out = torch.eye(4)
+    out[:3, :3] = linear
+    return out
+
+
+def labelled_boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes [x, y, z, w, l, h, yaw, vx, vy] of several classes, far apart (beyond every NMS radius)."""
+    boxes = torch.tensor(
+        [
+            [10.3, 5.7, 0.9, 1.9, 4.6, 1.7, 0.4, 3.0, -1.0],  # car
+            [-20.1, 12.2, 1.5, 2.5, 9.0, 3.2, -2.5, 0.0, 5.0],  # truck
+            [30.0, -25.0, 1.2, 2.8, 11.0, 3.5, 2.9, -7.0, 0.5],  # bus
+            [-5.5, -8.3, 0.5, 0.5, 2.0, 1.0, 1.2, 0.2, 0.1],  # barrier
+            [2.2, -31.4, 0.9, 0.7, 0.8, 1.8, -1.0, 1.0, 1.0],  # pedestrian
+            [-30.0, -33.0, 0.3, 0.4, 0.4, 0.8, 0.0, 0.0, 0.0],  # traffic_cone
+            [0.45, 0.3, 0.8, 0.8, 2.0, 1.4, -0.3, -2.0, 0.3],  # bicycle
+        ]
+    )
+    names = ["car", "truck", "bus", "barrier", "pedestrian", "traffic_cone", "bicycle"]
+    return boxes, torch.tensor([CLASS_INDEX[n] for n in names])
+
+
+# --------------------------------------------------------------------------- targets
+def test_gaussian_radius_matches_centerpoint_values():
+    # A car (1.9 x 4.6 m) on a 0.8 m grid, by hand: the third CornerNet case is the smallest,
+    # r3 = (b3 + sqrt(b3^2 - 4 a3 c3)) / 2 with a3 = 0.4, b3 = -0.2 (5.75 + 2.375), c3 = -0.9 * 5.75 * 2.375
+    b3, c3 = -0.2 * (5.75 + 2.375), -0.9 * 5.75 * 2.375
+    assert gaussian_radius(4.6 / 0.8, 1.9 / 0.8, 0.1) == pytest.approx((b3 + math.sqrt(b3**2 - 1.6 * c3)) / 2)
+    assert gaussian_radius(4.6 / 0.8, 1.9 / 0.8, 0.1) == pytest.approx(1.5489, abs=1e-4)  # -> min radius 2
+    assert gaussian_radius(10.0, 10.0, 0.1) > gaussian_radius(5.0, 5.0, 0.1)
+
+
+def test_targets_put_the_peak_at_the_centre_cell_with_correct_regressions():
+    boxes, labels = labelled_boxes()
+    targets = assign_targets([boxes], [labels], HEAD, GRID)
+    car = targets["car"]
+    ix, iy = math.floor((10.3 + 51.2) / 0.8), math.floor((5.7 + 51.2) / 0.8)
+    heatmap = car.heatmap[0, 0]
+    assert heatmap[iy, ix] == 1.0 and heatmap.eq(1).sum() == 1
+    assert torch.nonzero(heatmap == heatmap.max()).tolist() == [[iy, ix]]
+    assert heatmap[iy, ix + 2] > 0 and heatmap[iy, ix + 4] == 0  # radius 2 cells (min radius)
+    assert car.mask[0].sum() == 1 and car.indices[0, 0] == iy * 128 + ix
+    torch.testing.assert_close(
+        car.regression["offset"][0, 0], torch.tensor([(10.3 + 51.2) / 0.8 - ix, (5.7 + 51.2) / 0.8 - iy])
+    )
+    torch.testing.assert_close(car.regression["height"][0, 0], torch.tensor([0.9]))
+    torch.testing.assert_close(car.regression["size"][0, 0], torch.tensor([1.9, 4.6, 1.7]).log())
+    torch.testing.assert_close(car.regression["rotation"][0, 0], torch.tensor([math.sin(0.4), math.cos(0.4)]))
+    torch.testing.assert_close(car.regression["velocity"][0, 0], torch.tensor([3.0, -1.0]))
+    # truck and bus share no group: truck in "truck+construction_vehicle" channel 0, bus in "bus+trailer" channel 0
+    assert targets["truck+construction_vehicle"].heatmap[0, 0].eq(1).sum() == 1
+    assert targets["truck+construction_vehicle"].heatmap[0, 1].eq(1).sum() == 0
+    assert targets["bus+trailer"].heatmap[0, 0].eq(1).sum() == 1
+    assert targets["pedestrian+traffic_cone"].mask[0].sum() == 2
+
+
+def test_targets_skip_boxes_outside_the_grid_and_respect_max_objs():
+    boxes = torch.tensor([[60.0, 0.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0]] + [[float(i), 0.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0] for i in range(5)])
+    labels = torch.zeros(6, dtype=torch.long)
+    head = HeadConfig(class_groups=[["car"]], max_objs=3)
+    targets = assign_targets([boxes], [labels], head, GRID)["car"]
+    assert targets.mask[0].tolist() == [True, True, True]
+    assert targets.indices[0, 0] == 64 * 128 + 64  # x = 0 m, y = 0 m is cell (64, 64); x = 60 m was dropped
+
+
+def perfect_outputs(boxes: torch.Tensor, labels: torch.Tensor, head: HeadConfig, grid: BEVGridConfig) -> dict[str, torch.Tensor]:
+    """Head outputs that predict exactly the targets (heatmap logits of the Gaussian targets)."""
+    targets = assign_targets([boxes], [labels], head, grid)
+    outputs = {}
+    for group_name, target in targets.items():
+        outputs[f"{group_name}.heatmap"] = torch.logit(target.heatmap.clamp(1e-6, 1 - 1e-6))
+        for branch, values in target.regression.items():
+            channels = values.shape[-1]
+            dense = torch.zeros(1, channels, grid.num_y * grid.num_x)
+            for slot in torch.nonzero(target.mask[0]).squeeze(1).tolist():
+                dense[0, :, target.indices[0, slot]] = values[0, slot]
+            outputs[f"{group_name}.{branch}"] = dense.view(1, channels, grid.num_y, grid.num_x)
+    return outputs
+
+
+@pytest.mark.parametrize("bev_aug", [torch.eye(4), bev_aug_matrix(25.0, 1.05, flip_y=True)], ids=["identity", "rot-scale-flip"])
+def test_encode_decode_round_trip_recovers_ego_boxes(bev_aug):
+    boxes_ego, labels = labelled_boxes()
+    boxes_aug = transform_boxes_affine(bev_aug, boxes_ego)
+    outputs = perfect_outputs(boxes_aug, labels, HEAD, GRID)
+    decoded = decode_detections(outputs, bev_aug[None], HEAD, GRID, DecodeConfig(score_threshold=0.5))[0]
+    assert len(decoded["boxes"]) == len(boxes_ego)
+    # match by label (one box per class here)
+    for box, label in zip(boxes_ego, labels):
+        found = decoded["boxes"][decoded["labels"] == label]
+        assert len(found) == 1, f"class {int(label)}: expected one detection, got {len(found)}"
+        found = found[0]
+        torch.testing.assert_close(found[:6], box[:6], atol=1e-4, rtol=1e-4)
+        assert abs(math.remainder(float(found[6] - box[6]), 2 * math.pi)) < 1e-4
+        torch.testing.assert_close(found[7:9], box[7:9], atol=1e-4, rtol=1e-4)
+    assert torch.all(decoded["scores"] > 0.99)
+
+
+def test_decoding_recovers_centres_within_a_cell_from_heatmap_peaks_alone():
+    """With offsets zero, decoded centres are the cell corners: within one cell of the truth."""
+    boxes, labels = labelled_boxes()
+    outputs = perfect_outputs(boxes, labels, HEAD, GRID)
+    for name in list(outputs):
+        if name.endswith(".offset"):
+            outputs[name].zero_()
+    decoded = decode_detections(outputs, torch.eye(4)[None], HEAD, GRID, DecodeConfig(score_threshold=0.5))[0]
+    for box, label in zip(boxes, labels):
+        error = (decoded["boxes"][decoded["labels"] == label][0, :2] - box[:2]).abs()
+        assert torch.all(error < GRID.cell_size)
+
+
+def test_transform_boxes_affine_matches_rigid_transform_boxes():
+    boxes, _ = labelled_boxes()
+    rigid = torch.tensor(make_transform([math.cos(0.35), 0.0, 0.0, math.sin(0.35)], [4.0, -2.0, 0.3]), dtype=torch.float32)
+    ours = transform_boxes_affine(rigid, boxes)
+    theirs = transform_boxes(rigid, boxes)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # inverse undoes a scaled, flipped augmentation
+    aug = bev_aug_matrix(-70.0, 0.9, flip_y=True)
+    back = transform_boxes_affine(torch.linalg.inv(aug), transform_boxes_affine(aug, boxes))
+    torch.testing.assert_close(back[:, [0, 1, 2, 3, 4, 5, 7, 8]], boxes[:, [0, 1, 2, 3, 4, 5, 7, 8]], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- NMS
+def test_circle_nms_removes_near_duplicates_only():
+    centres = torch.tensor([[0.0, 0.0], [0.5, 0.3], [5.0, 0.0], [5.1, 0.1], [20.0, 20.0]])
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.4, 0.3])
+    keep = circle_nms(centres, scores, radius=2.0)
+    assert keep.tolist() == [1, 2, 4]  # best first; 0 is within 2 m of 1, 3 within 2 m of 2
+    assert circle_nms(centres, scores, radius=0.05).tolist() == [1, 0, 2, 3, 4]
+
+
+def test_decode_applies_per_class_nms_radius():
+    """Two car peaks 1.6 m apart merge (car radius 2 m); two pedestrian peaks 1.6 m apart stay."""
+    head = HeadConfig(class_groups=[["car"], ["pedestrian"]])
+    outputs = {}
+    for group in ("car", "pedestrian"):
+        heat = torch.full((1, 1, GRID.num_y, GRID.num_x), -10.0)
+        heat[0, 0, 64, 64], heat[0, 0, 64, 66] = 3.0, 2.0  # 2 cells = 1.6 m apart, separate max-pool peaks
+        outputs[f"{group}.heatmap"] = heat
+        for branch, channels in (("offset", 2), ("height", 1), ("size", 3), ("rotation", 2), ("velocity", 2)):
+            outputs[f"{group}.{branch}"] = torch.zeros(1, channels, GRID.num_y, GRID.num_x)
+    decoded = decode_detections(outputs, torch.eye(4)[None], head, GRID, DecodeConfig())[0]
+    assert (decoded["labels"] == CLASS_INDEX["car"]).sum() == 1
+    assert (decoded["labels"] == CLASS_INDEX["pedestrian"]).sum() == 2
+    assert torch.all(decoded["scores"][:-1] >= decoded["scores"][1:])
+
+
+# --------------------------------------------------------------------------- submission
+def test_submission_entries_round_trip_to_the_global_frame():
+    yaw_global = 2.2
+    global_from_ego = make_transform([math.cos(1.1), 0.0, 0.0, math.sin(1.1)], [411.3, 1180.9, 0.0])
+    boxes_global = np.array(
+        [[420.0, 1190.0, 1.0, 1.9, 4.6, 1.7, yaw_global, 2.0, -3.0], [405.0, 1175.0, 0.9, 0.7, 0.8, 1.8, -0.5, 0.0, 0.05]]
+    )
+    boxes_ego = transform_boxes(invert_transform(global_from_ego), boxes_global)
+    entries = to_nuscenes_detections(
+        torch.tensor(boxes_ego, dtype=torch.float32), torch.tensor([0.4, 0.8]), torch.tensor([0, 8]),
+        torch.tensor(global_from_ego), sample_token="ca9a282c9e77460f8360f564131a8af5",
+    )
+    assert [e["detection_name"] for e in entries] == ["pedestrian", "car"]  # sorted by score
+    pedestrian, car = entries
+    np.testing.assert_allclose(car["translation"], boxes_global[0, :3], atol=1e-3)
+    np.testing.assert_allclose(car["size"], boxes_global[0, 3:6], atol=1e-5)
+    np.testing.assert_allclose(car["velocity"], boxes_global[0, 7:9], atol=1e-4)
+    np.testing.assert_allclose(car["rotation"], [math.cos(yaw_global / 2), 0, 0, math.sin(yaw_global / 2)], atol=1e-5)
+    assert car["attribute_name"] == "vehicle.moving" and pedestrian["attribute_name"] == "pedestrian.standing"
+    for entry in entries:  # the devkit accepts them
+        box = DetectionBox.deserialize(entry)
+        assert box.sample_token == "ca9a282c9e77460f8360f564131a8af5"
+        np.testing.assert_allclose(box.translation, entry["translation"])
+
+
+def test_submission_keeps_at_most_500_best():
+    boxes = torch.tensor([[1.0, 2.0, 0.5, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0]]).repeat(600, 1)
+    scores = torch.linspace(0.01, 0.99, 600)
+    entries = to_nuscenes_detections(boxes, scores, torch.zeros(600, dtype=torch.long), np.eye(4))
+    assert len(entries) == 500 and entries[0]["detection_score"] == pytest.approx(0.99)
+    assert min(e["detection_score"] for e in entries) > scores[99]
+
+
+# --------------------------------------------------------------------------- depth supervision
+def test_depth_targets_take_the_nearest_lidar_point_per_block():
+    view = ViewTransformerConfig(input_size=(32, 64), depth_bins=(1.0, 60.0, 1.0))
+    depth_maps = torch.zeros(1, 1, 32, 64)
+    depth_maps[0, 0, 3, 5] = 12.7  # block (0, 0): nearest of 12.7 and 30 -> bin 11 ([12, 13) m)
+    depth_maps[0, 0, 10, 9] = 30.0
+    depth_maps[0, 0, 20, 40] = 75.0  # block (1, 2): beyond the last bin -> invalid
+    one_hot, valid = depth_targets(depth_maps, view)
+    assert valid[0, 0].tolist() == [[True, False, False, False], [False, False, False, False]]
+    assert one_hot[0, 0, 0, 0].argmax() == 11 and one_hot[0, 0, 0, 0].sum() == 1
+    # the loss is BEVDepth's BCE summed over bins, averaged over valid cells only
+    logits = torch.randn(1, 1, 59, 2, 4)
+    total, per_sample = depth_loss(logits, depth_maps, view)
+    expected = torch.nn.functional.binary_cross_entropy(
+        logits.softmax(2)[0, 0, :, 0, 0], one_hot[0, 0, 0, 0], reduction="sum"
+    )
+    torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(per_sample, expected[None], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- config + backbone
+def tiny_config(depth_supervision: bool = True) -> ModelConfig:
+    cfg = demo_model_config()
+    cfg.neck = NeckConfig(out_channels=32)
+    cfg.view = ViewTransformerConfig(input_size=(64, 192), context_channels=16, depth_supervision=depth_supervision)
+    cfg.bev_encoder = BEVEncoderConfig(stage_channels=(16, 32), blocks_per_stage=1, out_channels=32)
+    cfg.head = HeadConfig(class_groups=[["car", "truck"], ["pedestrian"]], shared_channels=16, head_channels=16, min_radius=1)
+    return cfg
+
+
+def test_model_config_loads_from_yaml_and_rejects_bad_values(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"backbone": {"depth": 18}, "grid": {"cell_size": 1.6}, "view": {"depth_bins": [2, 58, 0.5]}}))
+    cfg = load_config(ModelConfig, path)
+    assert cfg.backbone.depth == 18 and cfg.grid.num_x == 64 and cfg.view.num_depth_bins == 112
+    assert cfg.head.group_names[1] == "truck+construction_vehicle"
+    with pytest.raises(ConfigError, match="backbone.depth"):
+        load_config(ModelConfig, None, ["backbone.depth=101"])
+    with pytest.raises(ConfigError, match="unknown class 'van'"):
+        load_config(ModelConfig, None, ["head.class_groups=[[car, van]]"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(ModelConfig, None, ["head.num_heads=3"])
+
+
+def test_default_task_weights_follow_centerpoint_and_bevdepth():
+    cfg = tiny_config()
+    weights = default_task_weights(cfg)
+    assert list(weights) == task_names(cfg)
+    assert weights["car+truck.heatmap"] == 1.0 and weights["car+truck.size"] == 0.25
+    assert weights["pedestrian.velocity"] == pytest.approx(0.05) and weights["depth"] == 3.0
+    assert "depth" not in default_task_weights(tiny_config(depth_supervision=False))
+
+
+def test_backbone_frozen_stages_and_norm_eval():
+    backbone = ResNetBackbone(depth=18, frozen_stages=1, norm_eval=False).train()
+    assert not any(p.requires_grad for p in backbone.stem.parameters())
+    assert not any(p.requires_grad for p in backbone.layer1.parameters())
+    assert all(p.requires_grad for p in backbone.layer2.parameters())
+    assert not backbone.layer1[0].bn1.training and backbone.layer2[0].bn1.training
+    backbone = ResNetBackbone(depth=34, norm_eval=True).train()
+    assert all(not m.training for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    features = ResNetBackbone(depth=50)(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in features] == [(1, 1024, 4, 6), (1, 2048, 2, 3)]
+
+
+# --------------------------------------------------------------------------- whole detector
+def synthetic_ring_batch(cfg: ModelConfig, batch_size: int = 2, seed: int = 0) -> dict:
+    """Contract batch: 6 cameras on a ring facing out every 60 deg, random images, real-ish geometry."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = cfg.view.input_size
+    intrinsics = torch.tensor([[1260.0, 0.0, 800.0], [0.0, 1260.0, 450.0], [0.0, 0.0, 1.0]])
+    scale = width / 1600.0
+    image_aug = torch.tensor([[scale, 0.0, 0.0], [0.0, scale, -(900 * scale - height)], [0.0, 0.0, 1.0]])
+    cameras = []
+    for k in range(6):
+        yaw = k * math.pi / 3
+        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
+        down = torch.tensor([0.0, 0.0, -1.0])
+        ego_from_camera = torch.eye(4)
+        ego_from_camera[:3, 0], ego_from_camera[:3, 1], ego_from_camera[:3, 2] = right, down, forward
+        ego_from_camera[:3, 3] = torch.tensor([1.0 * math.cos(yaw), 1.0 * math.sin(yaw), 1.6])
+        cameras.append(ego_from_camera)
+    boxes, labels = labelled_boxes()
+    depth_maps = torch.zeros(batch_size, 6, height, width)
+    rows = torch.randint(height // 2, height, (500,), generator=generator)
+    cols = torch.randint(0, width, (500,), generator=generator)
+    depth_maps[:, :, rows, cols] = torch.rand(500, generator=generator) * 50 + 2
+    return {
+        "images": torch.randn(batch_size, 6, 3, height, width, generator=generator),
+        "intrinsics": intrinsics.expand(batch_size, 6, 3, 3).clone(),
+        "ego_from_camera": torch.stack(cameras).expand(batch_size, 6, 4, 4).clone(),
+        "image_aug": image_aug.expand(batch_size, 6, 3, 3).clone(),
+        "bev_aug": torch.stack([torch.eye(4), bev_aug_matrix(15.0, 1.0, flip_y=False)][:batch_size]),
+        "gt_boxes": [boxes, boxes[:3]][:batch_size],
+        "gt_labels": [labels, labels[:3]][:batch_size],
+        "depth_maps": depth_maps,
+        "global_from_ego": torch.eye(4, dtype=torch.float64).expand(batch_size, 4, 4).clone(),
+        "sample_token": [f"token{b}" for b in range(batch_size)],
+    }
+
+
+def test_detector_forward_backward_gives_finite_losses_and_gradients_for_every_task():
+    torch.manual_seed(0)
+    cfg = tiny_config(depth_supervision=True)
+    model = build_detector(cfg).train()
+    assert isinstance(model, BEVDetector)
+    batch = synthetic_ring_batch(cfg)
+    outputs = model(batch)
+    assert outputs["car+truck.heatmap"].shape == (2, 2, 64, 64)
+    assert outputs["pedestrian.size"].shape == (2, 3, 64, 64)
+    assert outputs["depth"].shape == (2, 6, 59, 4, 12)
+    task_losses, per_sample = model.loss(outputs, batch)
+    assert list(task_losses) == task_names(cfg)
+    assert set(per_sample) == set(task_losses)
+    for name, value in task_losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+        assert per_sample[name].shape == (2,) and torch.all(torch.isfinite(per_sample[name])), name
+        assert value > 0, f"{name}: every task has objects in this batch, its loss must be positive"
+    # each task reaches the network: gradient w.r.t. the head's shared conv (head tasks) or the depth net
+    shared_weight = model.head.shared[0].weight
+    depth_weight = model.view_transformer.depth_net.weight
+    for name, value in task_losses.items():
+        (grad,) = torch.autograd.grad(value, depth_weight if name == "depth" else shared_weight, retain_graph=True)
+        assert torch.all(torch.isfinite(grad)) and grad.abs().sum() > 0, name
+    weights = default_task_weights(cfg)
+    total = sum(weights[name] * value for name, value in task_losses.items())
+    total.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.all(torch.isfinite(param.grad)), name
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0, "the image backbone gets gradient through the lift"
+
+    model.eval()
+    with torch.no_grad():
+        detections = model.decode(model(batch), batch)
+    assert len(detections) == 2
+    for det in detections:
+        assert det["boxes"].shape[1] == 9 and len(det["boxes"]) == len(det["scores"]) == len(det["labels"]) <= 500
+        assert torch.all(torch.isfinite(det["boxes"]))
+    entries = to_nuscenes_detections(detections[0]["boxes"], detections[0]["scores"], detections[0]["labels"],
+                                     batch["global_from_ego"][0], sample_token=batch["sample_token"][0])
+    assert all(DetectionBox.deserialize(e).detection_name in ("car", "truck", "pedestrian") for e in entries)
+
+
+def test_detector_rejects_wrong_input_size():
+    cfg = tiny_config(depth_supervision=False)
+    model = build_detector(cfg)
+    batch = synthetic_ring_batch(cfg, batch_size=1)
+    batch["images"] = batch["images"][..., :32, :]
+    with pytest.raises(ValueError, match="view.input_size"):
+        model(batch)
