@@ -34,7 +34,6 @@ from bevperc.models.config import (
     ViewTransformerConfig,
 )
 from bevperc.models.lift import depth_loss, depth_targets
-from bevperc.models.postprocess import transform_boxes_affine
 from bevperc.utils.config import ConfigError, load_config
 
 GRID = BEVGridConfig()  # 128 x 128 cells of 0.8 m
@@ -129,7 +128,7 @@ def perfect_outputs(boxes: torch.Tensor, labels: torch.Tensor, head: HeadConfig,
 @pytest.mark.parametrize("bev_aug", [torch.eye(4), bev_aug_matrix(25.0, 1.05, flip_y=True)], ids=["identity", "rot-scale-flip"])
 def test_encode_decode_round_trip_recovers_ego_boxes(bev_aug):
     boxes_ego, labels = labelled_boxes()
-    boxes_aug = transform_boxes_affine(bev_aug, boxes_ego)
+    boxes_aug = transform_boxes(bev_aug, boxes_ego)
     outputs = perfect_outputs(boxes_aug, labels, HEAD, GRID)
     decoded = decode_detections(outputs, bev_aug[None], HEAD, GRID, DecodeConfig(score_threshold=0.5))[0]
     assert len(decoded["boxes"]) == len(boxes_ego)
@@ -157,16 +156,13 @@ def test_decoding_recovers_centres_within_a_cell_from_heatmap_peaks_alone():
         assert torch.all(error < GRID.cell_size)
 
 
-def test_transform_boxes_affine_matches_rigid_transform_boxes():
+def test_bev_aug_round_trip_through_geometry_transform_boxes():
+    """The inverse of a scaled, flipped augmentation undoes it (what decoding relies on)."""
     boxes, _ = labelled_boxes()
-    rigid = torch.tensor(make_transform([math.cos(0.35), 0.0, 0.0, math.sin(0.35)], [4.0, -2.0, 0.3]), dtype=torch.float32)
-    ours = transform_boxes_affine(rigid, boxes)
-    theirs = transform_boxes(rigid, boxes)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    # inverse undoes a scaled, flipped augmentation
     aug = bev_aug_matrix(-70.0, 0.9, flip_y=True)
-    back = transform_boxes_affine(torch.linalg.inv(aug), transform_boxes_affine(aug, boxes))
+    back = transform_boxes(torch.linalg.inv(aug), transform_boxes(aug, boxes))
     torch.testing.assert_close(back[:, [0, 1, 2, 3, 4, 5, 7, 8]], boxes[:, [0, 1, 2, 3, 4, 5, 7, 8]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cos(back[:, 6] - boxes[:, 6]), torch.ones(len(boxes)), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- NMS

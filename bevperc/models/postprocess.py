@@ -16,26 +16,6 @@ from bevperc.models.config import BEVGridConfig, DecodeConfig, HeadConfig
 NUSCENES_MAX_DETECTIONS = 500
 
 
-def transform_boxes_affine(matrix: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Boxes ``[K, 9]`` through a 4x4 similarity about z (rotation, uniform xy scale, flips, z scale).
-
-    Unlike ``geometry.transform_boxes`` (rigid only) this handles the BEV augmentation:
-    centres are transformed as points, the heading vector ``(cos, sin)`` and the velocity by
-    the xy part ``L``, w and l scale by ``sqrt(|det L|)`` and h by ``|m_zz|``.
-    """
-    matrix = matrix.to(boxes.dtype)
-    linear = matrix[:2, :2]
-    out = boxes.clone()
-    out[:, 0:3] = boxes[:, 0:3] @ matrix[:3, :3].T + matrix[:3, 3]
-    heading = torch.stack([torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])], dim=1) @ linear.T
-    out[:, 6] = torch.atan2(heading[:, 1], heading[:, 0])
-    xy_scale = torch.sqrt(torch.abs(torch.linalg.det(linear)))
-    out[:, 3:5] = boxes[:, 3:5] * xy_scale
-    out[:, 5] = boxes[:, 5] * torch.abs(matrix[2, 2])
-    out[:, 7:9] = boxes[:, 7:9] @ linear.T
-    return out
-
-
 def circle_nms(centres: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
     """Greedy NMS on centre distance: keep the best, drop everything within ``radius`` metres of it.
 
@@ -113,7 +93,7 @@ def decode_detections(
         order = torch.argsort(scores, descending=True)[: cfg.max_detections]
         ego_from_aug = torch.linalg.inv(bev_aug[sample].double()).float()
         results.append(
-            {"boxes": transform_boxes_affine(ego_from_aug, boxes[order]), "scores": scores[order], "labels": labels[order]}
+            {"boxes": transform_boxes(ego_from_aug, boxes[order]), "scores": scores[order], "labels": labels[order]}
         )
     return results
 
