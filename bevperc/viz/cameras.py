@@ -371,7 +371,10 @@ def plot_camera_views(
     height, width = display[0].shape[:2]
     rows = 2 if num_cameras > 3 else 1
     cell_w = width_inches / 3
-    fig = Figure(figsize=(width_inches, rows * cell_w * height / width + (0.9 if title else 0.6)))
+    # Margins in inches: the suptitle on top, the (up to 2-row) legend below.
+    top_in, bottom_in = (0.65 if title else 0.35), 0.5
+    fig_height = rows * (cell_w * height / width + 0.3) + top_in + bottom_in
+    fig = Figure(figsize=(width_inches, fig_height))
     axes = fig.subplots(rows, 3, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -390,7 +393,8 @@ def plot_camera_views(
         )
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
-        ax.set_title(f"{names[cam]}  (GT {drawn_gt}, pred {drawn_pred})", fontsize=9)
+        counts = f"GT {drawn_gt}" + ("" if pred_boxes is None else f", pred {drawn_pred}")
+        ax.set_title(f"{names[cam]}  ({counts})", fontsize=9)
     handles = legend_handles(
         np.concatenate([gt_labels_arr, pred_labels_arr]), with_gt=len(gt_boxes_arr) > 0, with_pred=pred_boxes is not None
     )
@@ -398,5 +402,6 @@ def plot_camera_views(
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(left=0.005, right=0.995, top=0.93 if title else 0.97, bottom=0.06, wspace=0.01, hspace=0.08)
+    fig.subplots_adjust(left=0.005, right=0.995, top=1 - top_in / fig_height, bottom=bottom_in / fig_height,
+                        wspace=0.01, hspace=0.3 / (cell_w * height / width))
     return fig

@@ -3,8 +3,9 @@
 :func:`load_info_sample` reads a keyframe stored in the mmdetection3d 1.x info layout
 (``sample_info.json`` next to the camera JPEGs and the LiDAR ``.pcd.bin``), as the real
 nuScenes sample in ``shared/data/nuscenes-real-sample`` is. Its boxes are in the LiDAR
-frame as ``[x, y, z_bottom, l, w, h, yaw]``; they come out in the bevperc convention
-``[x, y, z_centre, w, l, h, yaw, vx, vy]`` in the ego frame.
+frame as ``[x, y, z, l, w, h, yaw]`` (z: the geometric centre, see
+:func:`info_boxes_to_bevperc`); they come out in the bevperc convention
+``[x, y, z, w, l, h, yaw, vx, vy]`` in the ego frame (at the LiDAR timestamp).
 """
 
 from __future__ import annotations
@@ -35,15 +36,25 @@ class SampleArrays:
     extra: dict = field(default_factory=dict)
 
 
-def info_boxes_to_bevperc(bbox_3d: np.ndarray, velocity: np.ndarray) -> np.ndarray:
-    """mmdet3d LiDAR boxes ``(M, 7)`` ``[x, y, z_bottom, l, w, h, yaw]`` + velocity ``(M, 2)`` -> ``(M, 9)`` (same frame)."""
+def info_boxes_to_bevperc(bbox_3d: np.ndarray, velocity: np.ndarray, z_is_bottom: bool = False) -> np.ndarray:
+    """mmdet3d LiDAR boxes ``(M, 7)`` ``[x, y, z, l, w, h, yaw]`` + velocity ``(M, 2)`` -> ``(M, 9)`` (same frame).
+
+    ``z_is_bottom``: whether ``z`` is the bottom face centre (the ``LiDARInstance3DBoxes``
+    default origin) rather than the geometric centre. mmdet3d's nuScenes info files store the
+    devkit's ``Box.center``, the geometric centre, and the real sample in
+    ``shared/data/nuscenes-real-sample`` agrees with that (checked in tests/test_viz.py: with
+    z as the centre, LiDAR points in the boxes match ``num_lidar_pts`` and projected corners
+    match the 2D boxes of ``cam_instances``; with z as the bottom they do not), so the
+    default is False although that sample's README calls z the bottom.
+    """
     bbox_3d = np.asarray(bbox_3d, dtype=np.float64).reshape(-1, 7)
     velocity = np.nan_to_num(np.asarray(velocity, dtype=np.float64).reshape(-1, 2))
-    x, y, z_bottom, length, width, height, yaw = bbox_3d.T
-    return np.stack([x, y, z_bottom + height / 2, width, length, height, yaw, velocity[:, 0], velocity[:, 1]], 1)
+    x, y, z, length, width, height, yaw = bbox_3d.T
+    z_centre = z + height / 2 if z_is_bottom else z
+    return np.stack([x, y, z_centre, width, length, height, yaw, velocity[:, 0], velocity[:, 1]], 1)
 
 
-def load_info_sample(root: str | Path, load_images: bool = True) -> SampleArrays:
+def load_info_sample(root: str | Path, load_images: bool = True, z_is_bottom: bool = False) -> SampleArrays:
     """Read ``root/sample_info.json`` (mmdet3d 1.x info, first entry) and its files in place.
 
     Raises:
@@ -70,7 +81,14 @@ def load_info_sample(root: str | Path, load_images: bool = True) -> SampleArrays
         if camera is None:
             raise ValueError(f"{info_path}: data_list[0].images has no {name}")
         intrinsics.append(np.asarray(camera["cam2img"], dtype=np.float64)[:3, :3])
-        ego_from_camera.append(np.asarray(camera["cam2ego"], dtype=np.float64))
+        # Boxes and points live in the ego frame at the LiDAR timestamp; the camera fired a few ms
+        # earlier or later while the car moved, so use lidar2cam (which includes that ego motion)
+        # rather than the static cam2ego: ego_from_camera = ego_from_lidar @ lidar_from_camera.
+        if "lidar2cam" in camera:
+            lidar_from_camera = np.linalg.inv(np.asarray(camera["lidar2cam"], dtype=np.float64))
+            ego_from_camera.append(ego_from_lidar @ lidar_from_camera)
+        else:
+            ego_from_camera.append(np.asarray(camera["cam2ego"], dtype=np.float64))
         if load_images:
             images.append(np.asarray(Image.open(root / Path(camera["img_path"]).name).convert("RGB")))
 
@@ -83,6 +101,7 @@ def load_info_sample(root: str | Path, load_images: bool = True) -> SampleArrays
     boxes_lidar = info_boxes_to_bevperc(
         np.array([inst["bbox_3d"] for inst in instances]).reshape(-1, 7),
         np.array([inst.get("velocity", [0.0, 0.0]) for inst in instances]).reshape(-1, 2),
+        z_is_bottom,
     )
     gt_boxes = transform_boxes(ego_from_lidar, boxes_lidar)
     gt_labels = np.array([CLASS_INDEX[categories[inst["bbox_label_3d"]]] for inst in instances], dtype=np.int64)
