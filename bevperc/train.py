@@ -24,7 +24,7 @@ from torch import nn
 from bevperc.config import Config, load_run_config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
 from bevperc.data.infos import DataError
-from bevperc.engine.distributed import broadcast_object, cleanup_distributed, dist_info
+from bevperc.engine.distributed import cleanup_distributed, dist_info
 from bevperc.engine.trainer import Trainer
 from bevperc.inference import predict_dataset, unwrap
 from bevperc.losses.engine import LossEngine
@@ -56,23 +56,6 @@ class DetectionLoss:
         total = self.engine(task_losses, per_sample)
         logs = {f"task/{name}": value.detach() for name, value in task_losses.items()}
         return total, logs
-
-
-class SyncLossEngine:
-    """After-step hook: run the engine's second process, then share rank 0's engine state.
-
-    Each rank measures affinities and loss ratios on its own samples; copying rank 0's state
-    every ``condition_every`` steps keeps every rank on the same task sets and weights.
-    """
-
-    def __init__(self, engine: LossEngine) -> None:
-        self.engine = engine
-
-    def __call__(self, global_step: int) -> None:
-        self.engine.step()
-        if dist_info().is_distributed and global_step % self.engine.cfg.condition_every == 0:
-            state = broadcast_object({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.engine.state_dict().items()})
-            self.engine.load_state_dict(state)
 
 
 class FastValidation:
@@ -138,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         collate_fn=collate_bev,
         extra_state={"loss_engine": engine},
         extra_parameters=list(engine.parameters()),
-        after_step=[SyncLossEngine(engine)],
+        # The engine's second process; under DDP it all-reduces its statistics itself so every
+        # rank takes the same grouping and weight decisions.
+        after_step=[lambda step: engine.step()],
         validate=validate,
     )
     trainer.fit(resume=args.resume)

@@ -1,0 +1,284 @@
+"""Optimisation condition functions: the "second process" of task-set balanced training.
+
+A condition turns the recent first-loss values of the N task sets into new second
+weights (METHODS.md part A, step 5). The loss engine calls it every ``k`` steps::
+
+    new_weights = condition(first_losses_history, current_weights,
+                            initial_first_losses=..., step=...)
+
+* ``first_losses_history``: float [H, N], the first loss of each set at each of the last
+  H steps, oldest first, NaN where a set had no finite, non-zero loss at that step.
+* ``current_weights``: float [N], the second weights in use (positive, summing to N).
+* ``initial_first_losses``: float [N], each set's first loss at the start of training
+  (mean over the scale warm-up; 1.0 per set when first losses are normalised).
+* returns float [N]. The engine sanitises it (non-finite -> keep the old weights,
+  floor, renormalise to sum N), so a plain function is a valid condition.
+
+Weight convention (all conditions): second weights are positive and sum to N (the
+simplex scaled by N), so "all weights 1" is the plain sum of the set losses.
+
+Stateful conditions are classes with ``state_dict()`` / ``load_state_dict()`` holding only
+tensors and Python primitives (checkpoints load with ``torch.load(weights_only=True)``),
+and ``on_regroup(new_weights)`` which the engine calls when the task sets change.
+A condition may also define ``effective_weights(weights, first_losses)`` which the engine
+applies in the forward pass (FAMO needs the current loss values there).
+
+Shipped conditions:
+  * ``LagCondition`` (default): emphasise the set whose loss has improved least relative
+    to its start.
+  * anchors for comparison: ``FixedCondition`` (CenterPoint-style fixed weights),
+    ``UncertaintyCondition`` (Kendall et al. 2018), ``DwaCondition`` (Liu et al. 2019),
+    ``FamoCondition`` (Liu et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class OptimisationCondition(Protocol):
+    """Anything callable as ``condition(history [H, N], weights [N], **context) -> [N]``."""
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor: ...
+
+
+def simplex_weights(probabilities: Tensor, floor: float) -> Tensor:
+    """Map a probability vector [N] to second weights >= ``floor`` that sum to N.
+
+    ``w = floor + (1 - floor) * N * p``: every set keeps at least ``floor`` of the mean
+    weight, so no set is ever switched off.
+    """
+    num_sets = probabilities.numel()
+    return floor + (1.0 - floor) * num_sets * probabilities
+
+
+def _latest_finite_row(history: Tensor) -> Tensor | None:
+    """The newest row [N] of ``history`` [H, N] in which every set is finite, or None."""
+    if history.numel() == 0:
+        return None
+    row = history[-1]
+    return row if bool(torch.isfinite(row).all()) else None
+
+
+def _window_mean(history: Tensor, window: int) -> Tensor:
+    """NaN-aware mean [N] of the last ``window`` rows of ``history`` [H, N] (NaN if none)."""
+    recent = history[-window:]
+    finite = torch.isfinite(recent)
+    count = finite.sum(0)
+    total = torch.where(finite, recent, torch.zeros_like(recent)).sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+class LagCondition:
+    """Default condition: no task set may lag behind.
+
+    Every call computes each set's loss ratio ``r_j = mean(L_j over the last window) / L_j(0)``
+    (how much of its starting loss is left) and the target weights
+    ``N * softmax(log(r) / temperature)``, i.e. proportional to ``r ** (1/temperature)``:
+    the set that improved least relative to its start gets the most weight. Ratios are
+    invariant to the raw loss scale of every task. The target is mixed into the current
+    weights with ``smoothing`` (EMA, so weights move gradually) and floored at ``floor``.
+
+    With temperature 1, ``sum_j w_j L_j`` with w proportional to ``L_j / L_j(0)`` has the
+    gradient of ``sum_j (L_j / L_j(0))**2 / 2``: the worst ratio is pushed hardest; a smaller
+    temperature moves towards a minimax of the ratios.
+    Sets without finite data in the window keep their share of the weight.
+    """
+
+    def __init__(self, temperature: float = 0.33, smoothing: float = 0.5, floor: float = 0.1, window: int = 10):
+        if temperature <= 0:
+            raise ValueError(f"LagCondition.temperature must be > 0, got {temperature}")
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"LagCondition.smoothing must be in (0, 1], got {smoothing}")
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"LagCondition.floor must be in [0, 1), got {floor}")
+        self.temperature = temperature
+        self.smoothing = smoothing
+        self.floor = floor
+        self.window = max(1, int(window))
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor:
+        recent = _window_mean(first_losses_history, self.window)
+        ratio = recent / initial_first_losses
+        valid = torch.isfinite(ratio) & (ratio > 0)
+        if not bool(valid.any()):
+            return current_weights
+        log_ratio = torch.where(valid, ratio.clamp(min=1e-30).log(), torch.zeros_like(ratio))
+        logits = torch.where(valid, log_ratio / self.temperature, torch.full_like(ratio, -math.inf))
+        probabilities = torch.softmax(logits, 0)
+        # Sets without data keep their current weight; the others share the remaining mass.
+        valid_mass = current_weights[valid].sum()
+        target = current_weights.clone()
+        target[valid] = simplex_weights(probabilities[valid], self.floor) * valid_mass / int(valid.sum())
+        return (1.0 - self.smoothing) * current_weights + self.smoothing * target
+
+
+class FixedCondition:
+    """Fixed second weights (CenterPoint-style hand-tuned weighting): never changes them."""
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor:
+        return current_weights
+
+
+def _adam_update(
+    param: Tensor, grad: Tensor, state: dict[str, Any], lr: float, weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+) -> Tensor:
+    """One step of torch.optim.Adam (L2 ``weight_decay`` added to the gradient), functional.
+
+    Kept functional so the optimiser state is plain tensors in ``state`` (checkpoint-safe,
+    follows the device of ``param``).
+    """
+    grad = grad + weight_decay * param
+    step = state.get("step", 0) + 1
+    exp_avg = state.get("exp_avg", torch.zeros_like(param)).mul(betas[0]).add(grad, alpha=1 - betas[0])
+    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param)).mul(betas[1]).addcmul(grad, grad, value=1 - betas[1])
+    bias1 = 1 - betas[0] ** step
+    bias2 = 1 - betas[1] ** step
+    denom = (exp_avg_sq / bias2).sqrt().add(eps)
+    state.update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    return param - lr * (exp_avg / bias1) / denom
+
+
+class UncertaintyCondition:
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    The published objective is ``sum_j exp(-s_j) L_j + s_j`` with learned log-variances
+    ``s_j`` optimised jointly with the model. Its gradient w.r.t. ``s_j`` is
+    ``1 - exp(-s_j) L_j`` and depends only on the (detached) loss value, so updating ``s``
+    with Adam from the newest first losses after each model step (call every step,
+    ``condition_every=1``) is the same optimisation as putting ``s`` into the model's
+    optimiser. The model sees weights ``exp(-s_j)``; the engine reports them normalised to
+    sum N (ratios exactly as published; the overall factor is dropped, which an
+    adaptive optimiser like Adam largely ignores).
+    """
+
+    def __init__(self, lr: float = 1e-2):
+        self.lr = lr
+        self.log_variance: Tensor | None = None
+        self.adam: dict[str, Any] = {}
+
+    def on_regroup(self, new_weights: Tensor) -> None:
+        self.log_variance = -(new_weights / new_weights.sum()).log()
+        self.adam = {}
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor:
+        if self.log_variance is None or self.log_variance.numel() != current_weights.numel():
+            self.log_variance = torch.zeros_like(current_weights)
+            self.adam = {}
+        losses = _latest_finite_row(first_losses_history)
+        if losses is not None:
+            grad = 1.0 - torch.exp(-self.log_variance) * losses
+            self.log_variance = _adam_update(self.log_variance, grad, self.adam, self.lr)
+        precision = torch.exp(-self.log_variance)
+        return precision * (current_weights.numel() / precision.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_variance": self.log_variance, "adam": dict(self.adam)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_variance = state["log_variance"]
+        self.adam = dict(state["adam"])
+
+
+class DwaCondition:
+    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).
+
+    Called once per "epoch" of ``period`` steps: with ``A_j(t)`` the mean first loss of set j
+    over the last period, ``r_j = A_j(t) / A_j(t-1)`` and
+    ``w = N * softmax(r / temperature)`` (temperature 2 as published); weights are 1 until
+    two periods have been seen.
+    """
+
+    def __init__(self, temperature: float = 2.0, period: int = 50):
+        self.temperature = temperature
+        self.period = max(1, int(period))
+        self.previous_mean: Tensor | None = None
+
+    def on_regroup(self, new_weights: Tensor) -> None:
+        self.previous_mean = None
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor:
+        mean = _window_mean(first_losses_history, self.period)
+        previous, self.previous_mean = self.previous_mean, mean
+        if previous is None or previous.numel() != mean.numel():
+            return torch.ones_like(current_weights)
+        ratio = mean / previous
+        if not bool(torch.isfinite(ratio).all()):
+            return current_weights
+        return current_weights.numel() * torch.softmax(ratio / self.temperature, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous_mean": self.previous_mean}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous_mean = state["previous_mean"]
+
+
+class FamoCondition:
+    """Fast Adaptive Multitask Optimization (Liu, Liang, Chen & Liu, NeurIPS 2023).
+
+    Keeps task logits ``xi`` with ``z = softmax(xi)``. The model is trained on
+    ``sum_j z_j log L_j / c`` with ``c = sum_j z_j / L_j`` (detached), whose gradient is
+    ``sum_j (z_j / (c L_j)) grad L_j``: ``effective_weights`` applies these weights (they sum
+    to one; scaled here to sum N) to the current first losses in the forward pass.
+    After each model step the logits are updated by Adam (lr 0.025, weight decay
+    gamma 0.01, the published defaults) with gradient ``J_softmax(xi)^T delta`` where
+    ``delta_j = log L_j(t-1) - log L_j(t)`` is the log-loss decrease. As in common
+    practice we use the next mini-batch's loss for ``L(t)`` instead of an extra forward
+    pass on the same batch; the engine therefore calls it every step (``condition_every=1``).
+    ``second_weights`` stores ``N * z``.
+    """
+
+    def __init__(self, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8):
+        self.lr = lr
+        self.gamma = gamma
+        self.eps = eps
+        self.logits: Tensor | None = None
+        self.adam: dict[str, Any] = {}
+
+    def on_regroup(self, new_weights: Tensor) -> None:
+        self.logits = (new_weights / new_weights.sum()).log()
+        self.adam = {}
+
+    def effective_weights(self, weights: Tensor, first_losses: Tensor) -> Tensor:
+        """Weights [N] for the forward pass from ``weights`` (N * z) and detached first losses [N]."""
+        inverse = weights / (first_losses.clamp(min=0) + self.eps)
+        return inverse * (weights.numel() / inverse.sum())
+
+    def __call__(
+        self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
+    ) -> Tensor:
+        if self.logits is None or self.logits.numel() != current_weights.numel():
+            self.logits = torch.zeros_like(current_weights)
+            self.adam = {}
+        if first_losses_history.shape[0] >= 2:
+            previous, current = first_losses_history[-2], first_losses_history[-1]
+            delta = (previous + self.eps).log() - (current + self.eps).log()
+            if bool(torch.isfinite(delta).all()):
+                z = torch.softmax(self.logits, 0)
+                # J_softmax^T delta = z * (delta - <z, delta>)
+                grad = z * (delta - (z * delta).sum())
+                self.logits = _adam_update(self.logits, grad, self.adam, self.lr, weight_decay=self.gamma)
+        return current_weights.numel() * torch.softmax(self.logits, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logits": self.logits, "adam": dict(self.adam)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.logits = state["logits"]
+        self.adam = dict(state["adam"])

@@ -1,0 +1,380 @@
+"""Tests of the loss engine (task-set balanced multi-task training, METHODS.md part A)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+from torch import nn
+
+from bevperc.losses.conditions import (
+    DwaCondition,
+    FamoCondition,
+    LagCondition,
+    UncertaintyCondition,
+)
+from bevperc.losses.engine import LossEngine, LossEngineConfig
+
+PLANTED_GROUPS = [0, 0, 0, 1, 1, 2, 2, 2]
+TASKS = [f"task{i}" for i in range(len(PLANTED_GROUPS))]
+
+
+def planted_losses(generator: torch.Generator, batch: int, scales: list[float]) -> dict[str, torch.Tensor]:
+    """Per-sample losses [B] per task: tasks of one group share a latent 'difficulty' factor."""
+    latent = torch.randn(batch, max(PLANTED_GROUPS) + 1, generator=generator)
+    out = {}
+    for i, group in enumerate(PLANTED_GROUPS):
+        noise = torch.randn(batch, generator=generator)
+        out[TASKS[i]] = torch.exp(0.8 * latent[:, group] + 0.35 * noise) * scales[i]
+    return out
+
+
+@pytest.mark.parametrize("clustering", ["agglomerative", "spectral"])
+def test_planted_task_structure_is_recovered(clustering: str) -> None:
+    scores = []
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        scales = (10.0 ** torch.empty(len(TASKS)).uniform_(-4, 4, generator=generator)).tolist()
+        cfg = LossEngineConfig(warmup_steps=40, affinity_steps=40, clustering=clustering, max_sets=5)
+        engine = LossEngine(TASKS, cfg)
+        for _ in range(cfg.warmup_steps):
+            per_sample = planted_losses(generator, 16, scales)
+            engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+            engine.step()
+        labels = [next(j for j, s in enumerate(engine.task_sets) if n in s) for n in TASKS]
+        scores.append(adjusted_rand_score(PLANTED_GROUPS, labels))
+    assert min(scores) >= 0.9, scores
+
+
+def test_regrouping_is_stable_and_labels_aligned() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scales = [1.0] * len(TASKS)
+    cfg = LossEngineConfig(warmup_steps=30, affinity_steps=30, regroup_every=30)
+    engine = LossEngine(TASKS, cfg)
+    first_sets = None
+    for step in range(150):
+        per_sample = planted_losses(generator, 16, scales)
+        engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+        engine.step()
+        if step + 1 == 30:
+            first_sets = engine.task_sets
+    assert engine.task_sets == first_sets  # same structure -> no flip-flop, same set order
+    assert sum(e["accepted"] for e in engine.grouping_history) == 1
+    assert len(engine.grouping_history) == 5
+
+
+def test_fixed_sets_are_kept() -> None:
+    sets = [["task0", "task5"], ["task1", "task2", "task3"], ["task4", "task6", "task7"]]
+    engine = LossEngine(TASKS, LossEngineConfig(fixed_sets=sets, warmup_steps=5))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        per_sample = planted_losses(generator, 8, [1.0] * 8)
+        engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+        engine.step()
+    assert engine.task_sets == [["task0", "task5"], ["task1", "task2", "task3"], ["task4", "task6", "task7"]]
+    with pytest.raises(ValueError, match="fixed_sets"):
+        LossEngine(TASKS, LossEngineConfig(fixed_sets=[["task0"]]))
+
+
+CONDITIONS = ["lag", "fixed", "uncertainty", "dwa", "famo"]
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_weights_on_simplex_under_extreme_scales(condition: str) -> None:
+    """Loss scales 1e-8..1e8, zero losses and NaN/inf steps never break the weights."""
+    names = ["tiny", "huge", "zeroish", "flaky", "plain"]
+    cfg = LossEngineConfig(warmup_steps=10, affinity_steps=10, condition=condition, condition_every=1,
+                           regroup_every=20)
+    engine = LossEngine(names, cfg)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(80):
+        base = torch.rand(5, generator=generator) + 0.1
+        values = base * torch.tensor([1e-8, 1e8, 1.0, 1.0, 1.0])
+        if step % 3 == 0:
+            values[2] = 0.0                          # no targets this batch
+        if step % 7 == 0:
+            values[3] = float("nan") if step % 2 else float("inf")
+        if step % 11 == 0:
+            values[:] = 0.0                          # everything zero at once
+        params = torch.ones(5, requires_grad=True)
+        losses = {n: params[i] * values[i] for i, n in enumerate(names)}
+        per_sample = {n: values[i] * (1 + 0.1 * torch.randn(4, generator=generator)) for i, n in enumerate(names)}
+        total = engine(losses, per_sample)
+        assert torch.isfinite(total), step
+        total.backward()
+        assert torch.isfinite(params.grad).all()
+        engine.step()
+        weights = engine.second_weights
+        assert torch.isfinite(weights).all() and (weights > 0).all(), (step, weights)
+        assert weights.sum().item() == pytest.approx(len(weights), rel=1e-5)
+    assert engine.last_nonfinite == [] or engine.last_nonfinite == ["flaky"]
+
+
+def test_nonfinite_step_changes_no_weights_or_statistics() -> None:
+    names = ["a", "b", "c"]
+    engine = LossEngine(names, LossEngineConfig(grouping="per_task", condition_every=1))
+    for step in range(15):
+        engine({"a": torch.tensor(1.0 / (step + 1)), "b": torch.tensor(2.0), "c": torch.tensor(3.0)})
+        engine.step()
+    before = engine.state_dict()["_extra_state"]
+    total = engine({"a": torch.tensor(float("nan")), "b": torch.tensor(2.0), "c": torch.tensor(3.0)})
+    assert torch.isfinite(total)
+    engine.step()
+    assert engine.last_nonfinite == ["a"]
+    after = engine.state_dict()["_extra_state"]
+    history = engine.first_losses_history()
+    assert torch.isnan(history[-1, 0]) and torch.isfinite(history[-1, 1:]).all()
+    # the NaN task's statistics and weight stay where they were (others may move)
+    assert torch.equal(before["initial_loss"], after["initial_loss"])
+    assert after["second_weights"][0] >= before["second_weights"][0] * 0.5
+
+
+def test_lag_condition_emphasises_lagging_set_scale_free() -> None:
+    history = torch.tensor([[0.2, 0.9, 0.5]]).repeat(10, 1)
+    initial = torch.ones(3)
+    weights = LagCondition(temperature=0.5, smoothing=1.0, floor=0.1)(history, torch.ones(3),
+                                                                      initial_first_losses=initial, step=10)
+    assert weights.argmax() == 1 and weights.sum().item() == pytest.approx(3.0)
+    scaled = LagCondition(temperature=0.5, smoothing=1.0, floor=0.1)(history * 1e6, torch.ones(3),
+                                                                     initial_first_losses=initial * 1e6, step=10)
+    assert torch.allclose(weights, scaled)
+    assert (weights >= 0.1 - 1e-6).all()
+
+
+def test_anchor_conditions_follow_published_rules() -> None:
+    # Kendall: the fixed point of exp(-s) L + s is s = log L -> weights proportional to 1 / L.
+    uncertainty = UncertaintyCondition(lr=0.05)
+    losses = torch.tensor([[0.5, 2.0]])
+    for _ in range(2000):
+        weights = uncertainty(losses, torch.ones(2), initial_first_losses=torch.ones(2), step=0)
+    assert weights[0] / weights[1] == pytest.approx(4.0, rel=1e-2)
+    # DWA: w = N softmax(r / T), r = mean(t-1) / mean(t-2)
+    dwa = DwaCondition(temperature=2.0, period=2)
+    dwa(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.ones(2), initial_first_losses=torch.ones(2), step=2)
+    weights = dwa(torch.tensor([[0.5, 1.0], [0.5, 1.0]]), torch.ones(2), initial_first_losses=torch.ones(2), step=4)
+    expected = 2 * torch.softmax(torch.tensor([0.5, 1.0]) / 2.0, 0)
+    assert torch.allclose(weights, expected)
+    # FAMO: the task whose log-loss decreased less gains weight; forward weights sum to N, scale free.
+    famo = FamoCondition()
+    weights = famo(torch.tensor([[1.0, 1.0], [0.5, 0.99]]), torch.ones(2), initial_first_losses=torch.ones(2), step=1)
+    assert weights[1] > weights[0]
+    effective = famo.effective_weights(torch.ones(2), torch.tensor([1e-3, 1e3]))
+    assert effective.sum().item() == pytest.approx(2.0) and effective[0] > effective[1]
+
+
+class SmallMultiTaskNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(32, 1) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.trunk(x)
+        return [head(features).squeeze(1) for head in self.heads]
+
+
+def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 6, generator=generator)
+    targets = torch.stack([x[:, 0] * 2, x[:, 0] - x[:, 1], 100 * x[:, 2].sin(), 0.01 * x[:, 3] * x[:, 4]], 1)
+    return x, targets
+
+
+def train(engine: LossEngine | None, model: nn.Module, optimiser: torch.optim.Optimizer, steps: range,
+          fixed: dict[str, float]) -> list[float]:
+    names = ["a", "b", "c", "d"]
+    totals = []
+    for step in steps:
+        x, targets = make_batch(step)
+        outputs = model(x)
+        per_sample = {n: (outputs[i] - targets[:, i]).square() for i, n in enumerate(names)}
+        losses = {n: v.mean() for n, v in per_sample.items()}
+        if engine is None:
+            total = sum(fixed.get(name, 1.0) * losses[name] for name in names)
+        else:
+            total = engine(losses, per_sample)
+        optimiser.zero_grad()
+        total.backward()
+        optimiser.step()
+        if engine is not None:
+            engine.step()
+        totals.append(total.item())
+    return totals
+
+
+def test_disabled_engine_equals_plain_fixed_weight_training_bit_for_bit() -> None:
+    fixed = {"a": 0.5, "c": 0.01, "d": 3.0}
+    runs = []
+    for use_engine in (False, True):
+        torch.manual_seed(0)
+        model = SmallMultiTaskNet()
+        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine = LossEngine(["a", "b", "c", "d"], LossEngineConfig(enabled=False, fixed_weights=fixed)) \
+            if use_engine else None
+        totals = train(engine, model, optimiser, range(30), fixed)
+        runs.append((totals, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("condition", ["lag", "famo", "uncertainty", "dwa"])
+def test_state_dict_round_trip_resumes_identically(condition: str) -> None:
+    names = ["a", "b", "c", "d"]
+    cfg = LossEngineConfig(warmup_steps=8, affinity_steps=8, regroup_every=10, condition=condition,
+                           condition_every=3, history_length=12)
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer, LossEngine]:
+        torch.manual_seed(0)
+        model = SmallMultiTaskNet()
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3), LossEngine(names, cfg)
+
+    model, optimiser, engine = fresh()
+    uninterrupted = train(engine, model, optimiser, range(40), {})
+    reference = engine.summary()
+
+    model, optimiser, engine = fresh()
+    first = train(engine, model, optimiser, range(17), {})
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimiser.state_dict(), "engine": engine.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model, optimiser, engine = fresh()
+    model.load_state_dict(checkpoint["model"])
+    optimiser.load_state_dict(checkpoint["optim"])
+    engine.load_state_dict(checkpoint["engine"])
+    second = train(engine, model, optimiser, range(17, 40), {})
+    assert first + second == uninterrupted
+    resumed = engine.summary()
+    assert json.dumps(resumed) == json.dumps(reference)
+
+
+def test_summary_is_json_and_log_scalars(tmp_path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    generator = torch.Generator().manual_seed(0)
+    engine = LossEngine(TASKS, LossEngineConfig(warmup_steps=20, affinity_steps=20))
+    for _ in range(25):
+        per_sample = planted_losses(generator, 8, [1.0] * 8)
+        engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+        engine.step()
+    summary = json.loads(json.dumps(engine.summary()))
+    assert summary["task_names"] == TASKS and len(summary["second_weights"]) == len(summary["task_sets"]) > 1
+    assert len(summary["affinity"]) == len(TASKS) and summary["weight_history"]
+    writer = SummaryWriter(tmp_path)
+    engine.log_scalars(writer, 25)
+    writer.close()
+    assert any(p.name.startswith("events.out") for p in tmp_path.iterdir())
+
+
+def test_gradient_cosine_affinity_groups_tasks() -> None:
+    """Tasks reading the same feature channels have aligned gradients and are grouped together."""
+    names = ["x0", "x1", "y0", "y1"]
+    cfg = LossEngineConfig(affinity="grad_cos", warmup_steps=6, affinity_steps=6, grad_affinity_every=1)
+    engine = LossEngine(names, cfg)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        features = torch.randn(8, 4, generator=generator, requires_grad=True)
+        losses = {"x0": features[:, :2].sum().square(), "x1": (2 * features[:, :2].sum()).square(),
+                  "y0": features[:, 2:].sum().square(), "y1": (features[:, 2:].sum() + 1).square()}
+        engine(losses, shared_features=features)
+        engine.step()
+    assert sorted(engine.task_sets) == [["x0", "x1"], ["y0", "y1"]]
+
+
+def test_bad_input_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="LossEngineConfig.condition"):
+        LossEngineConfig(condition="magic")
+    engine = LossEngine(["a", "b"], LossEngineConfig())
+    with pytest.raises(KeyError, match="missing \\['b'\\]"):
+        engine({"a": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="fixed_weights"):
+        LossEngine(["a"], LossEngineConfig(fixed_weights={"z": 1.0}))
+
+
+def test_engine_is_exactly_invariant_to_power_of_two_loss_scaling() -> None:
+    """Scaling one task's loss by 2**8 changes nothing, bit for bit (grouping, weights, model)."""
+    names = ["a", "b", "c", "d"]
+    cfg = LossEngineConfig(warmup_steps=10, affinity_steps=10, regroup_every=10, condition_every=5,
+                           history_length=10)
+    runs = []
+    for factor in (1.0, 256.0):
+        torch.manual_seed(0)
+        model = SmallMultiTaskNet()
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+        engine = LossEngine(names, cfg)
+        for step in range(35):
+            x, targets = make_batch(step)
+            outputs = model(x)
+            per_sample = {n: (outputs[i] - targets[:, i]).square() for i, n in enumerate(names)}
+            per_sample["c"] = per_sample["c"] * factor
+            total = engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+            optimiser.zero_grad()
+            total.backward()
+            optimiser.step()
+            engine.step()
+        runs.append((engine.task_sets, engine.second_weights.clone(), [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][2], runs[1][2]))
+
+
+def test_first_weights_follow_the_lagging_task_inside_a_set() -> None:
+    names = ["fast", "slow", "other"]
+    cfg = LossEngineConfig(fixed_sets=[["fast", "slow"], ["other"]], condition_every=5, first_weight_temperature=0.5)
+    engine = LossEngine(names, cfg)
+    for step in range(60):
+        engine({"fast": torch.tensor(0.99 ** (5 * step)), "slow": torch.tensor(0.999 ** step),
+                "other": torch.tensor(1.0)})
+        engine.step()
+    weights = engine.first_weights
+    assert weights["slow"] > 0.8 and weights["fast"] >= cfg.lag_floor / 2 - 1e-6
+    assert weights["slow"] + weights["fast"] == pytest.approx(1.0)
+    assert weights["other"] == pytest.approx(1.0)
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    generator = torch.Generator().manual_seed(rank)            # every rank sees different data
+    engine = LossEngine(TASKS, LossEngineConfig(warmup_steps=20, affinity_steps=20, condition_every=5))
+    for _ in range(40):
+        per_sample = planted_losses(generator, 8, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+        engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+        engine.step()
+    torch.save({"sets": engine.task_sets, "weights": engine.second_weights,
+                "first": engine.first_weights}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (torch + sklearn imports each)
+def test_ranks_make_identical_decisions_under_ddp(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result.{rank}", weights_only=True) for rank in range(2)]
+    assert results[0]["sets"] == results[1]["sets"] and len(results[0]["sets"]) > 1
+    assert torch.equal(results[0]["weights"], results[1]["weights"])
+    assert results[0]["first"] == results[1]["first"]
+
+
+def test_tree_cut_matches_sklearn_fit_per_number_of_sets() -> None:
+    from sklearn.cluster import AgglomerativeClustering
+
+    from bevperc.losses.affinity import canonical_labels, cut_tree
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        num = int(rng.integers(3, 10))
+        points = rng.normal(size=(num, 3))
+        distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        children = AgglomerativeClustering(n_clusters=None, distance_threshold=0.0, compute_full_tree=True,
+                                           metric="precomputed", linkage="average").fit(distance).children_
+        for clusters in range(2, num):
+            expected = AgglomerativeClustering(n_clusters=clusters, metric="precomputed",
+                                               linkage="average").fit_predict(distance)
+            assert (cut_tree(children, num, clusters) == canonical_labels(expected)).all()
