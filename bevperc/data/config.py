@@ -42,7 +42,7 @@ class DataConfig:
     equal to the model's BEV grid.
     """
 
-    dataroot: str = "data/synthetic-nuscenes"
+    dataroot: str = "data/nuscenes-synthetic"
     version: str = "v1.0-mini"
     train_split: str = "mini_train"
     val_split: str = "mini_val"

@@ -1,0 +1,13 @@
+"""Gesture detection with dual-teacher, cross-resolution distillation (METHODS.md part B).
+
+Modules (imported lazily by the CLI, ``python -m bevperc.gesture``):
+    config    dataclass configs (GestureTrainConfig, DistillConfig, GestureDataConfig, OptimConfig)
+    data      HaGRID-format loader, synthetic HaGRID-format generator, CenterNet targets
+    train     plain training of a student/teacher; the training loop shared with distillation
+    distill   the student's distillation from frozen teacher 1 / teacher 2 via the loss engine
+    evaluate  COCO mAP (pycocotools)
+    detect    detection on an image folder (annotated images + JSON)
+    export    ONNX export checked numerically against onnxruntime
+    presets   the reference student / teacher sizes;  demo: the end-to-end demo
+The detector family itself is ``bevperc.models.centernet``.
+"""

@@ -1,0 +1,222 @@
+"""Benchmark: dual-teacher cross-resolution distillation on the synthetic gesture set.
+
+For each seed: train teacher 1, teacher 2 (stride-aligned, L=2, K=1), teacher 2 for the resize
+alternative, and the plain student; then distil the student with
+
+    t1 only (full) | t2 only (full, stride-aligned) | t2 only (full, maps resized)
+    both, features only | both, heads only | both, full
+
+and score everything with COCO mAP on the test split. Reports mAP@0.5, mAP@[.5:.95] (mean +- std
+over seeds), the gap closed G = (KD - student) / (teacher 2 - student) (per seed, then averaged;
+and from the means), student/teacher parameters and CPU latency at each model's input size
+(batch 1, measured side by side in this process with the same thread count).
+
+    python bench/distill.py                 # 3 seeds (runs them as parallel processes)
+    python bench/distill.py --quick         # smoke run: tiny set, 2 epochs, 1 seed
+
+Threads: each worker calls torch.set_num_threads(--threads, default 1); on this shared 2-core
+CPU one thread per process is several times faster than two (less OpenMP spinning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {
+    # name: (teacher1 features, teacher1 heads, teacher2 features, teacher2 heads, teacher2 alignment)
+    "kd_t1": (1.0, 1.0, 0.0, 0.0, "stride"),
+    "kd_t2": (0.0, 0.0, 1.0, 1.0, "stride"),
+    "kd_t2_resize": (0.0, 0.0, 1.0, 1.0, "resize"),
+    "kd_both_features": (1.0, 0.0, 1.0, 0.0, "stride"),
+    "kd_both_heads": (0.0, 1.0, 0.0, 1.0, "stride"),
+    "kd_both_full": (1.0, 1.0, 1.0, 1.0, "stride"),
+}
+BASE_RUNS = ("teacher1", "teacher2", "teacher2_resize", "student")
+
+
+def _engine_settings(steps: int) -> dict[str, Any]:
+    """Loss-engine schedule scaled to the (short) run: group after ~1/5 of the steps."""
+    warm = max(5, steps // 5)
+    return {"enabled": True, "warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
+            "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
+
+
+def run_seed(args: dict[str, Any]) -> dict[str, Any]:
+    """Train + distil + evaluate every variant for one seed (runs in its own process)."""
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    from bevperc.gesture.config import DistillWeights
+    from bevperc.gesture.data import GestureDataset
+    from bevperc.gesture.demo import data_configs, run_configs
+    from bevperc.gesture.distill import distill_student
+    from bevperc.gesture.evaluate import evaluate_model
+    from bevperc.gesture.train import load_detector, train_detector
+
+    seed = args["seed"]
+    out = Path(args["out"]) / f"seed{seed}"
+    cfgs = run_configs(args["data"], args["epochs"], seed=seed, progress=False, input_size=args["input_size"],
+                       batch_size=args["batch_size"], lr=args["lr"])
+    train_cfg, test_cfg = data_configs(args["data"], args["input_size"])
+    s = args["input_size"]
+    train_set = GestureDataset(train_cfg, [s, 2 * s])
+    train_small = GestureDataset(train_cfg, [s], records=train_set.records)
+    train_big = GestureDataset(dataclasses.replace(train_cfg, input_size=2 * s), [2 * s], records=train_set.records)
+    test_set = GestureDataset(test_cfg, [s, 2 * s])
+    steps = args["epochs"] * math.ceil(len(train_set) / args["batch_size"])
+    results: dict[str, Any] = {}
+    ckpts: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+
+    def score(name: str, path: Path, image_index: int) -> None:
+        model, _ = load_detector(path)
+        results[name] = evaluate_model(model, test_set, image_index)
+        print(f"[seed {seed}] {name}: mAP50={results[name]['mAP50']:.3f} mAP={results[name]['mAP']:.3f} "
+              f"({timings[name]:.0f} s)", flush=True)
+
+    for role in BASE_RUNS:
+        start = time.perf_counter()
+        dataset = train_big if role.startswith("teacher2") else train_small
+        ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
+        timings[role] = time.perf_counter() - start
+        score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
+    distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=_engine_settings(steps))
+    if args["fixed_weights"]:
+        distill_optim = dataclasses.replace(distill_optim, engine={"enabled": False})
+    for name, (w1f, w1h, w2f, w2h, align) in VARIANTS.items():
+        cfg = dataclasses.replace(
+            cfgs["distill"], optim=distill_optim, weights=DistillWeights(w1f, w1h, w2f, w2h), teacher2_align=align,
+            teacher1_checkpoint=str(ckpts["teacher1"]),
+            teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
+        start = time.perf_counter()
+        ckpts[name] = distill_student(cfg, out / name, dataset=train_set)
+        timings[name] = time.perf_counter() - start
+        score(name, ckpts[name], 0)
+        summary = json.loads((out / name / "engine_summary.json").read_text())
+        results[name]["task_sets"] = summary.get("task_sets")
+    return {"seed": seed, "results": results, "train_seconds": timings}
+
+
+def measure_latency(input_size: int, threads: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Parameters and median CPU latency (batch 1) of student / teachers, side by side."""
+    import torch
+
+    from bevperc.gesture.presets import student_config, teacher1_config, teacher2_config
+    from bevperc.models.centernet import CenterNet, count_parameters
+
+    torch.set_num_threads(threads)
+    models = {"student": (student_config(), input_size), "teacher1": (teacher1_config(), input_size),
+              "teacher2": (teacher2_config(2, 1), 2 * input_size),
+              "teacher2_resize": (teacher2_config(2, 1, aligned=False), 2 * input_size)}
+    built = {k: (CenterNet(cfg, 4).eval(), size) for k, (cfg, size) in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in built}
+    with torch.no_grad():
+        for _ in range(repeats):  # interleaved so load changes hit every model alike
+            for name, (model, size) in built.items():
+                image = torch.randn(1, 3, size, size)
+                start = time.perf_counter()
+                model(image)
+                times[name].append(time.perf_counter() - start)
+    return {k: {"params": count_parameters(built[k][0]), "input_size": built[k][1],
+                "latency_ms": 1000 * statistics.median(v[2:] or v)} for k, v in times.items()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    names = list(BASE_RUNS) + list(VARIANTS)
+    table: dict[str, Any] = {}
+    for name in names:
+        row: dict[str, Any] = {}
+        for metric in ("mAP50", "mAP"):
+            vals = [r["results"][name][metric] for r in seed_results]
+            row[metric] = _mean_std(vals)
+            if name in VARIANTS:
+                gaps = []
+                for r in seed_results:
+                    base, top = r["results"]["student"][metric], r["results"]["teacher2"][metric]
+                    gaps.append((r["results"][name][metric] - base) / (top - base) if top != base else float("nan"))
+                row[f"G_{metric}"] = _mean_std(gaps)
+                means = {k: statistics.fmean(r["results"][k][metric] for r in seed_results) for k in ("student", "teacher2")}
+                denom = means["teacher2"] - means["student"]
+                row[f"G_of_means_{metric}"] = (row[metric][0] - means["student"]) / denom if denom else float("nan")
+        table[name] = row
+    lines = ["| model / variant | mAP@0.5 | mAP@[.5:.95] | G (mAP@0.5) | G (mAP) |", "|---|---|---|---|---|"]
+    for name in names:
+        row = table[name]
+        cells = [f"{row['mAP50'][0]:.3f} ± {row['mAP50'][1]:.3f}", f"{row['mAP'][0]:.3f} ± {row['mAP'][1]:.3f}"]
+        if name in VARIANTS:
+            cells += [f"{row['G_mAP50'][0]:+.2f} ± {row['G_mAP50'][1]:.2f}", f"{row['G_mAP'][0]:+.2f} ± {row['G_mAP'][1]:.2f}"]
+        else:
+            cells += ["", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | input | parameters | CPU latency (ms, batch 1) | x student |", "|---|---|---|---|---|"]
+    base = latency["student"]["latency_ms"]
+    for name, info in latency.items():
+        lines.append(f"| {name} | {info['input_size']}x{info['input_size']} | {info['params']:,} | "
+                     f"{info['latency_ms']:.2f} | {info['latency_ms'] / base:.1f} |")
+    return table, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 48/16 images, 2 epochs, 1 seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-train", type=int, default=240)
+    parser.add_argument("--num-test", type=int, default=80)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--input-size", type=int, default=64, help="student input; teacher 2 sees 2x")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=3, help="seeds run as this many parallel processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--grating-period", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="class-detail period in px at 256 px (default: SyntheticGestureSpec's 6-8)")
+    parser.add_argument("--fixed-weights", action="store_true", help="loss engine disabled (fixed weight sum)")
+    parser.add_argument("--out", default="work_dirs/bench_distill")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_train, args.num_test, args.epochs, args.seeds = 48, 16, 2, args.seeds[:1]
+    out = Path(args.out)
+    from bevperc.gesture.data import SyntheticGestureSpec, generate_synthetic_gestures
+    from bevperc.utils.io import atomic_write_json
+
+    data = out / "data"
+    start = time.perf_counter()
+    spec = SyntheticGestureSpec(image_size=2 * args.input_size)
+    if args.grating_period:
+        spec = dataclasses.replace(spec, grating_period=tuple(args.grating_period))
+    generate_synthetic_gestures(data, args.num_train, args.num_test, args.data_seed, spec)
+    jobs = [{"seed": s, "out": str(out), "data": str(data), "epochs": args.epochs, "input_size": args.input_size,
+             "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+             "fixed_weights": args.fixed_weights} for s in args.seeds]
+    if args.jobs > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            seed_results = pool.map(run_seed, jobs)
+    else:
+        seed_results = [run_seed(job) for job in jobs]
+    latency = measure_latency(args.input_size, args.threads, repeats=30 if args.quick else 100)
+    table, markdown = summarise(seed_results, latency)
+    wall = time.perf_counter() - start
+    print(markdown)
+    print(f"\n{len(args.seeds)} seed(s), {args.num_train} train / {args.num_test} test images, {args.epochs} epochs, "
+          f"student {args.input_size}px, teacher 2 {2 * args.input_size}px (L=2, K=1); wall {wall:.0f} s on this CPU")
+    atomic_write_json(out / "results.json", {"args": vars(args), "per_seed": seed_results, "summary": table,
+                                             "latency": latency, "wall_seconds": wall, "markdown": markdown})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Dual-teacher, cross-resolution distillation of the gesture student (METHODS.md part B).
+
+Per training step (image 1 = student resolution S, image 2 = L*S):
+
+1. student(image 1)   -> first feature set  (N stage maps + M=3 head maps)
+2. teacher1(image 1)  -> second feature set (frozen)
+3. teacher2(image 2)  -> third feature set  (frozen; stride at stage K is L x the student's)
+4. distillation tasks (each a task of the loss engine):
+   * ``kd_t1_feat_s{i}`` for every stage i (N "first parameters"), ``kd_t2_feat_s{i}`` for
+     the aligned stages i >= K ("third parameters"). Stages i < K of teacher 2 are L times
+     larger than the student's and are *skipped* (they do not align; resizing them would be the
+     alternative this method replaces). Loss: MSE between ``adapter(student map)`` and the
+     teacher map, divided by the teacher map's mean square (scale-free across stages/teachers);
+     the adapter is a learned 1x1 conv where channel counts differ, identity otherwise.
+   * ``kd_t{1,2}_{heatmap,wh,offset}`` (M "second"/"fourth parameters"): heatmaps compared as
+     probabilities, soft BCE between sigmoid(student/T) and sigmoid(teacher/T) minus the
+     teacher's entropy (so the value is the KL and 0 at a perfect match); size/offset maps
+     L1 weighted by the teacher's confidence (max class probability per cell).
+   * plus the ordinary detection tasks ``det_heatmap``, ``det_wh``, ``det_offset`` on labels.
+5. ``LossEngine`` groups the tasks into sets and balances them; its summary is saved with the run.
+
+A weight of 0 removes a task (a teacher with both weights 0 is not even run). With all
+distillation weights 0 the run is ``train.train_detector`` bit for bit: the student is built
+from the same seed first, teachers/adapters are built under a forked RNG, and the loop is
+``train.run_training``.
+
+``teacher2_align="resize"`` is the comparison alternative: a teacher 2 with the student's strides
+sees image 2 and its maps are bilinearly resized (antialiased) onto the student grid; all stages
+are then compared, wh is divided by L and the offset map (whose meaning does not survive
+resampling) is not distilled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bevperc.gesture.config import DistillConfig
+from bevperc.gesture.data import GestureDataset, build_targets
+from bevperc.gesture.train import (
+    DET_TASKS,
+    build_detector,
+    build_loss_engine,
+    det_task_weights,
+    detection_losses,
+    engine_summary,
+    grid_of,
+    load_detector,
+    make_loader,
+    run_training,
+    save_detector,
+    seed_everything,
+)
+from bevperc.models.centernet import (
+    CenterNet,
+    FeatureSet,
+    StrideAlignmentError,
+    assert_stride_alignment,
+    stage_shapes,
+)
+from bevperc.utils.config import save_config, to_dict
+from bevperc.utils.io import atomic_write_json
+
+
+@dataclass
+class TeacherLink:
+    """How one frozen teacher is compared with the student.
+
+    name: "t1" or "t2"; image_index: which batch image it sees (0 = S, 1 = L*S);
+    stages: student stage indices with a feature task; resize: interpolate its maps onto the
+    student grid (and divide wh by ``scale``); weights of its feature and head tasks.
+    """
+
+    name: str
+    model: CenterNet
+    image_index: int
+    stages: list[int]
+    resize: bool
+    scale: int
+    feature_weight: float
+    head_weight: float
+    head_maps: tuple[str, ...] = ("heatmap", "wh", "offset")
+    adapters: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+
+    def task_weights(self) -> dict[str, float]:
+        weights = {}
+        if self.feature_weight > 0:
+            weights.update({f"kd_{self.name}_feat_s{i}": self.feature_weight for i in self.stages})
+        if self.head_weight > 0:
+            weights.update({f"kd_{self.name}_{m}": self.head_weight for m in self.head_maps})
+        return weights
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
+    """Normalised MSE per sample [B]: mean (s - t)^2 / mean t^2 (teacher scale removed)."""
+    err = (student_map - teacher_map).pow(2).flatten(1).mean(1)
+    scale = teacher_map.pow(2).flatten(1).mean(1).clamp(min=1e-6)
+    return err / scale
+
+
+def heatmap_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample [B] mean over classes and cells of KL(Bernoulli(p_t) || Bernoulli(p_s)).
+
+    p = sigmoid(logits / T); computed as soft BCE minus the teacher entropy so it is 0 at a match.
+    """
+    s, t = student_logits / temperature, teacher_logits / temperature
+    p_t = torch.sigmoid(t)
+    bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(t, p_t, reduction="none")
+    return (bce - entropy).flatten(1).mean(1) * temperature**2
+
+
+def confidence_weighted_l1(student_map: Tensor, teacher_map: Tensor, teacher_heat_logits: Tensor) -> Tensor:
+    """Per-sample [B] L1 over [B,2,h,w] maps weighted by the teacher's max class probability."""
+    weight = torch.sigmoid(teacher_heat_logits).amax(1)  # [B,h,w]
+    per_cell = (student_map - teacher_map).abs().sum(1) * weight
+    return per_cell.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1e-6)
+
+
+def _on_grid(teacher_map: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(teacher_map.shape[-2:]) == tuple(size):
+        return teacher_map
+    return F.interpolate(teacher_map, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def distillation_losses(
+    student_out: FeatureSet,
+    teacher_out: FeatureSet,
+    link: TeacherLink,
+    temperature: float,
+) -> dict[str, Tensor]:
+    """Per-sample [B] distillation task losses of one teacher (names as in ``link.task_weights``)."""
+    per_sample: dict[str, Tensor] = {}
+    if link.feature_weight > 0:
+        for i in link.stages:
+            s_map = link.adapters[f"s{i}"](student_out.stages[i])
+            t_map = _on_grid(teacher_out.stages[i], tuple(s_map.shape[-2:]))
+            per_sample[f"kd_{link.name}_feat_s{i}"] = feature_mimic_loss(s_map, t_map)
+    if link.head_weight > 0:
+        grid = tuple(student_out.heatmap.shape[-2:])
+        t_heat = _on_grid(teacher_out.heatmap, grid)
+        per_sample[f"kd_{link.name}_heatmap"] = heatmap_kl_loss(student_out.heatmap, t_heat, temperature)
+        # Sizes are in grid cells; a resized teacher's cells are L times smaller.
+        t_wh = _on_grid(teacher_out.wh, grid) / (link.scale if link.resize else 1)
+        per_sample[f"kd_{link.name}_wh"] = confidence_weighted_l1(student_out.wh, t_wh, t_heat)
+        if "offset" in link.head_maps:
+            per_sample[f"kd_{link.name}_offset"] = confidence_weighted_l1(student_out.offset, teacher_out.offset, t_heat)
+    return per_sample
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _make_adapters(student: CenterNet, teacher: CenterNet, stages: list[int]) -> nn.ModuleDict:
+    """1x1 conv from student to teacher channels where they differ, identity where equal."""
+    adapters = nn.ModuleDict()
+    for i in stages:
+        c_s, c_t = student.cfg.stage_widths[i], teacher.cfg.stage_widths[i]
+        adapters[f"s{i}"] = nn.Conv2d(c_s, c_t, kernel_size=1) if c_s != c_t else nn.Identity()
+    return adapters
+
+
+def _freeze(model: CenterNet) -> CenterNet:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _check_classes(payload: dict, classes: list[str], path: str) -> None:
+    if list(payload["classes"]) != list(classes):
+        raise ValueError(f"{path}: teacher classes {payload['classes']} != student data.classes {classes}")
+
+
+def build_teacher_links(cfg: DistillConfig, student: CenterNet) -> list[TeacherLink]:
+    """Load, check and freeze the teachers that have a non-zero weight; create adapters."""
+    links: list[TeacherLink] = []
+    w = cfg.weights
+    s_size = cfg.data.input_size
+    if w.teacher1_features > 0 or w.teacher1_heads > 0:
+        if not cfg.teacher1_checkpoint:
+            raise ValueError("teacher1_checkpoint: required while teacher-1 weights are non-zero")
+        t1, payload = load_detector(cfg.teacher1_checkpoint)
+        _check_classes(payload, cfg.data.classes, cfg.teacher1_checkpoint)
+        if payload["input_size"] != s_size:
+            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 input {payload['input_size']} != student {s_size}")
+        if t1.cfg.num_stages != student.cfg.num_stages:
+            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 has {t1.cfg.num_stages} stages, student {student.cfg.num_stages}")
+        s_shapes, t_shapes = stage_shapes(student.cfg, s_size), stage_shapes(t1.cfg, s_size)
+        if s_shapes[-1] != t_shapes[-1]:
+            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 head grid {t_shapes[-1]} != student {s_shapes[-1]}")
+        stages = [i for i in range(student.cfg.num_stages) if s_shapes[i] == t_shapes[i]]
+        links.append(TeacherLink("t1", _freeze(t1), 0, stages, False, 1, w.teacher1_features, w.teacher1_heads,
+                                 adapters=_make_adapters(student, t1, stages)))
+    if w.teacher2_features > 0 or w.teacher2_heads > 0:
+        if not cfg.teacher2_checkpoint:
+            raise ValueError("teacher2_checkpoint: required while teacher-2 weights are non-zero")
+        t2, payload = load_detector(cfg.teacher2_checkpoint)
+        _check_classes(payload, cfg.data.classes, cfg.teacher2_checkpoint)
+        L = cfg.teacher2_scale
+        if cfg.teacher2_align == "stride":
+            stages = assert_stride_alignment(student.cfg, s_size, t2.cfg, payload["input_size"], L, cfg.teacher2_stage_k)
+            links.append(TeacherLink("t2", _freeze(t2), 1, stages, False, L, w.teacher2_features, w.teacher2_heads,
+                                     adapters=_make_adapters(student, t2, stages)))
+        else:
+            if payload["input_size"] != L * s_size:
+                raise StrideAlignmentError(
+                    f"{cfg.teacher2_checkpoint}: teacher 2 input {payload['input_size']} != L*student = {L}*{s_size}")
+            if t2.cfg.stage_strides != student.cfg.stage_strides:
+                raise ValueError(
+                    f"{cfg.teacher2_checkpoint}: resize alignment expects the student's strides "
+                    f"{student.cfg.stage_strides}, got {t2.cfg.stage_strides}")
+            stages = list(range(student.cfg.num_stages))
+            links.append(TeacherLink("t2", _freeze(t2), 1, stages, True, L, w.teacher2_features, w.teacher2_heads,
+                                     head_maps=("heatmap", "wh"), adapters=_make_adapters(student, t2, stages)))
+    return links
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDataset | None = None) -> Path:
+    """Distil a student; writes model.pt, history.json, engine_summary.json, config.yaml."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.optim.num_threads > 0:
+        torch.set_num_threads(cfg.optim.num_threads)
+    seed_everything(cfg.optim.seed)
+    num_classes = len(cfg.data.classes)
+    # The student is built first, from the seed, exactly as train_detector builds it.
+    student = build_detector(cfg.student, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.optim.seed + 7919)  # adapters: own stream, student RNG untouched
+        links = build_teacher_links(cfg, student)
+    sizes = [cfg.data.input_size]
+    if any(link.image_index == 1 for link in links):
+        sizes.append(cfg.teacher2_scale * cfg.data.input_size)
+    if dataset is None:
+        dataset = GestureDataset(cfg.data, sizes)
+    elif dataset.input_sizes[: len(sizes)] != sizes:
+        raise ValueError(f"dataset input sizes {dataset.input_sizes} do not start with the needed {sizes}")
+    grid = grid_of(student, cfg.data.input_size)
+    task_weights = det_task_weights(cfg.optim)
+    for link in links:
+        task_weights.update(link.task_weights())
+    engine = build_loss_engine(list(task_weights), task_weights, cfg.optim)
+
+    def compute_losses(batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        targets = build_targets(batch["boxes"], batch["labels"], num_classes, grid)
+        student_out = student(batch["images"][0])
+        losses, per_sample = detection_losses(student_out, targets)
+        for link in links:
+            with torch.no_grad():
+                teacher_out = link.model(batch["images"][link.image_index])
+            per_sample.update(distillation_losses(student_out, teacher_out, link, cfg.heatmap_temperature))
+        for name, values in per_sample.items():
+            if name not in losses:
+                losses[name] = values.mean()
+        return losses, per_sample
+
+    history = run_training(student, [link.adapters for link in links], make_loader(dataset, cfg.optim),
+                           compute_losses, engine, cfg.optim, desc="distill")
+    path = save_detector(out / "model.pt", student, cfg.data.classes, cfg.data.input_size, "student_distilled",
+                         {"distill_config": to_dict(cfg)})
+    atomic_write_json(out / "history.json", {"history": history, "tasks": task_weights,
+                                             "aligned_stages": {l.name: l.stages for l in links}})
+    atomic_write_json(out / "engine_summary.json", engine_summary(engine))
+    save_config(cfg, out / "config.yaml")
+    return path
+
+
+__all__ = ["distill_student", "build_teacher_links", "distillation_losses", "DET_TASKS"]

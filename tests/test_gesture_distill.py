@@ -1,0 +1,108 @@
+"""Distillation: zero weights == plain training bit for bit; engine tasks; resize alternative."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bevperc.gesture.config import DistillWeights
+from bevperc.gesture.data import SyntheticGestureSpec, generate_synthetic_gestures
+from bevperc.gesture.demo import run_configs
+from bevperc.gesture.distill import distill_student, feature_mimic_loss, heatmap_kl_loss
+from bevperc.gesture.train import train_detector
+from bevperc.models.centernet import StrideAlignmentError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a shared 2-core CPU one intra-op thread is several times faster than two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gestures")
+    generate_synthetic_gestures(root, 12, 4, seed=1, spec=SyntheticGestureSpec(image_size=64))
+    return root
+
+
+def _configs(root: Path, **kw):
+    cfgs = run_configs(root, epochs=2, input_size=32, batch_size=4, progress=False, **kw)
+    return cfgs
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_set: Path, tmp_path_factory) -> dict[str, Path]:
+    cfgs = _configs(tiny_set)
+    out = tmp_path_factory.mktemp("teachers")
+    return {role: train_detector(dataclasses.replace(cfgs[role], optim=dataclasses.replace(cfgs[role].optim, epochs=1)),
+                                 out / role) for role in ("teacher1", "teacher2", "teacher2_resize")}
+
+
+@pytest.mark.parametrize("engine", [{"enabled": False}, {"enabled": True, "warmup_steps": 2, "affinity_steps": 2,
+                                                          "condition_every": 2, "scale_warmup_steps": 2}])
+def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers, tmp_path: Path, engine) -> None:
+    cfgs = _configs(tiny_set)
+    optim = dataclasses.replace(cfgs["student"].optim, engine=engine)
+    plain = train_detector(dataclasses.replace(cfgs["student"], optim=optim), tmp_path / "plain")
+    distill_cfg = dataclasses.replace(
+        cfgs["distill"], optim=optim, weights=DistillWeights(0.0, 0.0, 0.0, 0.0),
+        teacher1_checkpoint=str(teachers["teacher1"]), teacher2_checkpoint=str(teachers["teacher2"]))
+    zero = distill_student(distill_cfg, tmp_path / "zero")
+    a = torch.load(plain, weights_only=True)["model"]
+    b = torch.load(zero, weights_only=True)["model"]
+    assert _state_equal(a, b)
+    # and a non-zero weight really changes the student
+    kd = distill_student(dataclasses.replace(distill_cfg, weights=DistillWeights(1.0, 0.0, 0.0, 1.0)), tmp_path / "kd")
+    assert not _state_equal(a, torch.load(kd, weights_only=True)["model"])
+
+
+def test_full_distillation_tasks_and_engine_summary(tiny_set: Path, teachers, tmp_path: Path) -> None:
+    cfgs = _configs(tiny_set)
+    cfg = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(teachers["teacher1"]),
+                              teacher2_checkpoint=str(teachers["teacher2"]),
+                              optim=dataclasses.replace(cfgs["distill"].optim, engine={
+                                  "enabled": True, "warmup_steps": 3, "affinity_steps": 3, "condition_every": 2,
+                                  "scale_warmup_steps": 2}))
+    distill_student(cfg, tmp_path / "kd")
+    history = json.loads((tmp_path / "kd" / "history.json").read_text())
+    tasks = set(history["tasks"])
+    assert {f"kd_t1_feat_s{i}" for i in range(4)} <= tasks
+    # teacher 2 (K=1): stage 0 does not align and has no task; stages 1..3 do
+    assert "kd_t2_feat_s0" not in tasks and {f"kd_t2_feat_s{i}" for i in (1, 2, 3)} <= tasks
+    assert {f"kd_t{t}_{m}" for t in (1, 2) for m in ("heatmap", "wh", "offset")} <= tasks
+    assert {"det_heatmap", "det_wh", "det_offset"} <= tasks
+    summary = json.loads((tmp_path / "kd" / "engine_summary.json").read_text())
+    assert sorted(n for s in summary["task_sets"] for n in s) == sorted(tasks)
+    assert history["aligned_stages"] == {"t1": [0, 1, 2, 3], "t2": [1, 2, 3]}
+
+
+def test_resize_alternative_and_misaligned_teacher(tiny_set: Path, teachers, tmp_path: Path) -> None:
+    cfgs = _configs(tiny_set)
+    base = dataclasses.replace(cfgs["distill"], weights=DistillWeights(0.0, 0.0, 1.0, 1.0),
+                               optim=dataclasses.replace(cfgs["distill"].optim, epochs=1, engine={"enabled": False}))
+    distill_student(dataclasses.replace(base, teacher2_checkpoint=str(teachers["teacher2_resize"]),
+                                        teacher2_align="resize"), tmp_path / "resize")
+    tasks = json.loads((tmp_path / "resize" / "history.json").read_text())["tasks"]
+    assert {f"kd_t2_feat_s{i}" for i in range(4)} <= set(tasks) and "kd_t2_offset" not in tasks
+    # the resize teacher has the student's strides: using it stride-aligned must fail loudly
+    with pytest.raises(StrideAlignmentError, match="stage_strides"):
+        distill_student(dataclasses.replace(base, teacher2_checkpoint=str(teachers["teacher2_resize"])), tmp_path / "bad")
+
+
+def test_distillation_losses_vanish_at_a_match() -> None:
+    t = torch.randn(3, 5, 4, 4)
+    assert torch.allclose(feature_mimic_loss(t, t), torch.zeros(3))
+    assert torch.allclose(heatmap_kl_loss(t, t), torch.zeros(3), atol=1e-6)
+    assert (heatmap_kl_loss(t + 1, t) > 0).all()
