@@ -1,0 +1,154 @@
+"""``python -m bevperc.eval``: nuScenes detection evaluation with the fast exact engine or the devkit.
+
+Evaluate a submission file::
+
+    python -m bevperc.eval --results results_nusc.json --dataroot data/nuscenes \\
+        --version v1.0-mini --split mini_val --engine fast --out work/eval
+
+Predict with a trained model first, then evaluate (needs ``bevperc.inference.predict_split``)::
+
+    python -m bevperc.eval --config configs/bev.yaml --checkpoint work/ckpt.pt --dataroot data/nuscenes \\
+        --version v1.0-mini --split mini_val --out work/eval
+
+Writes ``metrics_summary.json`` and ``metrics_details.json`` (devkit layout) into ``--out`` and prints
+the metrics table. Both engines give the same numbers; ``fast`` is the one to use during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bevperc.evaluation.submission import SubmissionError
+
+ERR_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bevperc.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_argument_group("what to evaluate (either --results, or --config with --checkpoint)")
+    source.add_argument("--results", type=Path, help="submission JSON file (nuScenes detection format)")
+    source.add_argument("--config", type=Path, help="model config YAML (predicts the split first)")
+    source.add_argument("--checkpoint", type=Path, help="model checkpoint for --config")
+    parser.add_argument("--dataroot", type=Path, required=True, help="nuScenes root (holds <version>/*.json)")
+    parser.add_argument("--version", default="v1.0-mini", help="dataset version, e.g. v1.0-mini, v1.0-trainval")
+    parser.add_argument("--split", default="mini_val", help="evaluation split, e.g. mini_val, val")
+    parser.add_argument("--engine", choices=("fast", "devkit"), default="fast",
+                        help="fast: bevperc's vectorised exact engine; devkit: nuscenes DetectionEval")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the metrics JSON files")
+    parser.add_argument("--render-curves", action="store_true", help="also write the devkit's PR/TP plots")
+    parser.add_argument("--allow-empty-attribute", action="store_true",
+                        help="accept attribute_name '' for classes that have attributes")
+    parser.add_argument("--gt-cache", type=Path, default=None, help="fast engine: folder for a GT .npz cache")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> Path:
+    """Predict ``args.split`` with ``bevperc.inference.predict_split``; returns the submission path."""
+    try:
+        from bevperc.config import load_run_config
+        from bevperc.inference import predict_split
+    except ImportError as exc:
+        raise SystemExit(f"error: --config/--checkpoint need bevperc.inference.predict_split, which is not "
+                         f"available ({exc}); evaluate an existing submission with --results instead") from None
+    if not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    # The dataset to predict is the one being evaluated.
+    cfg = load_run_config(args.config, [f"data.dataroot={args.dataroot}", f"data.version={args.version}"])
+    out_json = args.out / f"results_{args.split}.json"
+    predict_split(cfg, args.checkpoint, args.split, out_json)
+    if not out_json.is_file():
+        raise FileNotFoundError(f"predict_split did not write {out_json}")
+    return out_json
+
+
+def evaluate(results: Path, dataroot: Path, version: str, split: str, engine: str, out: Path,
+             render_curves: bool = False, allow_empty_attribute: bool = False, gt_cache: Path | None = None,
+             verbose: bool = False) -> dict[str, Any]:
+    """Evaluate a submission with one engine; writes the metrics JSON files into ``out``; returns the summary."""
+    if engine == "devkit":
+        from bevperc.evaluation.devkit_eval import run_devkit_eval
+
+        return run_devkit_eval(results, dataroot, version, split, out, allow_empty_attribute=allow_empty_attribute,
+                               render_curves=render_curves, verbose=verbose)
+    from bevperc.evaluation.fast_eval import FastDetectionEval, to_jsonable, write_metrics
+
+    evaluator = FastDetectionEval(dataroot, version, split, cache_dir=gt_cache, verbose=verbose)
+    result = evaluator.evaluate_file(results, allow_empty_attribute=allow_empty_attribute)
+    write_metrics(result, out)
+    if render_curves:
+        _render_fast(result, evaluator, out)
+    return to_jsonable(result.summary)
+
+
+def _render_fast(result: Any, evaluator: Any, out: Path) -> None:
+    """The devkit's plots from the fast engine's curves (same functions as DetectionEval.render)."""
+    from nuscenes.eval.detection.data_classes import DetectionConfig, DetectionMetricDataList, DetectionMetrics
+    from nuscenes.eval.detection.render import class_pr_curve, class_tp_curve, dist_pr_curve, summary_plot
+
+    cfg = DetectionConfig.deserialize(evaluator.cfg.to_dict())
+    md_list = DetectionMetricDataList()
+    for (name, th), md in result.metric_data.items():
+        md_list.set(name, th, md.to_devkit())
+    metrics = DetectionMetrics(cfg)
+    for name, aps in result.summary["label_aps"].items():
+        for th, ap in aps.items():
+            metrics.add_label_ap(name, th, ap)
+    for name, tps in result.summary["label_tp_errors"].items():
+        for metric, value in tps.items():
+            metrics.add_label_tp(name, metric, value)
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    path = lambda name: str(plot_dir / f"{name}.pdf")  # noqa: E731
+    summary_plot(md_list, metrics, min_precision=cfg.min_precision, min_recall=cfg.min_recall,
+                 dist_th_tp=cfg.dist_th_tp, savepath=path("summary"))
+    for name in cfg.class_names:
+        class_pr_curve(md_list, metrics, name, cfg.min_precision, cfg.min_recall, savepath=path(name + "_pr"))
+        class_tp_curve(md_list, metrics, name, cfg.min_recall, cfg.dist_th_tp, savepath=path(name + "_tp"))
+    for th in cfg.dist_ths:
+        dist_pr_curve(md_list, metrics, th, cfg.min_precision, cfg.min_recall, savepath=path(f"dist_pr_{th}"))
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The devkit's printout as a markdown table."""
+    lines = [f"mAP: {summary['mean_ap']:.4f}"]
+    lines += [f"{ERR_NAMES[k]}: {v:.4f}" for k, v in summary["tp_errors"].items()]
+    lines += [f"NDS: {summary['nd_score']:.4f}", f"Eval time: {summary['eval_time']:.1f}s", ""]
+    lines.append("| Object Class | AP | ATE | ASE | AOE | AVE | AAE |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, ap in summary["mean_dist_aps"].items():
+        tp = summary["label_tp_errors"][name]
+        lines.append(f"| {name} | {ap:.3f} | " + " | ".join(
+            f"{tp[m]:.3f}" for m in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.results is not None and (args.config is not None or args.checkpoint is not None):
+        parser.error("give either --results, or --config with --checkpoint, not both")
+    if args.results is None and (args.config is None or args.checkpoint is None):
+        parser.error("give --results FILE, or --config and --checkpoint to predict the split first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        results = args.results if args.results is not None else _predict(args)
+        summary = evaluate(results, args.dataroot, args.version, args.split, args.engine, args.out,
+                           render_curves=args.render_curves, allow_empty_attribute=args.allow_empty_attribute,
+                           gt_cache=args.gt_cache, verbose=args.verbose)
+    except (SubmissionError, FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"\nengine={args.engine}  total {time.perf_counter() - started:.1f} s  ->  {args.out / 'metrics_summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
