@@ -34,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--results", type=Path, help="submission JSON file (nuScenes detection format)")
     source.add_argument("--config", type=Path, help="model config YAML (predicts the split first)")
     source.add_argument("--checkpoint", type=Path, help="model checkpoint for --config")
-    parser.add_argument("--dataroot", type=Path, required=True, help="nuScenes root (holds <version>/*.json)")
-    parser.add_argument("--version", default="v1.0-mini", help="dataset version, e.g. v1.0-mini, v1.0-trainval")
-    parser.add_argument("--split", default="mini_val", help="evaluation split, e.g. mini_val, val")
+    parser.add_argument("--dataroot", type=Path, default=None,
+                        help="nuScenes root (holds <version>/*.json); with --config defaults to data.dataroot")
+    parser.add_argument("--version", default=None, help="dataset version (default: data.version with --config, else v1.0-mini)")
+    parser.add_argument("--split", default=None, help="evaluation split (default: data.val_split with --config, else mini_val)")
+    parser.add_argument("--figures", type=int, default=None,
+                        help="with --config: draw this many best and worst samples (default: eval.figures)")
     parser.add_argument("--engine", choices=("fast", "devkit"), default="fast",
                         help="fast: bevperc's vectorised exact engine; devkit: nuscenes DetectionEval")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the metrics JSON files")
@@ -45,26 +48,82 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept attribute_name '' for classes that have attributes")
     parser.add_argument("--gt-cache", type=Path, default=None, help="fast engine: folder for a GT .npz cache")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="with --config: section.field=value config overrides")
     return parser
 
 
-def _predict(args: argparse.Namespace) -> Path:
-    """Predict ``args.split`` with ``bevperc.inference.predict_split``; returns the submission path."""
-    try:
-        from bevperc.config import load_run_config
-        from bevperc.inference import predict_split
-    except ImportError as exc:
-        raise SystemExit(f"error: --config/--checkpoint need bevperc.inference.predict_split, which is not "
-                         f"available ({exc}); evaluate an existing submission with --results instead") from None
+def _load_config(args: argparse.Namespace) -> Any:
+    """The run config with CLI overrides; --dataroot/--version/--split default from it."""
+    from bevperc.config import load_run_config
+
     if not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
+    overrides = list(args.overrides)
     # The dataset to predict is the one being evaluated.
-    cfg = load_run_config(args.config, [f"data.dataroot={args.dataroot}", f"data.version={args.version}"])
+    if args.dataroot is not None:
+        overrides.append(f"data.dataroot={args.dataroot}")
+    if args.version is not None:
+        overrides.append(f"data.version={args.version}")
+    cfg = load_run_config(args.config, overrides)
+    args.dataroot, args.version = Path(cfg.data.dataroot), cfg.data.version
+    args.split = args.split or cfg.data.val_split
+    return cfg
+
+
+def _predict(cfg: Any, args: argparse.Namespace) -> Path:
+    """Predict ``args.split`` with ``bevperc.inference.predict_split``; returns the submission path."""
+    from bevperc.inference import predict_split
+
     out_json = args.out / f"results_{args.split}.json"
     predict_split(cfg, args.checkpoint, args.split, out_json)
     if not out_json.is_file():
         raise FileNotFoundError(f"predict_split did not write {out_json}")
     return out_json
+
+
+def _write_figures(cfg: Any, args: argparse.Namespace, results: Path, count: int) -> list[Path]:
+    """Figures of the ``count`` best and worst samples, ranked by a per-sample detection F1.
+
+    The ranking uses the submission already written (global frame) against the GT of the info
+    file, so only the drawn samples are run through the model again.
+    """
+    import json
+
+    import numpy as np
+
+    from bevperc.data.classes import CLASS_INDEX
+    from bevperc.data.dataset import NuScenesBEVDataset
+    from bevperc.geometry import transform_boxes
+    from bevperc.inference import load_detector
+    from bevperc.viz import sample_quality, write_sample_figures
+    from bevperc.viz.inference import predict_sample
+
+    dataset = NuScenesBEVDataset(cfg.data, args.split, train=False)
+    predictions = json.loads(results.read_text())["results"]
+    scores = []
+    for index, sample in enumerate(dataset.samples):
+        gt = np.asarray(sample["gt"]["boxes"], dtype=np.float64).reshape(-1, 9)
+        keep = np.asarray(sample["gt"]["num_lidar_pts"]) > 0 if len(gt) else np.zeros(0, bool)
+        gt_global = transform_boxes(np.asarray(sample["global_from_ego"]), gt[keep])
+        gt_labels = np.array([CLASS_INDEX[n] for n, k in zip(sample["gt"]["names"], keep) if k], dtype=np.int64)
+        boxes = predictions.get(sample["token"], [])
+        pred = np.array([[*b["translation"], *b["size"], 0.0, 0.0, 0.0] for b in boxes]).reshape(-1, 9)
+        pred_scores = np.array([b["detection_score"] for b in boxes], dtype=np.float64)
+        pred_labels = np.array([CLASS_INDEX[b["detection_name"]] for b in boxes], dtype=np.int64)
+        scores.append(sample_quality(gt_global, gt_labels, pred, pred_scores, pred_labels))
+    order = np.argsort(scores, kind="stable")
+    picks = [("worst", i) for i in order[:count]] + [("best", i) for i in order[::-1][:count]]
+    model = load_detector(cfg, args.checkpoint)
+    written = []
+    for rank, (kind, index) in enumerate(picks):
+        prediction = predict_sample(model, dataset, int(index))
+        token = dataset.samples[int(index)]["token"]
+        paths = write_sample_figures(
+            args.out / "figures", **prediction.figure_kwargs(), prefix=f"{kind}_{rank % count:02d}_",
+            title=f"{kind} sample {token} (detection F1 {scores[int(index)]:.2f})",
+        )
+        written.extend(Path(p) for p in paths.values())
+    return written
 
 
 def evaluate(results: Path, dataroot: Path, version: str, split: str, engine: str, out: Path,
@@ -137,15 +196,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --results FILE, or --config and --checkpoint to predict the split first")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    cfg = None
     try:
-        results = args.results if args.results is not None else _predict(args)
-        summary = evaluate(results, args.dataroot, args.version, args.split, args.engine, args.out,
+        if args.results is None:
+            cfg = _load_config(args)
+            results = _predict(cfg, args)
+        else:
+            if args.overrides:
+                parser.error("config overrides need --config")
+            if args.dataroot is None:
+                parser.error("--results needs --dataroot")
+            results = args.results
+        version, split = args.version or "v1.0-mini", args.split or "mini_val"
+        summary = evaluate(results, args.dataroot, version, split, args.engine, args.out,
                            render_curves=args.render_curves, allow_empty_attribute=args.allow_empty_attribute,
                            gt_cache=args.gt_cache, verbose=args.verbose)
     except (SubmissionError, FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    figures = args.figures if args.figures is not None else (cfg.eval.figures if cfg is not None else 0)
+    if cfg is not None and figures > 0:
+        written = _write_figures(cfg, args, results, figures)
+        print(f"figures of the {figures} best and worst samples: {args.out / 'figures'} ({len(written)} files)")
     print(f"\nengine={args.engine}  total {time.perf_counter() - started:.1f} s  ->  {args.out / 'metrics_summary.json'}")
     return 0
 
