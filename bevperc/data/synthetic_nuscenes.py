@@ -300,31 +300,10 @@ class SyntheticConfig:
 
 
 def devkit_splits() -> dict[str, list[str]]:
-    """Scene-name lists of the installed devkit's ``nuscenes/utils/splits.py``.
+    """Scene-name lists of the installed devkit (see :mod:`bevperc.data.splits`)."""
+    from bevperc.data.splits import scene_splits
 
-    The lists are read from the module's source (``ast.literal_eval``) because importing
-    ``nuscenes.utils.splits`` imports the whole devkit (seconds); falls back to the import.
-    """
-    import ast
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("nuscenes")
-        path = Path(spec.submodule_search_locations[0]) / "utils" / "splits.py"  # type: ignore[union-attr]
-        tree = ast.parse(path.read_text())
-        lists: dict[str, list[str]] = {}
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                try:
-                    lists[node.targets[0].id] = list(ast.literal_eval(node.value))
-                except ValueError:
-                    pass
-        lists["train"] = sorted(set(lists["train_detect"] + lists["train_track"]))
-        return {name: lists[name] for name in ("train", "val", "mini_train", "mini_val")}
-    except (AttributeError, KeyError, OSError, SyntaxError, TypeError):
-        from nuscenes.utils import splits
-
-        return {name: list(getattr(splits, name)) for name in ("train", "val", "mini_train", "mini_val")}
+    return {name: list(scene_splits()[name]) for name in ("train", "val", "mini_train", "mini_val")}
 
 
 def scene_names_for(cfg: SyntheticConfig) -> list[str]:

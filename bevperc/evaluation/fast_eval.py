@@ -210,9 +210,9 @@ def _check_split(version: str, split: str) -> None:
 
 
 def _split_scene_names(split: str) -> set[str]:
-    from nuscenes.utils.splits import create_splits_scenes  # plain lists of scene names
+    from bevperc.data.splits import scene_splits  # the devkit's lists, without importing the devkit
 
-    return set(create_splits_scenes()[split])
+    return set(scene_splits()[split])
 
 
 def _load_table(table_dir: Path, name: str) -> list[dict]:
