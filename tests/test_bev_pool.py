@@ -22,6 +22,7 @@ from bevperc.models.bev_pool import (
 )
 from bevperc.models.config import BEVGridConfig, ViewTransformerConfig
 from bevperc.models.lift import LSSViewTransformer, frustum_to_ego, make_frustum
+from helpers.geometry import bev_aug_matrix
 
 SAMPLE_INFO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nuscenes-real-sample" / "sample_info.json"
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -47,16 +48,6 @@ def resize_crop_aug(input_size: tuple[int, int], flip: bool = False) -> torch.Te
     if flip:
         aug = torch.tensor([[-1.0, 0.0, width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ aug
     return aug
-
-
-def bev_aug_matrix(angle_deg: float, scale: float, flip_y: bool) -> torch.Tensor:
-    cos, sin = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-    linear = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) * scale
-    if flip_y:
-        linear = torch.diag(torch.tensor([1.0, -1.0, 1.0])) @ linear
-    out = torch.eye(4)
-    out[:3, :3] = linear
-    return out
 
 
 # --------------------------------------------------------------------------- tiny exact cases

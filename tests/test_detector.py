@@ -35,19 +35,10 @@ from bevperc.models.config import (
 )
 from bevperc.models.lift import depth_loss, depth_targets
 from bevperc.utils.config import ConfigError, load_config
+from helpers.geometry import bev_aug_matrix
 
 GRID = BEVGridConfig()  # 128 x 128 cells of 0.8 m
 HEAD = HeadConfig()  # the 6 standard groups
-
-
-def bev_aug_matrix(angle_deg: float, scale: float, flip_y: bool) -> torch.Tensor:
-    cos, sin = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-    linear = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) * scale
-    if flip_y:
-        linear = torch.diag(torch.tensor([1.0, -1.0, 1.0])) @ linear
-    out = torch.eye(4)
-    out[:3, :3] = linear
-    return out
 
 
 def labelled_boxes() -> tuple[torch.Tensor, torch.Tensor]:

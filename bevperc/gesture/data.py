@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bevperc.gesture.config import SYNTHETIC_CLASSES, GestureDataConfig
+from bevperc.models.centerpoint_head import gaussian_radius  # the CenterNet radius, one implementation
 from bevperc.utils.io import atomic_write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -278,20 +279,6 @@ def collate_gestures(samples: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CenterNet targets
 
 
-def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
-    """CenterNet's radius so a box shifted by it keeps IoU >= min_overlap (sizes in cells)."""
-    a1, b1 = 1.0, height + width
-    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + math.sqrt(b1**2 - 4 * a1 * c1)) / 2
-    a2, b2 = 4.0, 2 * (height + width)
-    c2 = (1 - min_overlap) * width * height
-    r2 = (b2 + math.sqrt(b2**2 - 4 * a2 * c2)) / 2
-    a3, b3 = 4 * min_overlap, -2 * min_overlap * (height + width)
-    c3 = (min_overlap - 1) * width * height
-    r3 = (b3 + math.sqrt(b3**2 - 4 * a3 * c3)) / 2
-    return min(r1, r2, r3)
-
-
 def build_targets(
     boxes: list[Tensor], labels: list[Tensor], num_classes: int, grid: tuple[int, int]
 ) -> dict[str, Tensor]:
@@ -315,7 +302,7 @@ def build_targets(
                 continue
             cx, cy = (box[0] + box[2]) / 2 * w, (box[1] + box[3]) / 2 * h
             ix, iy = min(int(cx), w - 1), min(int(cy), h - 1)
-            radius = max(0, int(gaussian_radius(bh, bw)))
+            radius = max(0, int(gaussian_radius(bh, bw, min_overlap=0.7)))  # CenterNet's overlap
             sigma = (2 * radius + 1) / 6
             g = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2))
             heat[bi, cls] = torch.maximum(heat[bi, cls], g)
