@@ -1,18 +1,33 @@
-"""nuScenes data: info files, the multi-camera dataset, augmentation, synthetic worlds."""
+"""nuScenes data: info files, the multi-camera dataset, augmentation, synthetic worlds.
 
-from bevperc.data.config import BEVAugConfig, DataConfig, ImageAugConfig
-from bevperc.data.dataset import NuScenesBEVDataset, collate_bev, load_lidar_points
-from bevperc.data.infos import CAMERA_NAMES, DataError, create_infos, load_infos
+Exports are resolved lazily (PEP 562) so that light users — the fast evaluator reading the
+split lists, the data tools — do not import torch through this package.
+"""
 
-__all__ = [
-    "BEVAugConfig",
-    "CAMERA_NAMES",
-    "DataConfig",
-    "DataError",
-    "ImageAugConfig",
-    "NuScenesBEVDataset",
-    "collate_bev",
-    "create_infos",
-    "load_infos",
-    "load_lidar_points",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BEVAugConfig": "bevperc.data.config",
+    "DataConfig": "bevperc.data.config",
+    "ImageAugConfig": "bevperc.data.config",
+    "NuScenesBEVDataset": "bevperc.data.dataset",
+    "collate_bev": "bevperc.data.dataset",
+    "load_lidar_points": "bevperc.data.dataset",
+    "CAMERA_NAMES": "bevperc.data.infos",
+    "DataError": "bevperc.data.infos",
+    "create_infos": "bevperc.data.infos",
+    "load_infos": "bevperc.data.infos",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bevperc.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
