@@ -38,7 +38,11 @@ def run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_train_resume_eval_figures(synthetic_root, synthetic_infos, tmp_path):
     work = tmp_path / "run"
     overrides = [f"data.dataroot={synthetic_root}", *TINY]
-    run(["-m", "bevperc.train", "--config", "configs/demo_cpu.yaml", "--work-dir", str(work), "--no-validate", *overrides])
+    # with in-training validation by the fast engine after the epoch
+    run(["-m", "bevperc.train", "--config", "configs/demo_cpu.yaml", "--work-dir", str(work), "train.val_every=1", *overrides])
+    val = json.loads((work / "val" / "epoch_001" / "metrics_summary.json").read_text())
+    assert 0.0 <= val["nd_score"] <= 1.0
+    assert "validation after epoch 1: mAP" in (work / "train.log").read_text()
     latest = work / "checkpoints" / "latest.pth"
     state = torch.load(latest, weights_only=True)
     steps = state["progress"]["global_step"]
