@@ -521,9 +521,16 @@ class LossEngine(nn.Module):
         A set whose members were only partly observed at a step is rescaled by the first
         weight of the observed members, so a missing task does not look like progress.
         """
-        history = self._ordered_history() / self._scale()
-        observed = torch.isfinite(history)
-        numerator = torch.where(observed, history, torch.zeros_like(history)) @ self._first_weights.T
+        return self._aggregate_sets(self._ordered_history() / self._scale())
+
+    def _aggregate_sets(self, task_values: Tensor) -> Tensor:
+        """Task values [..., T] (NaN = not observed) -> first-weighted set values [..., N].
+
+        A set whose members were only partly observed is rescaled by the first weight of its
+        observed members; a set with none observed is NaN.
+        """
+        observed = torch.isfinite(task_values)
+        numerator = torch.where(observed, task_values, torch.zeros_like(task_values)) @ self._first_weights.T
         coverage = observed.float() @ self._first_weights.T
         full = self._first_weights.sum(1)
         return torch.where(coverage > 0, numerator / coverage.clamp(min=1e-30) * full,
@@ -533,12 +540,7 @@ class LossEngine(nn.Module):
         """Each set's first loss at the start [N] (1 per set with normalised first losses)."""
         initial = torch.where(self._initial_count > 0, self._initial_loss / self._scale(),
                               torch.full_like(self._initial_loss, float("nan")))
-        known = torch.isfinite(initial)
-        numerator = torch.where(known, initial, torch.zeros_like(initial)) @ self._first_weights.T
-        coverage = known.float() @ self._first_weights.T
-        full = self._first_weights.sum(1)
-        return torch.where(coverage > 0, numerator / coverage.clamp(min=1e-30) * full,
-                           torch.full_like(numerator, float("nan")))
+        return self._aggregate_sets(initial)
 
     def _run_condition(self) -> None:
         current = self._second_weights
