@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--samples-per-scene", type=int, default=defaults.samples_per_scene,
                         help="keyframes per scene (2 Hz)")
+    parser.add_argument("--split", default=None,
+                        help="keep only the scenes of this devkit split, e.g. mini_val (a held-out world for evaluation)")
     parser.add_argument("--num-scenes", type=int, default=None, help="keep only the first N scenes of the version")
     parser.add_argument("--include-train", action="store_true",
                         help="trainval: also generate the 700 train scenes (default: the 150 val scenes only)")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate(
             args.out, version=args.version, seed=args.seed, progress=not args.quiet,
-            samples_per_scene=args.samples_per_scene, num_scenes=args.num_scenes,
+            samples_per_scene=args.samples_per_scene, num_scenes=args.num_scenes, split=args.split,
             include_train=args.include_train, objects_per_sample=args.objects_per_sample,
             images=not (args.no_images or args.tables_only), lidar=not (args.no_lidar or args.tables_only),
             render_scale=args.render_scale, jpeg_quality=args.jpeg_quality,

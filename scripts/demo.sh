@@ -18,11 +18,15 @@ VERSION="${VERSION:-v1.0-mini}"
 CONFIG="${CONFIG:-configs/demo_cpu.yaml}"
 TRAIN_SPLIT="${TRAIN_SPLIT:-mini_train}"
 VAL_SPLIT="${VAL_SPLIT:-mini_val}"
+# A second synthetic world (another seed, only its val scenes): the trained model must score
+# about as well there as on the demo's own val split, i.e. it learned the world, not one world.
+# HELDOUT= (empty) skips it, e.g. when DATA is real nuScenes.
+HELDOUT="${HELDOUT-data/nuscenes-synthetic-seed1}"
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
-step "1/5 data: synthetic nuScenes world in $DATA"
+step "1/6 data: synthetic nuScenes world in $DATA"
 if [ -f "$DATA/$VERSION/scene.json" ]; then
   echo "found $DATA/$VERSION, skipping generation"
 else
@@ -32,19 +36,38 @@ if [ ! -f "$DATA/bevperc_infos_${VAL_SPLIT}.json" ]; then
   "$PY" data_tools/create_infos.py --dataroot "$DATA" --version "$VERSION" --splits "$TRAIN_SPLIT" "$VAL_SPLIT"
 fi
 
-step "2/5 train $CONFIG -> $OUT/train"
+step "2/6 train $CONFIG -> $OUT/train"
 "$PY" -m bevperc.train --config "$CONFIG" --work-dir "$OUT/train" --resume \
   data.dataroot="$DATA" data.version="$VERSION" data.train_split="$TRAIN_SPLIT" data.val_split="$VAL_SPLIT"
 
-step "3/5 evaluate with the nuScenes devkit -> $OUT/eval"
+step "3/6 evaluate with the nuScenes devkit -> $OUT/eval"
 "$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --engine devkit --out "$OUT/eval" data.dataroot="$DATA" data.version="$VERSION"
 
-step "4/5 figures -> $OUT/figures"
+if [ -n "$HELDOUT" ]; then
+  step "4/6 held-out world: seed 1, val scenes only, in $HELDOUT -> $OUT/eval_heldout"
+  if [ ! -f "$HELDOUT/$VERSION/scene.json" ]; then
+    "$PY" data_tools/synthetic_nuscenes.py --out "$HELDOUT" --version "$VERSION" --seed 1 --split "$VAL_SPLIT"
+  fi
+  if [ ! -f "$HELDOUT/bevperc_infos_${VAL_SPLIT}.json" ]; then
+    "$PY" data_tools/create_infos.py --dataroot "$HELDOUT" --version "$VERSION" --splits "$VAL_SPLIT"
+  fi
+  "$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
+    --engine devkit --figures 0 --out "$OUT/eval_heldout" data.dataroot="$HELDOUT" data.version="$VERSION"
+  "$PY" - "$OUT/eval/metrics_summary.json" "$OUT/eval_heldout/metrics_summary.json" <<'PY'
+import json, sys
+own, held = (json.load(open(path)) for path in sys.argv[1:3])
+print(f"demo world val: mAP {own['mean_ap']:.4f} NDS {own['nd_score']:.4f} | "
+      f"held-out world (seed 1): mAP {held['mean_ap']:.4f} NDS {held['nd_score']:.4f} | "
+      f"difference mAP {100 * (held['mean_ap'] - own['mean_ap']):+.2f} pts, NDS {100 * (held['nd_score'] - own['nd_score']):+.2f} pts")
+PY
+fi
+
+step "5/6 figures -> $OUT/figures"
 "$PY" -m bevperc.viz --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --out "$OUT/figures" data.dataroot="$DATA" data.version="$VERSION"
 
-step "5/5 gestures: dual-teacher distillation demo -> $OUT/gesture"
+step "6/6 gestures: dual-teacher distillation demo -> $OUT/gesture"
 "$PY" -m bevperc.gesture demo --out "$OUT/gesture"
 
 step "done. metrics: $OUT/eval/metrics_summary.json, figures: $OUT/figures, TensorBoard: tensorboard --logdir $OUT"

@@ -393,6 +393,23 @@ def test_trainval_tables_only_uses_real_val_scene_names(tmp_path):
     assert 20 < n_ann < 120
 
 
+def test_split_option_generates_a_held_out_val_world_the_devkit_evaluates(tmp_path):
+    """``split="mini_val"`` with another seed: only the val scenes, loadable and scorable by the devkit."""
+    from nuscenes.eval.common.loaders import load_gt
+    from nuscenes.eval.detection.data_classes import DetectionBox
+    from nuscenes.nuscenes import NuScenes
+    from nuscenes.utils import splits
+
+    root = sn.generate(tmp_path / "heldout", seed=1, split="mini_val", samples_per_scene=3,
+                       images=False, lidar=False, progress=False)
+    nusc = NuScenes(VERSION, str(root), verbose=False)
+    assert [s["name"] for s in nusc.scene] == splits.mini_val
+    gt = load_gt(nusc, "mini_val", DetectionBox, verbose=False)
+    assert len(gt.sample_tokens) == 3 * len(splits.mini_val)
+    with pytest.raises(ValueError, match="split must be one of"):
+        sn.generate(tmp_path / "bad", split="val", images=False, lidar=False, progress=False)
+
+
 def test_world_geometry_is_consistent():
     """Road curvilinear coordinates invert, objects stand on the ground and do not overlap the ego."""
     cfg = sn.SyntheticConfig()

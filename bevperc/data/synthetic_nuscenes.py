@@ -273,6 +273,7 @@ class SyntheticConfig:
     samples_per_scene: int = 40  # keyframes per scene (2 Hz)
     num_scenes: Optional[int] = None  # keep only the first N scenes of the version (None: all)
     include_train: bool = False  # trainval: also generate the 700 train scenes
+    split: Optional[str] = None  # keep only the scenes of this devkit split (e.g. "mini_val": a held-out world)
     objects_per_sample: float = 40.0  # target mean number of annotations within 50 m of the ego per sample
     images: bool = True  # render and write the camera JPEGs
     lidar: bool = True  # ray cast and write the LIDAR_TOP point clouds
@@ -291,6 +292,11 @@ class SyntheticConfig:
             raise ValueError(f"samples_per_scene must be >= 2, got {self.samples_per_scene}")
         if self.num_scenes is not None and self.num_scenes < 1:
             raise ValueError(f"num_scenes must be >= 1 or None, got {self.num_scenes}")
+        allowed = {"v1.0-mini": ("mini_train", "mini_val"), "v1.0-trainval": ("train", "val")}[self.version]
+        if self.split is not None and self.split not in allowed:
+            raise ValueError(f"split must be one of {allowed} for {self.version}, got {self.split!r}")
+        if self.split == "train" and not self.include_train:
+            raise ValueError("split='train' of v1.0-trainval needs include_train=True")
         if not 0.05 <= self.render_scale <= 1.0:
             raise ValueError(f"render_scale must be in [0.05, 1], got {self.render_scale}")
         if self.objects_per_sample < 0:
@@ -313,6 +319,8 @@ def scene_names_for(cfg: SyntheticConfig) -> list[str]:
         names = splits["mini_train"] + splits["mini_val"]
     else:
         names = splits["val"] + (splits["train"] if cfg.include_train else [])
+    if cfg.split is not None:
+        names = [name for name in names if name in set(splits[cfg.split])]
     if cfg.num_scenes is not None:
         names = names[: cfg.num_scenes]
     return names
@@ -1778,7 +1786,7 @@ def generate(out_dir: str | os.PathLike, version: str = "v1.0-mini", seed: int =
     """Generate a synthetic nuScenes dataset at ``out_dir``; returns the dataset root.
 
     ``options`` are the fields of :class:`SyntheticConfig` (``samples_per_scene``,
-    ``num_scenes``, ``include_train``, ``objects_per_sample``, ``images``, ``lidar``,
+    ``num_scenes``, ``split``, ``include_train``, ``objects_per_sample``, ``images``, ``lidar``,
     ``render_scale``, ``jpeg_quality``, ``annotation_radius``, ``bicycle_racks``,
     ``workers``, ``overwrite``). Raises ``FileExistsError`` when ``out_dir`` is a
     non-empty folder and ``overwrite`` is False.
