@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -15,6 +16,7 @@ from bevperc.losses.conditions import (
     DwaCondition,
     FamoCondition,
     LagCondition,
+    ProgressGate,
     UncertaintyCondition,
 )
 from bevperc.losses.engine import LossEngine, LossEngineConfig
@@ -143,6 +145,85 @@ def test_lag_condition_emphasises_lagging_set_scale_free() -> None:
                                                                      initial_first_losses=initial * 1e6, step=10)
     assert torch.allclose(weights, scaled)
     assert (weights >= 0.1 - 1e-6).all()
+
+
+def planted_set_losses(steps: int, seed: int = 0) -> torch.Tensor:
+    """First losses [steps, 3] of three sets, 10 % multiplicative noise per step:
+    0 learns fast, 1 learns slowly (lags), 2 is unlearnable (flat at its start: pure noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(steps, dtype=torch.float32)
+    clean = torch.stack([0.97 ** t, 0.996 ** t, torch.ones(steps)], 1)
+    return clean * torch.exp(0.1 * torch.randn(steps, 3, generator=generator))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lag_condition_favours_lagging_learnable_set_over_unlearnable_one(seed: int) -> None:
+    k, steps = 10, 300
+    history = planted_set_losses(steps, seed)
+    initial = history[:k].mean(0)
+
+    def final_weights(condition: LagCondition, history: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(3)
+        for step in range(k, steps + 1, k):
+            weights = condition(history[max(0, step - 5 * k):step], weights, initial_first_losses=initial, step=step)
+        return weights
+
+    gated = final_weights(LagCondition(window=k), history, initial)
+    assert gated[1] > gated[2] and gated[1] > gated[0]
+    assert gated.sum().item() == pytest.approx(3.0) and (gated > 0).all()
+    # the plain loss-ratio rule (gate off) hands the unlearnable set the largest weight: the defect fixed here
+    plain = final_weights(LagCondition(window=k, progress_windows=0), history, initial)
+    assert plain.argmax() == 2
+    # every quantity is a ratio or a log-difference: rescaling one set's loss changes nothing
+    factor = torch.tensor([1.0, 1.0, 1e6])
+    rescaled = final_weights(LagCondition(window=k), history * factor, initial * factor)
+    assert torch.allclose(gated, rescaled, rtol=1e-4)
+
+
+def test_progress_gate_separates_flat_from_moving_losses_and_round_trips() -> None:
+    gate = ProgressGate(windows=6, threshold=4.0)
+    assert np.array_equal(gate.gate(3), np.ones(3))                      # no evidence yet
+    rng = np.random.default_rng(0)
+    for call in range(8):
+        noise = 0.02 * rng.normal(size=3)
+        # falling, flat (noise only), rising (e.g. after losing weight): the rising one still responds
+        gate.update(np.array([-0.1 * call, 0.0, 0.1 * call]) + noise, np.full(3, 0.02 ** 2))
+    values = gate.gate(3)
+    assert values[0] > 0.9 and values[2] > 0.9 and values[1] < 0.5
+    assert gate.log_ratio.shape == (6, 3)                                # only the last `windows` records
+    constant = ProgressGate()
+    for _ in range(4):
+        constant.update(np.zeros(1), np.zeros(1))                        # exactly constant loss
+    assert constant.gate(1)[0] == 0.0
+    buffer = io.BytesIO()
+    torch.save(gate.state_dict(), buffer)                                # checkpoint-safe: tensors only
+    buffer.seek(0)
+    restored = ProgressGate()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert np.array_equal(restored.gate(3), values)
+    with pytest.raises(ValueError, match="windows"):
+        ProgressGate(windows=2)
+
+
+def test_unlearnable_task_does_not_take_the_first_weight_of_its_set() -> None:
+    names = ["fast", "lagging", "unlearnable", "other"]
+    cfg = LossEngineConfig(fixed_sets=[["fast", "lagging", "unlearnable"], ["other"]], condition_every=10)
+    history = planted_set_losses(300)
+
+    def first_weights(cfg: LossEngineConfig) -> dict[str, float]:
+        engine = LossEngine(names, cfg)
+        for step in range(300):
+            engine({"fast": history[step, 0], "lagging": history[step, 1] * 1e-3,
+                    "unlearnable": history[step, 2] * 1e3, "other": torch.tensor(1.0)})
+            engine.step()
+        return engine.first_weights
+
+    weights = first_weights(cfg)
+    assert weights["lagging"] > weights["unlearnable"] > weights["fast"]
+    assert weights["fast"] + weights["lagging"] + weights["unlearnable"] == pytest.approx(3.0)  # mean 1
+    # without the gate the unlearnable task takes most of its set's first weight (the defect fixed here)
+    plain = first_weights(dataclasses.replace(cfg, progress_windows=0))
+    assert plain["unlearnable"] > 1.5 > plain["lagging"]
 
 
 def test_anchor_conditions_follow_published_rules() -> None:
@@ -331,8 +412,8 @@ def test_first_weights_follow_the_lagging_task_inside_a_set() -> None:
                 "other": torch.tensor(1.0)})
         engine.step()
     weights = engine.first_weights
-    assert weights["slow"] > 0.8 and weights["fast"] >= cfg.lag_floor / 2 - 1e-6
-    assert weights["slow"] + weights["fast"] == pytest.approx(1.0)
+    assert weights["slow"] > 1.6 and weights["fast"] >= cfg.lag_floor / 2 - 1e-6
+    assert weights["slow"] + weights["fast"] == pytest.approx(2.0)              # mean 1 inside the set
     assert weights["other"] == pytest.approx(1.0)
 
 
@@ -378,3 +459,21 @@ def test_tree_cut_matches_sklearn_fit_per_number_of_sets() -> None:
             expected = AgglomerativeClustering(n_clusters=clusters, metric="precomputed",
                                                linkage="average").fit_predict(distance)
             assert (cut_tree(children, num, clusters) == canonical_labels(expected)).all()
+
+
+def test_grouping_score_equals_sklearn_silhouette() -> None:
+    from sklearn.metrics import silhouette_score
+
+    from bevperc.losses.affinity import grouping_score
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        num = int(rng.integers(3, 12))
+        points = rng.normal(size=(num, 3))
+        distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        labels = rng.integers(0, int(rng.integers(2, num)), size=num)
+        if not 2 <= len(set(labels.tolist())) <= num - 1:
+            assert grouping_score(distance, labels) == -1.0
+            continue
+        expected = silhouette_score(distance, labels, metric="precomputed")
+        assert grouping_score(distance, labels) == pytest.approx(expected, abs=1e-12)
