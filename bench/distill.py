@@ -6,13 +6,16 @@ alternative, and the plain student; then distil the student with
     t1 only (full) | t2 only (full, stride-aligned) | t2 only (full, maps resized)
     both, features only | both, heads only | both, full
 
-and score everything with COCO mAP on the test split. Reports mAP@0.5, mAP@[.5:.95] (mean +- std
-over seeds), the gap closed G = (KD - student) / (teacher 2 - student) (per seed, then averaged;
-and from the means), student/teacher parameters and CPU latency at each model's input size
-(batch 1, measured side by side in this process with the same thread count).
+each once with the fixed weighted sum of the tasks (``<variant>``) and once balanced by the loss
+engine (``<variant>@engine``), and score everything with COCO mAP on the test split. Reports
+mAP@0.5, mAP@[.5:.95] (mean +- std over seeds), the gap closed G = (KD - student) / (teacher 2 -
+student) (per seed, then averaged), the issue's goals checked on the means, and
+student/teacher parameters and CPU latency at each model's input size (batch 1, measured side by
+side in this process with the same thread count). The "on" weights of a variant are the
+``DistillWeights`` defaults (teacher 1: features 1, heads 1; teacher 2: features 5, heads 1).
 
-    python bench/distill.py                 # 3 seeds (runs them as parallel processes)
-    python bench/distill.py --quick         # smoke run: tiny set, 2 epochs, 1 seed
+    python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 20 epochs
+    python bench/distill.py --quick                  # smoke run: tiny set, 2 epochs, 1 seed
 
 Threads: each worker calls torch.set_num_threads(--threads, default 1); on this shared 2-core
 CPU one thread per process is several times faster than two (less OpenMP spinning).
@@ -32,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = {
-    # name: (teacher1 features, teacher1 heads, teacher2 features, teacher2 heads, teacher2 alignment)
-    "kd_t1": (1.0, 1.0, 0.0, 0.0, "stride"),
-    "kd_t2": (0.0, 0.0, 1.0, 1.0, "stride"),
-    "kd_t2_resize": (0.0, 0.0, 1.0, 1.0, "resize"),
-    "kd_both_features": (1.0, 0.0, 1.0, 0.0, "stride"),
-    "kd_both_heads": (0.0, 1.0, 0.0, 1.0, "stride"),
-    "kd_both_full": (1.0, 1.0, 1.0, 1.0, "stride"),
+    # name: (teacher1 features, teacher1 heads, teacher2 features, teacher2 heads on?, teacher2 alignment)
+    "kd_t1": (True, True, False, False, "stride"),
+    "kd_t2": (False, False, True, True, "stride"),
+    "kd_t2_resize": (False, False, True, True, "resize"),
+    "kd_both_features": (True, False, True, False, "stride"),
+    "kd_both_heads": (False, True, False, True, "stride"),
+    "kd_both_full": (True, True, True, True, "stride"),
 }
+ENGINE_SUFFIX = "@engine"
 BASE_RUNS = ("teacher1", "teacher2", "teacher2_resize", "student")
 
 
@@ -89,20 +93,24 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
         timings[role] = time.perf_counter() - start
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
-    distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=_engine_settings(steps))
-    if args["fixed_weights"]:
-        distill_optim = dataclasses.replace(distill_optim, engine={"enabled": False})
-    for name, (w1f, w1h, w2f, w2h, align) in VARIANTS.items():
-        cfg = dataclasses.replace(
-            cfgs["distill"], optim=distill_optim, weights=DistillWeights(w1f, w1h, w2f, w2h), teacher2_align=align,
-            teacher1_checkpoint=str(ckpts["teacher1"]),
-            teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
-        start = time.perf_counter()
-        ckpts[name] = distill_student(cfg, out / name, dataset=train_set)
-        timings[name] = time.perf_counter() - start
-        score(name, ckpts[name], 0)
-        summary = json.loads((out / name / "engine_summary.json").read_text())
-        results[name]["task_sets"] = summary.get("task_sets")
+    full = DistillWeights()
+    for mode in args["engine_modes"]:
+        engine = _engine_settings(steps) if mode == "engine" else {"enabled": False}
+        distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
+        for variant, (t1f, t1h, t2f, t2h, align) in VARIANTS.items():
+            name = variant + (ENGINE_SUFFIX if mode == "engine" else "")
+            weights = DistillWeights(full.teacher1_features * t1f, full.teacher1_heads * t1h,
+                                     full.teacher2_features * t2f, full.teacher2_heads * t2h)
+            cfg = dataclasses.replace(
+                cfgs["distill"], optim=distill_optim, weights=weights, teacher2_align=align,
+                teacher1_checkpoint=str(ckpts["teacher1"]),
+                teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
+            start = time.perf_counter()
+            ckpts[name] = distill_student(cfg, out / name.replace("@", "_"), dataset=train_set)
+            timings[name] = time.perf_counter() - start
+            score(name, ckpts[name], 0)
+            summary = json.loads((out / name.replace("@", "_") / "engine_summary.json").read_text())
+            results[name]["task_sets"] = summary.get("task_sets")
     return {"seed": seed, "results": results, "train_seconds": timings}
 
 
@@ -134,15 +142,44 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    names = list(BASE_RUNS) + list(VARIANTS)
+def run_names(engine_modes: list[str]) -> list[str]:
+    """Base runs, then the distilled variants of each engine mode, in table order."""
+    names = list(BASE_RUNS)
+    for mode in engine_modes:
+        names += [v + (ENGINE_SUFFIX if mode == "engine" else "") for v in VARIANTS]
+    return names
+
+
+def check_goals(table: dict[str, Any], engine_modes: list[str]) -> dict[str, dict[str, Any]]:
+    """The issue's goals on the seed means (mAP@0.5), per engine mode."""
+    goals: dict[str, dict[str, Any]] = {}
+    for mode in engine_modes:
+        sfx = ENGINE_SUFFIX if mode == "engine" else ""
+
+        def m(name: str) -> float:
+            return table[name]["mAP50"][0]
+
+        best_single = max(m("kd_t1" + sfx), m("kd_t2" + sfx))
+        goals[mode] = {
+            "G_full_mAP50": table["kd_both_full" + sfx]["G_mAP50"][0],
+            "G_full_at_least_0.5": table["kd_both_full" + sfx]["G_mAP50"][0] >= 0.5,
+            "full_not_worse_than_student": m("kd_both_full" + sfx) >= m("student"),
+            "both_beat_best_single_teacher": m("kd_both_full" + sfx) > best_single,
+            "stride_aligned_beats_resize": m("kd_t2" + sfx) > m("kd_t2_resize" + sfx),
+        }
+    return goals
+
+
+def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any],
+              engine_modes: list[str]) -> tuple[dict[str, Any], str]:
+    names = run_names(engine_modes)
     table: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = {}
         for metric in ("mAP50", "mAP"):
             vals = [r["results"][name][metric] for r in seed_results]
             row[metric] = _mean_std(vals)
-            if name in VARIANTS:
+            if name not in BASE_RUNS:
                 gaps = []
                 for r in seed_results:
                     base, top = r["results"]["student"][metric], r["results"]["teacher2"][metric]
@@ -156,7 +193,7 @@ def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any]) -> tu
     for name in names:
         row = table[name]
         cells = [f"{row['mAP50'][0]:.3f} ± {row['mAP50'][1]:.3f}", f"{row['mAP'][0]:.3f} ± {row['mAP'][1]:.3f}"]
-        if name in VARIANTS:
+        if name not in BASE_RUNS:
             cells += [f"{row['G_mAP50'][0]:+.2f} ± {row['G_mAP50'][1]:.2f}", f"{row['G_mAP'][0]:+.2f} ± {row['G_mAP'][1]:.2f}"]
         else:
             cells += ["", ""]
@@ -166,6 +203,12 @@ def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any]) -> tu
     for name, info in latency.items():
         lines.append(f"| {name} | {info['input_size']}x{info['input_size']} | {info['params']:,} | "
                      f"{info['latency_ms']:.2f} | {info['latency_ms'] / base:.1f} |")
+    goals = check_goals(table, engine_modes)
+    lines += ["", "| goal (seed means, mAP@0.5) | " + " | ".join(engine_modes) + " |", "|---|" + "---|" * len(engine_modes)]
+    for key in goals[engine_modes[0]]:
+        lines.append(f"| {key} | " + " | ".join(
+            f"{goals[m][key]:+.2f}" if isinstance(goals[m][key], float) else str(goals[m][key]) for m in engine_modes) + " |")
+    table["goals"] = goals
     return table, "\n".join(lines)
 
 
@@ -175,22 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-train", type=int, default=240)
     parser.add_argument("--num-test", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--input-size", type=int, default=64, help="student input; teacher 2 sees 2x")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=3, help="seeds run as this many parallel processes")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run as this many parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--grating-period", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                        help="class-detail period in px at 256 px (default: SyntheticGestureSpec's 6-8)")
-    parser.add_argument("--fixed-weights", action="store_true", help="loss engine disabled (fixed weight sum)")
+                        help="class-detail period in px at 256 px (default: SyntheticGestureSpec's 8.8-10.4)")
+    parser.add_argument("--engine", choices=("fixed", "engine", "both"), default="both",
+                        help="distil with the fixed weighted sum, the loss engine, or each (default)")
     parser.add_argument("--out", default="work_dirs/bench_distill")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_train, args.num_test, args.epochs, args.seeds = 48, 16, 2, args.seeds[:1]
     out = Path(args.out)
-    from bevperc.gesture.data import SyntheticGestureSpec, generate_synthetic_gestures
+    engine_modes = ["fixed", "engine"] if args.engine == "both" else [args.engine]
+    from bevperc.gesture.data import SyntheticGestureSpec, cue_visibility, generate_synthetic_gestures
     from bevperc.utils.io import atomic_write_json
 
     data = out / "data"
@@ -201,20 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     generate_synthetic_gestures(data, args.num_train, args.num_test, args.data_seed, spec)
     jobs = [{"seed": s, "out": str(out), "data": str(data), "epochs": args.epochs, "input_size": args.input_size,
              "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-             "fixed_weights": args.fixed_weights} for s in args.seeds]
+             "engine_modes": engine_modes} for s in args.seeds]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             seed_results = pool.map(run_seed, jobs)
     else:
         seed_results = [run_seed(job) for job in jobs]
     latency = measure_latency(args.input_size, args.threads, repeats=30 if args.quick else 100)
-    table, markdown = summarise(seed_results, latency)
+    table, markdown = summarise(seed_results, latency, engine_modes)
     wall = time.perf_counter() - start
     print(markdown)
     print(f"\n{len(args.seeds)} seed(s), {args.num_train} train / {args.num_test} test images, {args.epochs} epochs, "
           f"student {args.input_size}px, teacher 2 {2 * args.input_size}px (L=2, K=1); wall {wall:.0f} s on this CPU")
     atomic_write_json(out / "results.json", {"args": vars(args), "per_seed": seed_results, "summary": table,
-                                             "latency": latency, "wall_seconds": wall, "markdown": markdown})
+                                             "latency": latency, "wall_seconds": wall, "markdown": markdown,
+                                             "cue_visibility": cue_visibility(spec, args.input_size, 2 * args.input_size)})
     return 0
 
 

@@ -4,8 +4,10 @@
 
 Layout: <out>/images/<class>/<id>.png, <out>/annotations/{train,test}/<class>.json (HaGRID JSON:
 image id -> {"bboxes": normalised top-left [x, y, w, h], "labels", "user_id", ...}).
-Deterministic per --seed. Classes differ by the orientation of a fine grating that is clear at
---image-size but mostly lost at half of it (see bevperc/gesture/data.py).
+Deterministic per --seed. Classes differ by the orientation of a fine grating (period 4.4-5.2 px
+at 128 px): clear at 128 px, weak but present at 64 px (about half its contrast survives the
+resize, period 2.2-2.6 px just above the 2 px Nyquist limit; see ``cue_visibility`` in
+bevperc/gesture/data.py).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from bevperc.gesture.data import (
     GestureDataset,
     SyntheticGestureSpec,
     build_targets,
+    cue_visibility,
     generate_synthetic_gestures,
     read_hagrid_annotations,
     write_hagrid_annotations,
@@ -121,3 +122,16 @@ def test_targets_peak_at_centres() -> None:
     assert (iy, ix) == (8, 6)  # centre (0.375, 0.5) * 16 = (6, 8)
     torch.testing.assert_close(t["wh"][0, :, 8, 6], torch.tensor([4.0, 8.0]))
     assert t["mask"].sum() == 1
+
+
+def test_class_cue_is_weak_but_present_at_the_student_resolution() -> None:
+    """The default grating survives the 128 -> 64 px resize at about half contrast, unaliased;
+    the old 6-8 px (at 256) grating did not (<= 0.38 of it, periods below the 2 px Nyquist limit)."""
+    vis = cue_visibility(SyntheticGestureSpec(image_size=128), student_size=64, teacher_size=128)
+    assert vis["period_student_px"] > 2.0  # resolvable at 64 px
+    assert 0.4 < vis["retained_min"] <= vis["retained"] <= vis["retained_max"] < 0.6
+    assert vis["contrast_teacher"] > 0.15 and vis["contrast_student"] > 0.08
+    old = cue_visibility(SyntheticGestureSpec(image_size=128, grating_period=(6.0, 8.0)))
+    assert old["period_student_px"] < 2.0 and old["retained_max"] < 0.4 and old["retained"] < 0.5 * vis["retained"]
+    # generating at 256 px: teacher 2 (128 px) and student (64 px) both see resized images
+    assert 0.5 < cue_visibility(SyntheticGestureSpec(image_size=256))["retained"] < 0.8

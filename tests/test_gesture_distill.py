@@ -12,7 +12,14 @@ import torch
 from bevperc.gesture.config import DistillWeights
 from bevperc.gesture.data import SyntheticGestureSpec, generate_synthetic_gestures
 from bevperc.gesture.demo import run_configs
-from bevperc.gesture.distill import distill_student, feature_mimic_loss, heatmap_kl_loss
+from bevperc.gesture.distill import (
+    HEAD_MAP_PRIORS,
+    TeacherLink,
+    distill_student,
+    feature_mimic_loss,
+    heatmap_kl_loss,
+    teacher_peak_count,
+)
 from bevperc.gesture.train import train_detector
 from bevperc.models.centernet import StrideAlignmentError
 
@@ -106,3 +113,32 @@ def test_distillation_losses_vanish_at_a_match() -> None:
     assert torch.allclose(feature_mimic_loss(t, t), torch.zeros(3))
     assert torch.allclose(heatmap_kl_loss(t, t), torch.zeros(3), atol=1e-6)
     assert (heatmap_kl_loss(t + 1, t) > 0).all()
+
+
+def test_heatmap_kd_is_per_object_and_ignores_matched_background() -> None:
+    """Per-teacher-peak normalisation: the value does not shrink with the grid size (a per-cell
+    mean did), and agreeing background cells add nothing (focal modulation)."""
+    teacher = torch.full((1, 2, 8, 8), -6.0)
+    teacher[0, 1, 3, 4] = 4.0  # one confident object
+    student = teacher.clone()
+    student[0, 1, 3, 4] = -1.0  # the student misses it
+    small = heatmap_kl_loss(student, teacher)
+    big_t = torch.full((1, 2, 32, 32), -6.0)
+    big_s = big_t.clone()
+    big_t[0, 1, 3, 4], big_s[0, 1, 3, 4] = 4.0, -1.0
+    torch.testing.assert_close(heatmap_kl_loss(big_s, big_t), small)
+    assert teacher_peak_count(teacher).tolist() == [1.0] and teacher_peak_count(torch.full_like(teacher, -6.0)).tolist() == [1.0]
+    two = teacher.clone()
+    two[0, 0, 6, 1] = 4.0
+    assert teacher_peak_count(two).tolist() == [2.0]
+    # a background mismatch counts far less than the same logit error on the object
+    noisy_bg = teacher.clone()
+    noisy_bg[0, 0, 0, 0] = -1.0
+    assert heatmap_kl_loss(noisy_bg, teacher) < 0.1 * small
+
+
+def test_teacher_weights_are_totals_split_over_tasks() -> None:
+    link = TeacherLink("t2", None, 1, [1, 2, 3], False, 2, feature_weight=5.0, head_weight=2.0)  # type: ignore[arg-type]
+    w = link.task_weights()
+    assert sum(v for k, v in w.items() if "_feat_" in k) == pytest.approx(5.0)
+    assert {k: v for k, v in w.items() if "_feat_" not in k} == {f"kd_t2_{m}": 2.0 * p for m, p in HEAD_MAP_PRIORS.items()}
