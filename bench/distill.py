@@ -87,11 +87,17 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         print(f"[seed {seed}] {name}: mAP50={results[name]['mAP50']:.3f} mAP={results[name]['mAP']:.3f} "
               f"({timings[name]:.0f} s)", flush=True)
 
+    reused: list[str] = []
     for role in BASE_RUNS:
         start = time.perf_counter()
         dataset = train_big if role.startswith("teacher2") else train_small
-        ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
-        timings[role] = time.perf_counter() - start
+        if args.get("reuse") and _same_run(cfgs[role], out / role):
+            ckpts[role] = out / role / "model.pt"  # same config, same data, same code: deterministic
+            reused.append(role)
+            timings[role] = json.loads((out / role / "history.json").read_text()).get("train_seconds", float("nan"))
+        else:
+            ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
+            timings[role] = time.perf_counter() - start
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
     full = DistillWeights()
     for mode in args["engine_modes"]:
@@ -99,6 +105,8 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
         for variant, (t1f, t1h, t2f, t2h, align) in VARIANTS.items():
             name = variant + (ENGINE_SUFFIX if mode == "engine" else "")
+            if name not in args["variants"]:
+                continue
             weights = DistillWeights(full.teacher1_features * t1f, full.teacher1_heads * t1h,
                                      full.teacher2_features * t2f, full.teacher2_heads * t2h)
             cfg = dataclasses.replace(
@@ -111,7 +119,20 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
             score(name, ckpts[name], 0)
             summary = json.loads((out / name.replace("@", "_") / "engine_summary.json").read_text())
             results[name]["task_sets"] = summary.get("task_sets")
-    return {"seed": seed, "results": results, "train_seconds": timings}
+    return {"seed": seed, "results": results, "train_seconds": timings, "reused": reused}
+
+
+def _same_run(cfg: Any, run_dir: Path) -> bool:
+    """True when run_dir holds a finished run (model.pt) saved with exactly this config."""
+    import tempfile
+
+    from bevperc.utils.config import save_config
+
+    if not (run_dir / "model.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        return (Path(tmp) / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
 
 
 def measure_latency(input_size: int, threads: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -142,12 +163,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_names(engine_modes: list[str]) -> list[str]:
-    """Base runs, then the distilled variants of each engine mode, in table order."""
+def run_names(engine_modes: list[str], variants: list[str] | None = None) -> list[str]:
+    """Base runs, then the distilled variants of each engine mode (all, or those in ``variants``), in table order."""
     names = list(BASE_RUNS)
     for mode in engine_modes:
         names += [v + (ENGINE_SUFFIX if mode == "engine" else "") for v in VARIANTS]
-    return names
+    return [n for n in names if n in BASE_RUNS or variants is None or n in variants]
 
 
 def check_goals(table: dict[str, Any], engine_modes: list[str]) -> dict[str, dict[str, Any]]:
@@ -157,22 +178,30 @@ def check_goals(table: dict[str, Any], engine_modes: list[str]) -> dict[str, dic
         sfx = ENGINE_SUFFIX if mode == "engine" else ""
 
         def m(name: str) -> float:
-            return table[name]["mAP50"][0]
+            return table[name]["mAP50"][0] if name in table else float("nan")
 
-        best_single = max(m("kd_t1" + sfx), m("kd_t2" + sfx))
-        goals[mode] = {
-            "G_full_mAP50": table["kd_both_full" + sfx]["G_mAP50"][0],
-            "G_full_at_least_0.5": table["kd_both_full" + sfx]["G_mAP50"][0] >= 0.5,
-            "full_not_worse_than_student": m("kd_both_full" + sfx) >= m("student"),
-            "both_beat_best_single_teacher": m("kd_both_full" + sfx) > best_single,
-            "stride_aligned_beats_resize": m("kd_t2" + sfx) > m("kd_t2_resize" + sfx),
-        }
+        def have(*names: str) -> bool:
+            return all(n + sfx in table for n in names)
+
+        goals[mode] = {}
+        if have("kd_both_full"):
+            full = "kd_both_full" + sfx
+            goals[mode]["G_full_mAP50"] = table[full]["G_mAP50"][0]
+            goals[mode]["G_full_at_least_0.5"] = table[full]["G_mAP50"][0] >= 0.5
+            goals[mode]["full_not_worse_than_student"] = m(full) >= m("student")
+            goals[mode]["full_not_worse_than_student_every_seed"] = table[full]["not_worse_every_seed"]
+        if have("kd_both_full", "kd_t1", "kd_t2"):
+            goals[mode]["both_beat_best_single_teacher"] = m("kd_both_full" + sfx) > max(m("kd_t1" + sfx), m("kd_t2" + sfx))
+        elif have("kd_both_full", "kd_t2"):
+            goals[mode]["both_beat_teacher2_only"] = m("kd_both_full" + sfx) > m("kd_t2" + sfx)
+        if have("kd_t2", "kd_t2_resize"):
+            goals[mode]["stride_aligned_beats_resize"] = m("kd_t2" + sfx) > m("kd_t2_resize" + sfx)
     return goals
 
 
 def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any],
-              engine_modes: list[str]) -> tuple[dict[str, Any], str]:
-    names = run_names(engine_modes)
+              engine_modes: list[str], variants: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    names = run_names(engine_modes, variants)
     table: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = {}
@@ -188,6 +217,9 @@ def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any],
                 means = {k: statistics.fmean(r["results"][k][metric] for r in seed_results) for k in ("student", "teacher2")}
                 denom = means["teacher2"] - means["student"]
                 row[f"G_of_means_{metric}"] = (row[metric][0] - means["student"]) / denom if denom else float("nan")
+        if name not in BASE_RUNS:
+            row["not_worse_every_seed"] = all(r["results"][name]["mAP50"] >= r["results"]["student"]["mAP50"]
+                                              for r in seed_results)
         table[name] = row
     lines = ["| model / variant | mAP@0.5 | mAP@[.5:.95] | G (mAP@0.5) | G (mAP) |", "|---|---|---|---|---|"]
     for name in names:
@@ -205,9 +237,16 @@ def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any],
                      f"{info['latency_ms']:.2f} | {info['latency_ms'] / base:.1f} |")
     goals = check_goals(table, engine_modes)
     lines += ["", "| goal (seed means, mAP@0.5) | " + " | ".join(engine_modes) + " |", "|---|" + "---|" * len(engine_modes)]
-    for key in goals[engine_modes[0]]:
+    keys = list(dict.fromkeys(k for m in engine_modes for k in goals[m]))
+    for key in keys:
         lines.append(f"| {key} | " + " | ".join(
-            f"{goals[m][key]:+.2f}" if isinstance(goals[m][key], float) else str(goals[m][key]) for m in engine_modes) + " |")
+            "" if key not in goals[m] else f"{goals[m][key]:+.2f}" if isinstance(goals[m][key], float)
+            else str(goals[m][key]) for m in engine_modes) + " |")
+    per_seed = ["", "| mAP@0.5 per seed | " + " | ".join(str(r["seed"]) for r in seed_results) + " |",
+                "|---|" + "---|" * len(seed_results)]
+    for name in names:
+        per_seed.append(f"| {name} | " + " | ".join(f"{r['results'][name]['mAP50']:.3f}" for r in seed_results) + " |")
+    lines += per_seed
     table["goals"] = goals
     return table, "\n".join(lines)
 
@@ -229,8 +268,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="class-detail period in px at 256 px (default: SyntheticGestureSpec's 8.8-10.4)")
     parser.add_argument("--engine", choices=("fixed", "engine", "both"), default="both",
                         help="distil with the fixed weighted sum, the loss engine, or each (default)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="distil only these variants (names as in the table, e.g. kd_t2 kd_both_full@engine); "
+                             f"default all of {', '.join(VARIANTS)} in each --engine mode")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a base run (teachers, student) already in --out whose saved config is identical "
+                             "(training is deterministic for a config, data seed and thread count)")
     parser.add_argument("--out", default="work_dirs/bench_distill")
     args = parser.parse_args(argv)
+    if args.variants:
+        known = set(run_names(["fixed", "engine"])) - set(BASE_RUNS)
+        unknown = sorted(set(args.variants) - known)
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {sorted(known)}")
     if args.quick:
         args.num_train, args.num_test, args.epochs, args.seeds = 48, 16, 2, args.seeds[:1]
     out = Path(args.out)
@@ -246,19 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     generate_synthetic_gestures(data, args.num_train, args.num_test, args.data_seed, spec)
     jobs = [{"seed": s, "out": str(out), "data": str(data), "epochs": args.epochs, "input_size": args.input_size,
              "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-             "engine_modes": engine_modes} for s in args.seeds]
+             "engine_modes": engine_modes, "reuse": args.reuse,
+             "variants": args.variants or run_names(engine_modes)} for s in args.seeds]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             seed_results = pool.map(run_seed, jobs)
     else:
         seed_results = [run_seed(job) for job in jobs]
     latency = measure_latency(args.input_size, args.threads, repeats=30 if args.quick else 100)
-    table, markdown = summarise(seed_results, latency, engine_modes)
+    table, markdown = summarise(seed_results, latency, engine_modes, args.variants)
     wall = time.perf_counter() - start
     print(markdown)
     print(f"\n{len(args.seeds)} seed(s), {args.num_train} train / {args.num_test} test images, {args.epochs} epochs, "
           f"student {args.input_size}px, teacher 2 {2 * args.input_size}px (L=2, K=1); wall {wall:.0f} s on this CPU")
-    atomic_write_json(out / "results.json", {"args": vars(args), "per_seed": seed_results, "summary": table,
+    from bevperc.gesture.config import DistillConfig
+    from bevperc.utils.config import to_dict
+
+    defaults = DistillConfig()
+    kd_settings = {"weights": to_dict(defaults.weights), "feature_norm": defaults.feature_norm,
+                   "heatmap_temperature": defaults.heatmap_temperature}
+    atomic_write_json(out / "results.json", {"args": vars(args), "kd_settings": kd_settings,
+                                             "per_seed": seed_results, "summary": table,
                                              "latency": latency, "wall_seconds": wall, "markdown": markdown,
                                              "cue_visibility": cue_visibility(spec, args.input_size, 2 * args.input_size)})
     return 0

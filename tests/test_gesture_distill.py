@@ -142,3 +142,40 @@ def test_teacher_weights_are_totals_split_over_tasks() -> None:
     w = link.task_weights()
     assert sum(v for k, v in w.items() if "_feat_" in k) == pytest.approx(5.0)
     assert {k: v for k, v in w.items() if "_feat_" not in k} == {f"kd_t2_{m}": 2.0 * p for m, p in HEAD_MAP_PRIORS.items()}
+
+
+def test_channel_normalised_feature_mimicry() -> None:
+    """``norm="channel"`` (PKD): 1 - Pearson correlation per channel; scale- and shift-free per channel,
+    so a low-energy teacher channel counts as much as a high-energy one."""
+    torch.manual_seed(0)
+    t = torch.randn(4, 6, 5, 5)
+    assert torch.allclose(feature_mimic_loss(t, t, "channel"), torch.zeros(4), atol=1e-5)
+    scaled = t * torch.tensor([100.0, 0.1, 1, 1, 3, 1]).view(1, 6, 1, 1) + 7.0
+    assert torch.allclose(feature_mimic_loss(t, scaled, "channel"), torch.zeros(4), atol=1e-4)
+    # an unrelated student: about 1 (uncorrelated), an anti-correlated one: 2
+    assert 0.5 < float(feature_mimic_loss(torch.randn(4, 6, 5, 5), t, "channel").mean()) < 1.5
+    assert torch.allclose(feature_mimic_loss(-t, t, "channel").mean(), torch.tensor(2.0), atol=1e-4)
+    # one wrong low-energy channel costs as much under "channel" as a wrong high-energy one
+    t2 = t * torch.tensor([10.0, 0.1, 1, 1, 1, 1]).view(1, 6, 1, 1)
+    hi, lo = t2.clone(), t2.clone()
+    hi[:, 0], lo[:, 1] = -hi[:, 0], -lo[:, 1]
+    torch.testing.assert_close(feature_mimic_loss(hi, t2, "channel").mean(), feature_mimic_loss(lo, t2, "channel").mean(),
+                               rtol=1e-2, atol=0)
+    assert feature_mimic_loss(hi, t2).mean() > 100 * feature_mimic_loss(lo, t2).mean()
+    with pytest.raises(ValueError, match="feature norm"):
+        feature_mimic_loss(t, t, "bogus")
+
+
+def test_object_region_weights_mimicry_towards_teacher_detections() -> None:
+    from bevperc.gesture.distill import object_cell_weight
+
+    heat = torch.full((1, 2, 16, 16), -8.0)
+    heat[0, 1, 4, 4] = 6.0
+    w = object_cell_weight(heat, (8, 8))
+    assert w.shape == (1, 8, 8) and float(w[0, 2, 2]) == pytest.approx(1.1, abs=1e-5) \
+        and float(w.min()) == pytest.approx(0.1, abs=0.01)
+    t = torch.randn(1, 3, 8, 8)
+    far, near = t.clone(), t.clone()
+    far[0, :, 7, 7] += 5.0  # error far from the object
+    near[0, :, 2, 2] += 5.0  # the same error on it
+    assert feature_mimic_loss(near, t, "global", w) > 5 * feature_mimic_loss(far, t, "global", w)

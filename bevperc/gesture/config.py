@@ -113,3 +113,5 @@ class DistillConfig:
     teacher2_align: Literal["stride", "resize"] = "stride"
     weights: DistillWeights = field(default_factory=DistillWeights)
     heatmap_temperature: float = 1.0  # heatmaps compared as sigmoid(logits / T)
+    feature_norm: Literal["global", "channel"] = "global"  # see distill.feature_mimic_loss
+    feature_region: Literal["all", "objects"] = "all"  # "objects": mimicry weighted to teacher detections

@@ -114,11 +114,51 @@ class TeacherLink:
 # ----------------------------------------------------------------------------- losses
 
 
-def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
-    """Normalised MSE per sample [B]: mean (s - t)^2 / mean t^2 (teacher scale removed)."""
-    err = (student_map - teacher_map).pow(2).flatten(1).mean(1)
-    scale = teacher_map.pow(2).flatten(1).mean(1).clamp(min=1e-6)
-    return err / scale
+FEATURE_NORMS = ("global", "channel")
+
+
+def _standardise_channels(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each channel to zero mean / unit variance over the batch and the spatial cells (PKD's norm)."""
+    dims = (0, 2, 3)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.var(dim=dims, keepdim=True, unbiased=False).add(eps).sqrt()
+    return (x - mean) / std
+
+
+def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor, norm: str = "global",
+                       cell_weight: Tensor | None = None) -> Tensor:
+    """Feature-mimicry loss per sample [B] of [B,C,H,W] maps (student map already adapted).
+
+    ``norm="global"``: MSE divided by the teacher map's mean square, ``mean (s-t)^2 / mean t^2``
+    (one scale per map; a few high-energy channels - colour, clutter edges - dominate it).
+    ``norm="channel"``: both maps standardised per channel over batch and cells (as in PKD,
+    Cao et al. 2022), then ``mean (s-t)^2 / 2``, i.e. ``1 - Pearson correlation`` per channel,
+    averaged: every teacher channel counts alike whatever its energy, the value lies in [0, 2]
+    (about 1 for an untrained adapter), so a weight means the same at every stage and teacher.
+    ``cell_weight`` [B,H,W] (optional): the squared error is averaged over cells with these
+    weights instead of uniformly (normalisation statistics still use every cell).
+    """
+    if norm == "channel":
+        sq = (_standardise_channels(student_map) - _standardise_channels(teacher_map)).pow(2).mean(1) / 2
+    elif norm == "global":
+        scale = teacher_map.pow(2).flatten(1).mean(1).clamp(min=1e-6)
+        sq = (student_map - teacher_map).pow(2).mean(1) / scale.view(-1, 1, 1)
+    else:
+        raise ValueError(f"feature norm must be one of {FEATURE_NORMS}, got {norm!r}")
+    if cell_weight is None:
+        return sq.flatten(1).mean(1)
+    return (sq * cell_weight).flatten(1).sum(1) / cell_weight.flatten(1).sum(1).clamp(min=1e-6)
+
+
+def object_cell_weight(teacher_heat_logits: Tensor, size: tuple[int, int], floor: float = 0.1) -> Tensor:
+    """[B,H,W] cell weights for feature mimicry on a stage grid: ``floor`` + the teacher's max class
+    probability, area-resampled onto ``size`` (where the teacher sees a gesture, i.e. the class cue)."""
+    prob = torch.sigmoid(teacher_heat_logits).amax(1, keepdim=True)
+    if tuple(prob.shape[-2:]) != tuple(size):
+        prob = F.interpolate(prob, size=size, mode="area") if prob.shape[-1] >= size[-1] else \
+            F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+    prob = prob / prob.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+    return floor + prob[:, 0]
 
 
 def teacher_peak_count(teacher_logits: Tensor, threshold: float = 0.3) -> Tensor:
@@ -177,6 +217,8 @@ def distillation_losses(
     teacher_out: FeatureSet,
     link: TeacherLink,
     temperature: float,
+    feature_norm: str = "global",
+    feature_region: str = "all",
 ) -> dict[str, Tensor]:
     """Per-sample [B] distillation task losses of one teacher (names as in ``link.task_weights``)."""
     per_sample: dict[str, Tensor] = {}
@@ -184,7 +226,12 @@ def distillation_losses(
         for i in link.stages:
             s_map = link.adapters[f"s{i}"](student_out.stages[i])
             t_map = _on_grid(teacher_out.stages[i], tuple(s_map.shape[-2:]))
-            per_sample[f"kd_{link.name}_feat_s{i}"] = feature_mimic_loss(s_map, t_map)
+            weight = None
+            if feature_region == "objects":
+                weight = object_cell_weight(teacher_out.heatmap, tuple(s_map.shape[-2:]))
+            elif feature_region != "all":
+                raise ValueError(f"feature_region must be 'all' or 'objects', got {feature_region!r}")
+            per_sample[f"kd_{link.name}_feat_s{i}"] = feature_mimic_loss(s_map, t_map, feature_norm, weight)
     if link.head_weight > 0:
         grid = tuple(student_out.heatmap.shape[-2:])
         t_heat = _on_grid(teacher_out.heatmap, grid)
@@ -300,7 +347,8 @@ def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDat
         for link in links:
             with torch.no_grad():
                 teacher_out = link.model(batch["images"][link.image_index])
-            per_sample.update(distillation_losses(student_out, teacher_out, link, cfg.heatmap_temperature))
+            per_sample.update(distillation_losses(student_out, teacher_out, link, cfg.heatmap_temperature,
+                                                 cfg.feature_norm, cfg.feature_region))
         for name, values in per_sample.items():
             if name not in losses:
                 losses[name] = values.mean()
