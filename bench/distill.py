@@ -99,7 +99,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
             ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
             timings[role] = time.perf_counter() - start
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
-    full = DistillWeights()
+    full = DistillWeights(*args["weights"]) if args.get("weights") else DistillWeights()
     for mode in args["engine_modes"]:
         engine = _engine_settings(steps) if mode == "engine" else {"enabled": False}
         distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
@@ -111,6 +111,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
                                      full.teacher2_features * t2f, full.teacher2_heads * t2h)
             cfg = dataclasses.replace(
                 cfgs["distill"], optim=distill_optim, weights=weights, teacher2_align=align,
+                feature_norm=args.get("feature_norm", "global"), feature_region=args.get("feature_region", "all"),
                 teacher1_checkpoint=str(ckpts["teacher1"]),
                 teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
             start = time.perf_counter()
@@ -274,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep a base run (teachers, student) already in --out whose saved config is identical "
                              "(training is deterministic for a config, data seed and thread count)")
+    parser.add_argument("--weights", type=float, nargs=4, default=None, metavar=("T1F", "T1H", "T2F", "T2H"),
+                        help="the 'on' teacher weights (teacher 1 features, heads, teacher 2 features, heads); "
+                             "default DistillWeights()")
+    parser.add_argument("--feature-norm", choices=("global", "channel"), default="global",
+                        help="feature-mimicry normalisation (DistillConfig.feature_norm)")
+    parser.add_argument("--feature-region", choices=("all", "objects"), default="all",
+                        help="feature-mimicry cells (DistillConfig.feature_region)")
     parser.add_argument("--out", default="work_dirs/bench_distill")
     args = parser.parse_args(argv)
     if args.variants:
@@ -296,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     generate_synthetic_gestures(data, args.num_train, args.num_test, args.data_seed, spec)
     jobs = [{"seed": s, "out": str(out), "data": str(data), "epochs": args.epochs, "input_size": args.input_size,
              "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-             "engine_modes": engine_modes, "reuse": args.reuse,
+             "engine_modes": engine_modes, "reuse": args.reuse, "weights": args.weights,
+             "feature_norm": args.feature_norm, "feature_region": args.feature_region,
              "variants": args.variants or run_names(engine_modes)} for s in args.seeds]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
@@ -312,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     from bevperc.gesture.config import DistillConfig
     from bevperc.utils.config import to_dict
 
+    from bevperc.gesture.config import DistillWeights
+
     defaults = DistillConfig()
-    kd_settings = {"weights": to_dict(defaults.weights), "feature_norm": defaults.feature_norm,
-                   "heatmap_temperature": defaults.heatmap_temperature}
+    weights = DistillWeights(*args.weights) if args.weights else defaults.weights
+    kd_settings = {"weights": to_dict(weights), "feature_norm": args.feature_norm,
+                   "feature_region": args.feature_region, "heatmap_temperature": defaults.heatmap_temperature}
     atomic_write_json(out / "results.json", {"args": vars(args), "kd_settings": kd_settings,
                                              "per_seed": seed_results, "summary": table,
                                              "latency": latency, "wall_seconds": wall, "markdown": markdown,
