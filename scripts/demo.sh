@@ -44,6 +44,23 @@ step "3/6 evaluate with the nuScenes devkit -> $OUT/eval"
 "$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --engine devkit --out "$OUT/eval" data.dataroot="$DATA" data.version="$VERSION"
 
+# The learning curve: the in-training validations (train.val_every) of this run, scored on the val split
+# with the fast engine, whose metrics equal the devkit's (the numbers above come from the devkit itself).
+"$PY" - "$OUT/train/train.log" <<'PY'
+import os, re, sys
+scores = {}  # epoch -> scores; the last line wins (a resumed run may validate an epoch again)
+for line in open(sys.argv[1], encoding="utf-8") if os.path.isfile(sys.argv[1]) else []:
+    match = re.search(r"validation after epoch (\d+): (.*)$", line)
+    if match:
+        scores[int(match.group(1))] = match.group(2).strip()
+if scores:
+    print("learning curve (in-training validation, fast engine = devkit metrics):")
+    for epoch in sorted(scores):
+        print(f"  after epoch {epoch}: {scores[epoch]}")
+else:
+    print("learning curve: no in-training validation in this run (train.val_every: 0)")
+PY
+
 if [ -n "$HELDOUT" ]; then
   step "4/6 held-out world: seed 1, val scenes only, in $HELDOUT -> $OUT/eval_heldout"
   if [ ! -f "$HELDOUT/$VERSION/scene.json" ]; then
@@ -63,7 +80,7 @@ print(f"demo world val: mAP {own['mean_ap']:.4f} NDS {own['nd_score']:.4f} | "
 PY
 fi
 
-step "5/6 figures -> $OUT/figures"
+step "5/6 figures (sample, heatmaps, training_curves.png) -> $OUT/figures"
 "$PY" -m bevperc.viz --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
   --out "$OUT/figures" data.dataroot="$DATA" data.version="$VERSION"
 

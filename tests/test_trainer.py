@@ -246,7 +246,8 @@ def test_validation_does_not_change_the_training_result(tmp_path):
     validated, _, _ = build_trainer(_toy_args(tmp_path / "val", "--epochs", "2", "--samples", "24", "--validate"))
     history = validated.fit()
     assert [entry["epoch"] for entry in history["val"]] == [0, 1]  # 0-based index of the finished epoch
-    assert set(history["val"][0]) == {"epoch", "mse", "accuracy"}
+    assert set(history["val"][0]) == {"epoch", "step", "mse", "accuracy"}
+    assert [entry["step"] for entry in history["val"]] == [validated.iters_per_epoch, 2 * validated.iters_per_epoch]
     _assert_same(plain.model.state_dict(), validated.model.state_dict())
 
 

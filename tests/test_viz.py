@@ -370,6 +370,94 @@ def test_gesture_figures_with_real_centernet_models(tmp_path):
     assert heatmap_agreement(out_s.heatmap, out_s.heatmap, logits=True) == 0.0
 
 
+# --------------------------------------------------------------------------- training curves
+def _lines(ax) -> dict:
+    return {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
+
+
+def test_training_curves_put_each_value_at_its_step():
+    from bevperc.viz.training import moving_average, plot_training_curves
+
+    loss = [10.0 - 0.2 * i for i in range(40)]
+    loss[4] = float("nan")  # a skipped step
+    lr = [1e-3 * (i + 1) / 40 for i in range(40)]
+    history = {"loss": loss, "lr": lr, "grad_norm": [1.0] * 40, "skipped_steps": [5],
+               "val": [{"epoch": 0, "mAP": 0.1, "NDS": 0.2},                 # older entry: no step -> (0+1)*10
+                       {"epoch": 2, "step": 30, "mAP": 0.3, "NDS": 0.35},
+                       {"epoch": 3, "step": 40, "mAP": 0.25, "NDS": 0.4, "note": "text is not drawn"}]}
+    fig = plot_training_curves(history, steps_per_epoch=10)
+    ax_loss, ax_lr, ax_val = fig.axes
+    assert [ax.get_title().split(" (")[0] for ax in fig.axes] == ["training loss", "learning rate",
+                                                                  "validation after epochs"]
+    assert all(ax.get_xlabel() == "step" for ax in fig.axes)
+    lines = _lines(ax_loss)
+    np.testing.assert_array_equal(lines["loss"].get_xdata(), np.arange(1, 41))  # loss[i] is step i + 1
+    np.testing.assert_array_equal(lines["loss"].get_ydata(), np.asarray(loss))
+    np.testing.assert_allclose(lines["loss_average"].get_ydata(), moving_average(loss, 2))  # 40 // 20 steps
+    assert np.isfinite(lines["loss_average"].get_ydata()).all()  # the NaN step is left out, not spread
+    np.testing.assert_array_equal(lines["skipped_steps"].get_xdata(), [5])
+    np.testing.assert_allclose(_lines(ax_lr)["lr"].get_ydata(), lr)
+    val = _lines(ax_val)
+    assert sorted(val) == ["val/NDS", "val/mAP"]
+    np.testing.assert_array_equal(val["val/mAP"].get_xdata(), [10, 30, 40])
+    np.testing.assert_allclose(val["val/mAP"].get_ydata(), [0.1, 0.3, 0.25])
+    np.testing.assert_allclose(val["val/NDS"].get_ydata(), [0.2, 0.35, 0.4])
+    assert ax_val.get_xlim() == ax_loss.get_xlim()
+    assert "4 epochs of 10 steps" in fig._suptitle.get_text()
+
+    # trailing and centred averages, NaN ignored
+    np.testing.assert_allclose(moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3), [1.5, 2.0, 3.0, 4.0, 4.5])
+    np.testing.assert_allclose(moving_average([1.0, float("nan"), 3.0], 2, center=False), [1.0, 1.0, 3.0])
+
+    empty = plot_training_curves({**history, "val": []})
+    assert not [gid for gid in _lines(empty.axes[2]) if gid.startswith("val/")]
+    assert any("no in-training validation" in text.get_text() for text in empty.axes[2].texts)
+
+
+def test_training_curves_from_a_trainer_checkpoint_and_the_cli(tmp_path):
+    """A real (toy) Trainer run with validation: the checkpoint's history -> figure -> training_curves.png."""
+    import torch
+    from helpers.toy_train import build_trainer, parse_args
+
+    from bevperc.engine.checkpoint import load_checkpoint
+    from bevperc.engine.logging import close_logger
+    from bevperc.viz.__main__ import main as viz_main
+    from bevperc.viz.training import history_from_checkpoint, plot_training_curves
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer, _, _ = build_trainer(parse_args(["--work-dir", str(tmp_path / "run"), "--no-tensorboard",
+                                                  "--epochs", "2", "--samples", "24", "--validate"]))
+        trainer.fit()
+    finally:
+        close_logger()
+        torch.set_num_threads(threads)
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pth"
+    history = history_from_checkpoint(load_checkpoint(checkpoint))
+    per_epoch = trainer.iters_per_epoch
+    assert history["steps_per_epoch"] == per_epoch and len(history["loss"]) == 2 * per_epoch
+    assert [entry["step"] for entry in history["val"]] == [per_epoch, 2 * per_epoch]
+    val = _lines(plot_training_curves(history).axes[2])
+    assert sorted(val) == ["val/accuracy", "val/mse"]
+    np.testing.assert_array_equal(val["val/mse"].get_xdata(), [per_epoch, 2 * per_epoch])
+    np.testing.assert_allclose(val["val/mse"].get_ydata(), [entry["mse"] for entry in history["val"]])
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bevperc.viz", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "figures"),
+         "--dpi", "50"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["training_curves.png"]
+    assert "training_curves:" in result.stdout
+    assert (tmp_path / "figures" / "training_curves.png").stat().st_size > 10_000
+
+    torch.save({"model": {}}, tmp_path / "bare.pth")  # weights only, no history: nothing to draw
+    with pytest.raises(SystemExit, match="no training history"):
+        viz_main(["--checkpoint", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "bare")])
+
+
 # --------------------------------------------------------------------------- CLI
 @pytest.mark.slow  # two subprocesses importing torch + a detector forward: ~20 s CPU, more wall time here
 def test_cli_writes_the_figures_of_one_sample(demo_root, tmp_path):

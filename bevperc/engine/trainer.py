@@ -17,7 +17,8 @@ The trainer knows nothing about detection. It is given
   (e.g. ``lambda step: loss_engine.step()``);
 * ``validate(model, epoch) -> dict``: run on every rank after every ``val_every`` epochs (and
   after the last) with the EMA model when EMA is on (else the bare model); ``epoch`` is the
-  0-based index of the epoch just finished; rank 0 logs the numeric values.
+  0-based index of the epoch just finished; rank 0 logs the numeric values, which go into
+  ``history["val"]`` as ``{"epoch": e, "step": global_step, **metrics}``.
 
 One step (:meth:`Trainer.train_one_step`):
 forward under autocast -> all-reduce ``[loss, non-finite flag, logs]`` -> skip everywhere if any
@@ -468,7 +469,8 @@ class Trainer:
         self.train_model.train()
         numeric = {name: float(value) for name, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        self.history["val"].append({"epoch": finished_epoch, **numeric})
+        # ``step``: the global step the validated weights were trained for (the x of a learning curve).
+        self.history["val"].append({"epoch": finished_epoch, "step": self.global_step, **numeric})
         if self.dist.is_main:
             self.logger.info("validation after epoch %d: %s", self.epoch,
                              " ".join(f"{name} {value:.4g}" for name, value in numeric.items()) or metrics)

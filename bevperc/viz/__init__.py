@@ -14,11 +14,13 @@ not attached to pyplot (safe in worker processes, no GUI backend needed).
     bevperc.viz.figures      write_sample_figures(): the standard figures of one sample to a folder;
                              sample_quality(): per-sample F1 to pick best/worst samples
     bevperc.viz.metrics      per-class AP and TP-error plots from a nuScenes metrics summary
+    bevperc.viz.training     training curves (loss, learning rate, validation mAP/NDS) from a run's history
     bevperc.viz.demo         tiny synthetic data / runs so notebooks and tests work standalone
     bevperc.viz.inference    run a BEV detector on one dataset sample and collect what to draw
     bevperc.viz.samples      load a keyframe stored in the mmdet3d info layout (the real nuScenes sample)
 
-CLI: ``python -m bevperc.viz --config CFG.yaml --checkpoint CKPT --sample TOKEN --out DIR``.
+CLI: ``python -m bevperc.viz --config CFG.yaml --checkpoint CKPT --sample TOKEN --out DIR`` (with a trainer
+checkpoint also ``training_curves.png``; ``--checkpoint CKPT --out DIR`` alone writes only that).
 """
 
 from bevperc.viz.bev import bev_features_to_rgb, plot_bev_overview, plot_bev_scene, plot_heatmap_grid
@@ -35,6 +37,7 @@ from bevperc.viz.depth import expected_depth, lidar_depth_map, plot_depth
 from bevperc.viz.figures import sample_quality, save_figure, write_sample_figures
 from bevperc.viz.gestures import plot_gesture_detections, plot_student_teacher_heatmaps
 from bevperc.viz.loss_engine import plot_loss_engine
+from bevperc.viz.training import history_from_checkpoint, plot_training_curves
 
 __all__ = [
     "CAMERA_GRID",
@@ -44,6 +47,7 @@ __all__ = [
     "class_color",
     "class_color_uint8",
     "expected_depth",
+    "history_from_checkpoint",
     "lidar_depth_map",
     "plot_bev_overview",
     "plot_bev_scene",
@@ -53,6 +57,7 @@ __all__ = [
     "plot_heatmap_grid",
     "plot_loss_engine",
     "plot_student_teacher_heatmaps",
+    "plot_training_curves",
     "project_box_centers",
     "project_box_edges",
     "sample_quality",

@@ -1,10 +1,16 @@
-"""``python -m bevperc.viz``: write the figures of one sample (cameras, BEV, depth, 3D LiDAR).
+"""``python -m bevperc.viz``: write the figures of one sample (cameras, BEV, depth, 3D LiDAR), and a run's curves.
+
+A ``--checkpoint`` written by the trainer also gives ``training_curves.png``: loss per step,
+learning rate and the in-training validation metrics (``train.val_every``) from its history.
 
 Examples::
 
     # a trained model on one sample of the validation split
     python -m bevperc.viz --config outputs/demo/train/config.yaml \\
         --checkpoint outputs/demo/train/checkpoints/latest.pth --sample 3e8750f331d7499e9b5123e9eb70f2e7 --out figures/
+
+    # training curves only (loss, learning rate, validation mAP/NDS) from a run's checkpoint
+    python -m bevperc.viz --checkpoint outputs/demo/train/checkpoints/latest.pth --out figures/
 
     # the first validation sample, random weights (checks the plumbing), no 3D render, another data root
     python -m bevperc.viz --config configs/demo_cpu.yaml --index 0 --out figures/ --no-3d data.dataroot=/data/nuscenes
@@ -31,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bevperc.viz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="run config YAML (bevperc.config.Config, e.g. a run's config.yaml)")
-    parser.add_argument("--checkpoint", help="training checkpoint (weights_only load; EMA weights when eval.use_ema)")
+    parser.add_argument("--checkpoint", help="training checkpoint (weights_only load; EMA weights when eval.use_ema); "
+                                             "with a training history it also gives training_curves.png")
     parser.add_argument("--sample", help="sample token (default: --index)")
     parser.add_argument("--index", type=int, default=0, help="sample index when no --sample token is given")
     parser.add_argument("--split", help="info split to read (default: the config's data.val_split)")
@@ -53,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     written: dict[str, Path] = {}
-    if not (args.config or args.info_sample or args.engine_summary):
-        build_parser().error("give --config (model + dataset), --info-sample or --engine-summary")
+    if not (args.config or args.info_sample or args.engine_summary or args.checkpoint):
+        build_parser().error("give --config (model + dataset), --info-sample, --engine-summary or --checkpoint "
+                             "(training curves)")
     if args.overrides and not args.config:
         build_parser().error(f"config overrides {args.overrides} need --config")
 
@@ -67,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         summary = summary.get("loss_engine", summary)  # accept a wrapper dict with the summary under loss_engine
         written["loss_engine"] = save_figure(plot_loss_engine(summary, title=Path(args.engine_summary).name),
                                              out / "loss_engine.png", args.dpi)  # fmt: skip
+
+    if args.checkpoint:
+        from bevperc.engine.checkpoint import load_checkpoint
+        from bevperc.viz.training import history_from_checkpoint, plot_training_curves
+
+        history = history_from_checkpoint(load_checkpoint(args.checkpoint))
+        if history is not None:
+            written["training_curves"] = save_figure(plot_training_curves(history, title=args.checkpoint),
+                                                     out / "training_curves.png", args.dpi)  # fmt: skip
+        elif not args.config:
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no training history in it (not written by the trainer)")
+        else:
+            log.info("%s holds no training history: no training_curves.png", args.checkpoint)
 
     if args.info_sample:
         from bevperc.viz.samples import load_info_sample
