@@ -14,7 +14,7 @@ student/teacher parameters and CPU latency at each model's input size (batch 1, 
 side in this process with the same thread count). The "on" weights of a variant are the
 ``DistillWeights`` defaults (teacher 1: features 1, heads 1; teacher 2: features 5, heads 1).
 
-    python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 20 epochs
+    python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 40 epochs (at 20 the student's learning of the class cue is seed-dependent)
     python bench/distill.py --quick                  # smoke run: tiny set, 2 epochs, 1 seed
 
 Threads: each worker calls torch.set_num_threads(--threads, default 1); on this shared 2-core
@@ -45,6 +45,25 @@ VARIANTS = {
 }
 ENGINE_SUFFIX = "@engine"
 BASE_RUNS = ("teacher1", "teacher2", "teacher2_resize", "student")
+ALWAYS_RUN = ("teacher2", "student")  # the two ends of the gap G
+
+
+def needed_base_runs(variants: list[str], weights: tuple[float, float, float, float] | None = None) -> list[str]:
+    """The base runs the selected variants need, in BASE_RUNS order: student and teacher 2 always (G needs
+    them), teacher 1 only if a variant gives it a non-zero weight, teacher2_resize only for a resize variant."""
+    from bevperc.gesture.config import DistillWeights
+
+    full = DistillWeights(*weights) if weights else DistillWeights()
+    needed = set(ALWAYS_RUN)
+    for name in variants:
+        if name.split(ENGINE_SUFFIX)[0] not in VARIANTS:
+            continue  # a base-run name
+        t1f, t1h, t2f, t2h, align = VARIANTS[name.split(ENGINE_SUFFIX)[0]]
+        if (t1f and full.teacher1_features > 0) or (t1h and full.teacher1_heads > 0):
+            needed.add("teacher1")
+        if align == "resize" and ((t2f and full.teacher2_features > 0) or (t2h and full.teacher2_heads > 0)):
+            needed.add("teacher2_resize")
+    return [r for r in BASE_RUNS if r in needed]
 
 
 def _engine_settings(steps: int) -> dict[str, Any]:
@@ -69,7 +88,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
     seed = args["seed"]
     out = Path(args["out"]) / f"seed{seed}"
     cfgs = run_configs(args["data"], args["epochs"], seed=seed, progress=False, input_size=args["input_size"],
-                       batch_size=args["batch_size"], lr=args["lr"])
+                       batch_size=args["batch_size"], lr=args["lr"], warmup_epochs=args.get("warmup_epochs", 0.0))
     train_cfg, test_cfg = data_configs(args["data"], args["input_size"])
     s = args["input_size"]
     train_set = GestureDataset(train_cfg, [s, 2 * s])
@@ -88,7 +107,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
               f"({timings[name]:.0f} s)", flush=True)
 
     reused: list[str] = []
-    for role in BASE_RUNS:
+    for role in needed_base_runs(args["variants"], args.get("weights")):
         start = time.perf_counter()
         dataset = train_big if role.startswith("teacher2") else train_small
         if args.get("reuse") and _same_run(cfgs[role], out / role):
@@ -112,7 +131,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
             cfg = dataclasses.replace(
                 cfgs["distill"], optim=distill_optim, weights=weights, teacher2_align=align,
                 feature_norm=args.get("feature_norm", "global"), feature_region=args.get("feature_region", "all"),
-                teacher1_checkpoint=str(ckpts["teacher1"]),
+                teacher1_checkpoint=str(ckpts["teacher1"]) if "teacher1" in ckpts else None,
                 teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
             start = time.perf_counter()
             ckpts[name] = distill_student(cfg, out / name.replace("@", "_"), dataset=train_set)
@@ -164,9 +183,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_names(engine_modes: list[str], variants: list[str] | None = None) -> list[str]:
+def run_names(engine_modes: list[str], variants: list[str] | None = None, base_runs: tuple[str, ...] = BASE_RUNS) -> list[str]:
     """Base runs, then the distilled variants of each engine mode (all, or those in ``variants``), in table order."""
-    names = list(BASE_RUNS)
+    names = list(base_runs)
     for mode in engine_modes:
         names += [v + (ENGINE_SUFFIX if mode == "engine" else "") for v in VARIANTS]
     return [n for n in names if n in BASE_RUNS or variants is None or n in variants]
@@ -202,7 +221,8 @@ def check_goals(table: dict[str, Any], engine_modes: list[str]) -> dict[str, dic
 
 def summarise(seed_results: list[dict[str, Any]], latency: dict[str, Any],
               engine_modes: list[str], variants: list[str] | None = None) -> tuple[dict[str, Any], str]:
-    names = run_names(engine_modes, variants)
+    trained = [r for r in BASE_RUNS if all(r in s["results"] for s in seed_results)]
+    names = run_names(engine_modes, variants, tuple(trained))
     table: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = {}
@@ -258,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-train", type=int, default=240)
     parser.add_argument("--num-test", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up before the cosine")
     parser.add_argument("--input-size", type=int, default=64, help="student input; teacher 2 sees 2x")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="seeds run as this many parallel processes")
@@ -303,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataclasses.replace(spec, grating_period=tuple(args.grating_period))
     generate_synthetic_gestures(data, args.num_train, args.num_test, args.data_seed, spec)
     jobs = [{"seed": s, "out": str(out), "data": str(data), "epochs": args.epochs, "input_size": args.input_size,
-             "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+             "batch_size": args.batch_size, "lr": args.lr,
+             "warmup_epochs": args.warmup_epochs, "threads": args.threads,
              "engine_modes": engine_modes, "reuse": args.reuse, "weights": args.weights,
              "feature_norm": args.feature_norm, "feature_region": args.feature_region,
              "variants": args.variants or run_names(engine_modes)} for s in args.seeds]

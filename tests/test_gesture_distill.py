@@ -57,11 +57,13 @@ def teachers(tiny_set: Path, tmp_path_factory) -> dict[str, Path]:
                                  out / role) for role in ("teacher1", "teacher2", "teacher2_resize")}
 
 
-@pytest.mark.parametrize("engine", [{"enabled": False}, {"enabled": True, "warmup_steps": 2, "affinity_steps": 2,
-                                                          "condition_every": 2, "scale_warmup_steps": 2}])
-def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers, tmp_path: Path, engine) -> None:
+@pytest.mark.parametrize("engine,warmup", [({"enabled": False}, 0.0), ({"enabled": False}, 1.0),
+                                           ({"enabled": True, "warmup_steps": 2, "affinity_steps": 2,
+                                             "condition_every": 2, "scale_warmup_steps": 2}, 0.0)])
+def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers, tmp_path: Path, engine,
+                                                         warmup) -> None:
     cfgs = _configs(tiny_set)
-    optim = dataclasses.replace(cfgs["student"].optim, engine=engine)
+    optim = dataclasses.replace(cfgs["student"].optim, engine=engine, warmup_epochs=warmup)
     plain = train_detector(dataclasses.replace(cfgs["student"], optim=optim), tmp_path / "plain")
     distill_cfg = dataclasses.replace(
         cfgs["distill"], optim=optim, weights=DistillWeights(0.0, 0.0, 0.0, 0.0),
@@ -73,6 +75,33 @@ def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers
     # and a non-zero weight really changes the student
     kd = distill_student(dataclasses.replace(distill_cfg, weights=DistillWeights(1.0, 0.0, 0.0, 1.0)), tmp_path / "kd")
     assert not _state_equal(a, torch.load(kd, weights_only=True)["model"])
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    import math
+
+    from bevperc.gesture.train import lr_factor_schedule
+
+    plain = lr_factor_schedule(10)
+    assert [plain(i) for i in range(12)] == [0.5 * (1 + math.cos(math.pi * min(i, 10) / 10)) for i in range(12)]
+    warm = lr_factor_schedule(10, warmup=4)
+    assert [round(warm(i), 6) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]  # linear ramp, never 0
+    assert warm(4) == 1.0 and warm(10) == 0.0 and all(warm(i) > warm(i + 1) for i in range(4, 10))
+
+
+def test_bench_trains_only_the_base_runs_the_variants_need() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "distill.py"
+    spec = importlib.util.spec_from_file_location("bench_distill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    need = bench.needed_base_runs
+    assert need(["kd_t2"]) == ["teacher2", "student"]
+    assert need(["kd_t2_resize@engine"]) == ["teacher2", "teacher2_resize", "student"]
+    assert need(["kd_both_full", "kd_t2"]) == ["teacher1", "teacher2", "student"]
+    assert need(["kd_both_heads"], weights=(1.0, 0.0, 5.0, 1.0)) == ["teacher2", "student"]  # t1 heads weight 0
+    assert need(list(bench.VARIANTS)) == list(bench.BASE_RUNS)
 
 
 def test_full_distillation_tasks_and_engine_summary(tiny_set: Path, teachers, tmp_path: Path) -> None:

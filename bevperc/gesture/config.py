@@ -51,6 +51,7 @@ class OptimConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     grad_clip: float = 10.0
+    warmup_epochs: float = 0.0  # linear LR warm-up before the cosine decay; 0 = plain cosine from step 0
     seed: int = 0
     num_workers: int = 0
     num_threads: int = 0  # 0 = torch default; >0 calls torch.set_num_threads

@@ -28,11 +28,12 @@ def data_configs(root: str | Path, input_size: int = 64) -> tuple[GestureDataCon
 
 def run_configs(
     root: str | Path, epochs: int, seed: int = 0, scale: int = 2, stage_k: int = 1, input_size: int = 64,
-    batch_size: int = 16, lr: float = 3e-3, progress: bool = True,
+    batch_size: int = 16, lr: float = 3e-3, progress: bool = True, warmup_epochs: float = 0.0,
 ) -> dict[str, Any]:
     """Train configs of student / teacher1 / teacher2 / teacher2_resize and a distillation template."""
     train_data, _ = data_configs(root, input_size)
-    optim = OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    optim = OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                        warmup_epochs=warmup_epochs)
     big_data = dataclasses.replace(train_data, input_size=scale * input_size)
     return {
         "student": GestureTrainConfig(model=student_config(), data=train_data, optim=optim, role="student"),

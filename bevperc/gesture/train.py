@@ -134,6 +134,29 @@ def make_loader(dataset: GestureDataset, optim: OptimConfig, shuffle: bool = Tru
     )
 
 
+def warmup_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
+    """Linear warm-up length in steps (``optim.warmup_epochs`` x steps per epoch, rounded)."""
+    return max(0, int(round(optim.warmup_epochs * steps_per_epoch)))
+
+
+def lr_factor_schedule(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total_steps``.
+
+    With ``warmup=0`` it is exactly the plain cosine ``0.5 * (1 + cos(pi * step / total))``.
+    """
+    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
+
+    def factor(step: int) -> float:
+        if warmup <= 0:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = total_steps - warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+    return factor
+
+
 def run_training(
     model: nn.Module,
     extra_modules: list[nn.Module],
@@ -146,7 +169,8 @@ def run_training(
     """Optimise ``model`` (+ ``extra_modules``, e.g. adapters, + engine parameters) with the engine.
 
     Per step: losses -> ``engine(losses, per_sample)`` -> backward -> clip -> AdamW step ->
-    ``engine.step()`` (the engine's second process) -> cosine LR schedule. Returns per-epoch
+    ``engine.step()`` (the engine's second process) -> LR schedule (optional linear warm-up, then
+    cosine; ``lr_factor_schedule``). Returns per-epoch
     mean task losses.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,9 +182,7 @@ def run_training(
         groups.append({"params": engine_params, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     total_steps = max(1, optim.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_schedule(total_steps, warmup_steps(optim, len(loader))))
     history = []
     model.train()
     bar = None
