@@ -17,6 +17,15 @@ side in this process with the same thread count). The "on" weights of a variant 
     python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 40 epochs (at 20 the student's learning of the class cue is seed-dependent)
     python bench/distill.py --quick                  # smoke run: tiny set, 2 epochs, 1 seed
 
+Regime (measured, bench/results/distill_probe_e40_regime.json): at 20 epochs the plain student was
+still mid-jump (learning the grating cue), so its mAP@0.5 depended on when the jump came (seed 0:
+0.49 on one run, 0.27 on another) and G was noise. At 40 epochs (60 gave the same plateaus) every
+run has converged: student 0.600 / 0.928 / 0.963 on seeds 0-2 (a data-limited plateau set by the
+init, not a timing lottery), teacher 2 0.994 / 0.989 / 0.983, teacher 1 0.965 / 0.987 / 0.980.
+With 960 images the student reaches teacher 2 (0.97-0.996, no gap left); a 2-epoch LR warm-up
+(--warmup-epochs) did not move seed 0. Only the base runs that the selected --variants need are
+trained (student and teacher 2 always, for G).
+
 Threads: each worker calls torch.set_num_threads(--threads, default 1); on this shared 2-core
 CPU one thread per process is several times faster than two (less OpenMP spinning).
 """
