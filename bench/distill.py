@@ -14,7 +14,7 @@ student/teacher parameters and CPU latency at each model's input size (batch 1, 
 side in this process with the same thread count). The "on" weights of a variant are the
 ``DistillWeights`` defaults (teacher 1: features 1, heads 1; teacher 2: features 5, heads 1).
 
-    python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 40 epochs (at 20 the student's learning of the class cue is seed-dependent)
+    python bench/distill.py --jobs 1 --threads 1     # 3 seeds, 240 train images, 40 epochs (see Regime)
     python bench/distill.py --quick                  # smoke run: tiny set, 2 epochs, 1 seed
 
 Regime (measured, bench/results/distill_probe_e40_regime.json): at 20 epochs the plain student was
@@ -57,12 +57,17 @@ BASE_RUNS = ("teacher1", "teacher2", "teacher2_resize", "student")
 ALWAYS_RUN = ("teacher2", "student")  # the two ends of the gap G
 
 
+def on_weights(weights: list[float] | tuple[float, ...] | None) -> Any:
+    """The "on" teacher weights of the variants: ``--weights`` (T1F T1H T2F T2H) or ``DistillWeights()``."""
+    from bevperc.gesture.config import DistillWeights
+
+    return DistillWeights(*weights) if weights else DistillWeights()
+
+
 def needed_base_runs(variants: list[str], weights: tuple[float, float, float, float] | None = None) -> list[str]:
     """The base runs the selected variants need, in BASE_RUNS order: student and teacher 2 always (G needs
     them), teacher 1 only if a variant gives it a non-zero weight, teacher2_resize only for a resize variant."""
-    from bevperc.gesture.config import DistillWeights
-
-    full = DistillWeights(*weights) if weights else DistillWeights()
+    full = on_weights(weights)
     needed = set(ALWAYS_RUN)
     for name in variants:
         if name.split(ENGINE_SUFFIX)[0] not in VARIANTS:
@@ -127,7 +132,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
             ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
             timings[role] = time.perf_counter() - start
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
-    full = DistillWeights(*args["weights"]) if args.get("weights") else DistillWeights()
+    full = on_weights(args.get("weights"))
     for mode in args["engine_modes"]:
         engine = _engine_settings(steps) if mode == "engine" else {"enabled": False}
         distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
@@ -352,12 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     from bevperc.gesture.config import DistillConfig
     from bevperc.utils.config import to_dict
 
-    from bevperc.gesture.config import DistillWeights
-
-    defaults = DistillConfig()
-    weights = DistillWeights(*args.weights) if args.weights else defaults.weights
-    kd_settings = {"weights": to_dict(weights), "feature_norm": args.feature_norm,
-                   "feature_region": args.feature_region, "heatmap_temperature": defaults.heatmap_temperature}
+    kd_settings = {"weights": to_dict(on_weights(args.weights)), "feature_norm": args.feature_norm,
+                   "feature_region": args.feature_region, "heatmap_temperature": DistillConfig().heatmap_temperature}
     atomic_write_json(out / "results.json", {"args": vars(args), "kd_settings": kd_settings,
                                              "per_seed": seed_results, "summary": table,
                                              "latency": latency, "wall_seconds": wall, "markdown": markdown,

@@ -222,6 +222,8 @@ def distillation_losses(
 ) -> dict[str, Tensor]:
     """Per-sample [B] distillation task losses of one teacher (names as in ``link.task_weights``)."""
     per_sample: dict[str, Tensor] = {}
+    if feature_region not in ("all", "objects"):
+        raise ValueError(f"feature_region must be 'all' or 'objects', got {feature_region!r}")
     if link.feature_weight > 0:
         for i in link.stages:
             s_map = link.adapters[f"s{i}"](student_out.stages[i])
@@ -229,8 +231,6 @@ def distillation_losses(
             weight = None
             if feature_region == "objects":
                 weight = object_cell_weight(teacher_out.heatmap, tuple(s_map.shape[-2:]))
-            elif feature_region != "all":
-                raise ValueError(f"feature_region must be 'all' or 'objects', got {feature_region!r}")
             per_sample[f"kd_{link.name}_feat_s{i}"] = feature_mimic_loss(s_map, t_map, feature_norm, weight)
     if link.head_weight > 0:
         grid = tuple(student_out.heatmap.shape[-2:])

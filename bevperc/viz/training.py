@@ -161,14 +161,12 @@ def plot_training_curves(history: Mapping[str, Any], steps_per_epoch: int | None
         if all((ys >= 0).all() for _, ys in points.values()):
             ax_val.set_ylim(0, max(upper * 1.25, 1e-3))
         ax_val.legend(fontsize=8, loc="upper left")
-        if len(loss):
-            ax_val.set_xlim(ax_loss.get_xlim())  # same steps as the loss panel
         ax_val.set_title("validation after epochs" + (" (steps estimated)" if estimated else ""), fontsize=10)
     else:
         ax_val.set_title("validation after epochs", fontsize=10)
         _note(ax_val, "no in-training validation\n(train.val_every: 0, or no validate callback)")
-        if len(loss):
-            ax_val.set_xlim(ax_loss.get_xlim())
+    if len(loss):
+        ax_val.set_xlim(ax_loss.get_xlim())  # same steps as the loss panel
     ax_val.set_xlabel("step")
     ax_val.set_ylabel("metric")
 
