@@ -82,9 +82,28 @@ def needed_base_runs(variants: list[str], weights: tuple[float, float, float, fl
 
 def _engine_settings(steps: int) -> dict[str, Any]:
     """Loss-engine schedule scaled to the (short) run: group after ~1/5 of the steps."""
+    from bevperc.gesture.config import DISTILL_ENGINE
+
     warm = max(5, steps // 5)
-    return {"enabled": True, "warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
+    return {**DISTILL_ENGINE, "warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
             "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
+
+
+def parse_engine_options(items: list[str]) -> dict[str, Any]:
+    """``["first_weighting=fixed", "lag_floor=0.3"]`` -> LossEngineConfig overrides (checked against its fields)."""
+    import yaml
+
+    from bevperc.losses.engine import LossEngineConfig
+
+    fields = {f.name for f in dataclasses.fields(LossEngineConfig)}
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--engine-option {item!r}: expected KEY=VALUE with KEY a LossEngineConfig field "
+                             f"({', '.join(sorted(fields))})")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 def run_seed(args: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +153,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
     full = on_weights(args.get("weights"))
     for mode in args["engine_modes"]:
-        engine = _engine_settings(steps) if mode == "engine" else {"enabled": False}
+        engine = {**_engine_settings(steps), **args.get("engine_options", {})} if mode == "engine" else {"enabled": False}
         distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
         for variant, (t1f, t1h, t2f, t2h, align) in VARIANTS.items():
             name = variant + (ENGINE_SUFFIX if mode == "engine" else "")
@@ -317,8 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="feature-mimicry normalisation (DistillConfig.feature_norm)")
     parser.add_argument("--feature-region", choices=("all", "objects"), default="all",
                         help="feature-mimicry cells (DistillConfig.feature_region)")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one LossEngineConfig field of the @engine variants (repeatable; VALUE is YAML), "
+                             "e.g. --engine-option first_weighting=fixed")
     parser.add_argument("--out", default="work_dirs/bench_distill")
     args = parser.parse_args(argv)
+    try:
+        engine_options = parse_engine_options(args.engine_option)
+    except ValueError as error:
+        parser.error(str(error))
     if args.variants:
         known = set(run_names(["fixed", "engine"])) - set(BASE_RUNS)
         unknown = sorted(set(args.variants) - known)
@@ -342,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
              "warmup_epochs": args.warmup_epochs, "threads": args.threads,
              "engine_modes": engine_modes, "reuse": args.reuse, "weights": args.weights,
              "feature_norm": args.feature_norm, "feature_region": args.feature_region,
+             "engine_options": engine_options,
              "variants": args.variants or run_names(engine_modes)} for s in args.seeds]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
@@ -357,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     from bevperc.gesture.config import DistillConfig
     from bevperc.utils.config import to_dict
 
-    kd_settings = {"weights": to_dict(on_weights(args.weights)), "feature_norm": args.feature_norm,
+    kd_settings = {"weights": to_dict(on_weights(args.weights)), "engine_options": engine_options, "feature_norm": args.feature_norm,
                    "feature_region": args.feature_region, "heatmap_temperature": DistillConfig().heatmap_temperature}
     atomic_write_json(out / "results.json", {"args": vars(args), "kd_settings": kd_settings,
                                              "per_seed": seed_results, "summary": table,

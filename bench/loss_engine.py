@@ -155,7 +155,7 @@ class Run:
     def __init__(self, seed: int, data: dict[str, Tensor], task_ids: list[int], cfg: LossEngineConfig | None,
                  scales: dict[str, float], batch: int):
         torch.manual_seed(seed)
-        self.model = TrunkAndHeads(len(task_ids))
+        self.model = TrunkAndHeads(len(task_ids)).to(data["x"].dtype)
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.task_ids = task_ids
         self.tasks = [dataclasses.replace(TASKS[i], scale=scales.get(TASKS[i].name, TASKS[i].scale)) for i in task_ids]
@@ -220,9 +220,10 @@ def scored(relative: dict[str, float]) -> dict[str, float]:
 
 
 def run_bench(seeds: list[int], steps: int, batch: int, block: int, methods: list[str] | None = None,
-              rescale_factor: float = 100.0) -> dict:
+              rescale_factor: float = 100.0, dtype: torch.dtype = torch.float32) -> dict:
     results: dict = {"config": {"seeds": seeds, "steps": steps, "batch": batch, "tasks": [dataclasses.asdict(t) for t in TASKS],
                                 "rescaled_task": RESCALED_TASK, "rescale_factor": rescale_factor,
+                                "dtype": str(dtype).removeprefix("torch."),
                                 "scored_tasks": METRIC_NAMES},
                      "seeds": {}}
     configs = method_configs(steps)
@@ -236,7 +237,7 @@ def run_bench(seeds: list[int], steps: int, batch: int, block: int, methods: lis
     block_ratio: dict[str, list[float]] = {m: [] for m in configs}     # per block: time / equal's time
     progress = tqdm(total=len(seeds) * (len(TASKS) + 2 * len(configs)) * steps, unit="step", file=sys.stderr)
     for seed in seeds:
-        data = make_data(seed, num_train=20_000, num_test=4_096)
+        data = {k: v.to(dtype) for k, v in make_data(seed, num_train=20_000, num_test=4_096).items()}
         single = {}
         for i, task in enumerate(TASKS):
             run = Run(seed, data, [i], LossEngineConfig(enabled=False), {}, batch)
@@ -338,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescale-factor", type=float, default=100.0,
                         help=f"factor on the {RESCALED_TASK} loss for the shift measurement (1.00000095 = 1 + 2**-20 "
                              "measures the noise floor: a rounding-level change)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="float64 shrinks rounding differences ~1e9 times: a shift that remains is the method's "
+                             "own dependence on the loss scale, not the chaotic growth of float32 rounding")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="subset of methods to run (equal is always run: it is the timing reference)")
     args = parser.parse_args(argv)
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     results = run_bench(list(range(args.seeds)), args.steps, args.batch, args.block, args.methods,
-                        args.rescale_factor)
+                        args.rescale_factor, getattr(torch, args.dtype))
     results["wall_seconds"] = time.perf_counter() - start
     atomic_write_json(args.out, results)
     print(markdown(results["table"]))

@@ -477,3 +477,53 @@ def test_grouping_score_equals_sklearn_silhouette() -> None:
             continue
         expected = silhouette_score(distance, labels, metric="precomputed")
         assert grouping_score(distance, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sample_buffer_standardises_each_step_and_keeps_the_newest_rows() -> None:
+    """The buffer defers standardisation to read time; the rows must still be each step's own
+    z-scores (per column, NaN-aware), newest ``capacity`` rows kept, across a state round trip."""
+    from bevperc.losses.affinity import SampleLossBuffer, standardise_columns
+
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.randn(6, 3, generator=generator) * torch.tensor([1.0, 10.0, 100.0]) for _ in range(4)]
+    steps[1][2, 1] = float("nan")                                # a missing value
+    steps.append(torch.randn(4, 3, generator=generator))        # a smaller last batch
+    buffer = SampleLossBuffer(3, capacity=20)
+    for values in steps:
+        buffer.add(values)
+    expected = torch.cat([standardise_columns(v) for v in steps])[-20:]
+    assert buffer.filled == 20
+    state = buffer.state_dict()
+    order = (torch.arange(20) + state["write_pos"]) % 20         # ring -> oldest first
+    torch.testing.assert_close(state["rows"][order], expected, equal_nan=True)
+    assert torch.isnan(expected[6 + 2 - 8, 1])                   # the NaN (row 8 of 28; the oldest 8 dropped)
+    column = expected[-4:, 0]
+    assert abs(float(column.mean())) < 1e-5 and abs(float(column.std(unbiased=False)) - 1) < 1e-4
+    restored = SampleLossBuffer(3, capacity=20)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.correlation(min_pairs=2), buffer.correlation(min_pairs=2), equal_nan=True)
+    with pytest.raises(ValueError, match=r"\[B, 3\]"):
+        buffer.add(torch.zeros(5, 2))
+
+
+@pytest.mark.parametrize("reference", ["initial", "grouping"])
+def test_lag_reference_judges_progress_from_the_start_of_balancing(reference: str) -> None:
+    """Task a falls 10x in the warm-up (like a focal heatmap loss calibrating its prior), then
+    only 1 -> 0.8; task b falls 1 -> 0.6 in the warm-up, then 0.6 -> 0.3. Measured from step 0,
+    a looks far ahead (ratio 0.08 vs 0.3) and the lag rule favours b; measured from the start of
+    balancing, a is the one lagging (0.8 vs 0.5) and gets the larger weight."""
+    cfg = LossEngineConfig(fixed_sets=[["a"], ["b"]], warmup_steps=20, condition_every=5, progress_windows=0,
+                           first_weight_temperature=0.0, loss_scale="initial", lag_reference=reference)
+    engine = LossEngine(["a", "b"], cfg)
+    for step in range(120):
+        if step < 20:
+            a, b = 10.0 * (0.1 ** (step / 19)), 1.0 - 0.4 * step / 19
+        else:
+            a, b = 1.0 - 0.2 * (step - 20) / 99, 0.6 - 0.3 * (step - 20) / 99
+        engine({"a": torch.tensor(a), "b": torch.tensor(b)})
+        engine.step()
+    weight_a, weight_b = engine.second_weights.tolist()
+    assert (weight_a > weight_b) == (reference == "grouping"), (weight_a, weight_b)
+    restored = LossEngine(["a", "b"], cfg)
+    restored.load_state_dict(engine.state_dict())
+    torch.testing.assert_close(restored.initial_first_losses(), engine.initial_first_losses())

@@ -57,7 +57,7 @@ def lidar_depth_map(
 
 
 class NuScenesBEVDataset(Dataset):
-    """Six-camera samples in the batch format of ``.notes``/docs (see :func:`collate_bev`).
+    """Six-camera samples in the batch format of :func:`collate_bev`.
 
     Each item is a dict:
         images          float32 [6, 3, H, W]  normalised network input

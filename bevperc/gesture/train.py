@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from bevperc.gesture.config import GestureDataConfig, GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
+from bevperc.losses.engine import LossEngine, LossEngineConfig
 from bevperc.models.centernet import CenterNet, DetectorConfig, FeatureSet
 from bevperc.utils.config import from_dict, to_dict
 from bevperc.utils.io import atomic_torch_save, atomic_write_json
@@ -69,42 +69,8 @@ def det_task_weights(optim: OptimConfig) -> dict[str, float]:
 # ----------------------------------------------------------------------------- loss engine
 
 
-class _FixedWeightSum(nn.Module):
-    """Stand-in used only while bevperc/losses/engine.py does not exist yet.
-
-    It implements exactly the engine's documented ``enabled=False`` behaviour (CONTRACTS.md):
-    ``sum(fixed_weights.get(name, 1) * losses[name])`` in task order; ``step`` does nothing.
-    """
-
-    def __init__(self, task_names: list[str], fixed_weights: dict[str, float]) -> None:
-        super().__init__()
-        self.task_names = list(task_names)
-        self.fixed_weights = dict(fixed_weights)
-        self.task_sets = [list(task_names)]
-        self.second_weights = torch.ones(1)
-
-    def forward(self, losses: dict[str, Tensor], per_sample: dict[str, Tensor] | None = None) -> Tensor:
-        total = None
-        for name in self.task_names:
-            term = self.fixed_weights.get(name, 1.0) * losses[name]
-            total = term if total is None else total + term
-        return total
-
-    def step(self) -> None:
-        pass
-
-    def summary(self) -> dict:
-        return {"engine": "unavailable (bevperc.losses.engine missing): fixed-weight sum",
-                "task_sets": self.task_sets, "first_weights": self.fixed_weights}
-
-
 def build_loss_engine(task_names: list[str], fixed_weights: dict[str, float], optim: OptimConfig) -> nn.Module:
     """The project's LossEngine over ``task_names`` with first weights ``fixed_weights``."""
-    try:
-        from bevperc.losses.engine import LossEngine, LossEngineConfig
-    except ImportError:
-        warnings.warn("bevperc.losses.engine not available: using a fixed-weight sum", stacklevel=2)
-        return _FixedWeightSum(task_names, fixed_weights)
     cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(fixed_weights)}, source="optim.engine")
     return LossEngine(list(task_names), cfg)
 

@@ -147,6 +147,14 @@ class LossEngineConfig:
     lag_floor: float = 0.1
     lag_window: int = 0
     """Steps averaged for the loss ratio; 0 = condition_every."""
+    lag_reference: str = "initial"
+    """The "start" of the lag rule's ratio L/L0 (second weights): 'initial' (each task's loss over
+    the first scale_warmup_steps) or 'grouping' (its mean loss over the lag window when the current
+    task sets were formed: the first grouping, every accepted regrouping; with fixed sets, at
+    warmup_steps). Why 'grouping': on detectors the class-heatmap focal loss falls by far the most in
+    the first steps (prior calibration), so measured from step 0 the heatmap set always looks
+    furthest ahead and the lag rule starves it; measured from the set's formation it is judged
+    on the progress made while it is balanced."""
     progress_windows: int = 6
     """Learnability gate of the lag rule (second and first weights): the last this-many
     condition calls are used to test whether each set's / task's log-loss still moves beyond
@@ -174,6 +182,7 @@ class LossEngineConfig:
             "affinity": ("loss_corr", "grad_cos", "both"),
             "first_weighting": ("normalise", "fixed"),
             "loss_scale": ("initial", "recent"),
+            "lag_reference": ("initial", "grouping"),
             "condition": CONDITIONS,
         }
         for name, allowed in choices.items():
@@ -254,6 +263,7 @@ class LossEngine(nn.Module):
         self._initial_loss = torch.zeros(num_tasks)            # mean of first finite non-zero values
         self._initial_count = torch.zeros(num_tasks, dtype=torch.long)
         self._recent_scale: Tensor | None = None               # loss_scale='recent' only
+        self._reference_loss: Tensor | None = None             # lag_reference='grouping' only
         self._task_progress = ProgressGate(cfg.progress_windows, cfg.progress_threshold)  # first-weight lag rule
         # raw task-loss vectors [T] of the last history_length steps (references, no copy per step)
         self._history: collections.deque[Tensor] = collections.deque(maxlen=cfg.history_length)
@@ -282,6 +292,7 @@ class LossEngine(nn.Module):
     _PLAIN_STATE = frozenset({"_pending", "iteration", "last_nonfinite",
                               "_coefficients", "_grad_records", "_second_weights", "_initial_loss",
                               "_initial_count", "_scale_warming", "_all_seen", "_recent_scale", "_first_weights",
+                              "_reference_loss",
                               "_last_batch"})
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -359,6 +370,8 @@ class LossEngine(nn.Module):
         self._history = collections.deque((row.to(device) for row in self._history), maxlen=self.cfg.history_length)
         if self._recent_scale is not None:
             self._recent_scale = self._recent_scale.to(device)
+        if self._reference_loss is not None:
+            self._reference_loss = self._reference_loss.to(device)
         self._coefficients = None
 
     # ------------------------------------------------------------------ forward
@@ -494,10 +507,13 @@ class LossEngine(nn.Module):
         self._grad_affinity_count += known.double()
 
     # ------------------------------------------------------------------ second process
-    @torch.no_grad()
     def step(self) -> None:
         """Call after each optimiser step: update statistics, run the condition every k steps,
-        regroup after warm-up and every ``regroup_every`` steps."""
+        regroup after warm-up and every ``regroup_every`` steps.
+
+        No ``torch.no_grad`` around the whole call: on most steps it only files the detached
+        losses, and the decorator alone cost a noticeable share of that on small models; the
+        two periodic processes below enter it themselves."""
         if not self.cfg.enabled:
             self.iteration += 1
             return
@@ -512,9 +528,14 @@ class LossEngine(nn.Module):
             self._update_statistics(raw, samples)
         self.iteration += 1
         if self._should_group():
-            self._regroup()
+            with torch.no_grad():
+                self._regroup()
+        if (self.cfg.lag_reference == "grouping" and self._reference_loss is None
+                and self.iteration >= self.cfg.warmup_steps and self._history):
+            self._set_reference()  # fixed or per-task sets: balancing starts after the warm-up
         if self.iteration % self.cfg.condition_every == 0 and self._history:
-            self._run_condition()
+            with torch.no_grad():
+                self._run_condition()
 
     def _distributed(self) -> bool:
         return (self.cfg.sync_distributed and torch.distributed.is_available()
@@ -587,10 +608,20 @@ class LossEngine(nn.Module):
                            torch.full_like(numerator, float("nan")))
 
     def initial_first_losses(self) -> Tensor:
-        """Each set's first loss at the start [N] (1 per set with normalised first losses)."""
-        initial = torch.where(self._initial_count > 0, self._initial_loss / self._scale(),
+        """Each set's first loss at the lag rule's start [N] (``lag_reference``: the first steps, or
+        when the sets were formed), in the units of ``first_losses_history``."""
+        start = self._initial_loss if self._reference_loss is None else self._reference_loss
+        initial = torch.where(self._initial_count > 0, start / self._scale(),
                               torch.full_like(self._initial_loss, float("nan")))
         return self._aggregate_sets(initial)
+
+    def _set_reference(self) -> None:
+        """lag_reference='grouping': each task's mean loss over the last lag window (initial loss if none)."""
+        window = self.cfg.lag_window or self.cfg.condition_every
+        recent = self._ordered_history()[-window:]
+        observed = torch.isfinite(recent)
+        mean = torch.where(observed, recent, torch.zeros_like(recent)).sum(0) / observed.sum(0).clamp(min=1)
+        self._reference_loss = torch.where(observed.any(0), mean, self._initial_loss)
 
     def _run_condition(self) -> None:
         current = self._second_weights
@@ -732,6 +763,8 @@ class LossEngine(nn.Module):
         new_weights = new_weights * (num_sets / new_weights.sum())
         self._set_labels(labels, new_weights)
         self._grouped = True
+        if cfg.lag_reference == "grouping":
+            self._set_reference()
         self.grouping_score = float(score)
         on_regroup = getattr(self.condition, "on_regroup", None)
         if on_regroup is not None:
@@ -758,6 +791,7 @@ class LossEngine(nn.Module):
             "second_weights": self._second_weights.cpu().clone(),
             "first_weights": self._first_weights.cpu().clone(),
             "recent_scale": None if self._recent_scale is None else self._recent_scale.cpu().clone(),
+            "reference_loss": None if self._reference_loss is None else self._reference_loss.cpu().clone(),
             "task_progress": self._task_progress.state_dict(),
             "grouped": self._grouped,
             "initial_loss": self._initial_loss.cpu().clone(),
@@ -789,6 +823,8 @@ class LossEngine(nn.Module):
         self._first_weights = state["first_weights"].clone().to(self._initial_loss.device)
         self._recent_scale = None if state["recent_scale"] is None else \
             state["recent_scale"].clone().to(self._initial_loss.device)
+        reference = state.get("reference_loss")  # absent in checkpoints written before lag_reference
+        self._reference_loss = None if reference is None else reference.clone().to(self._initial_loss.device)
         if "task_progress" in state:  # absent in checkpoints written before the gate existed
             self._task_progress.load_state_dict(state["task_progress"])
         device = self._initial_loss.device

@@ -41,7 +41,7 @@ class BEVDetector(nn.Module):
     def _check_batch(self, batch: dict) -> None:
         missing = [key for key in ("images", *GEOMETRY_KEYS) if key not in batch]
         if missing:
-            raise KeyError(f"BEVDetector: batch is missing {missing} (see CONTRACTS.md batch format)")
+            raise KeyError(f"BEVDetector: batch is missing {missing} (the batch of bevperc.data.dataset.collate_bev)")
         images = batch["images"]
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"batch['images']: expected [B, N, 3, H, W], got {tuple(images.shape)}")

@@ -6,7 +6,7 @@ summarises, ``(u', v') = (x * 16 + 7.5, y * 16 + 7.5)`` (pixel centres at intege
 coordinates, as in the intrinsics). Depth bin ``i`` covers
 ``[start + i * step, start + (i + 1) * step)`` and its frustum point sits at the bin centre.
 
-Geometry (CONTRACTS.md): a pixel ``(u', v')`` at camera depth ``d`` maps to the augmented
+Geometry (the one convention of ``bevperc.geometry``): a pixel ``(u', v')`` at camera depth ``d`` maps to the augmented
 ego frame as ``bev_aug @ ego_from_camera @ [K^-1 @ inv(image_aug) @ [u', v', 1] * d, 1]``.
 """
 
