@@ -68,7 +68,7 @@ def _latest_finite_row(history: Tensor) -> Tensor | None:
     return row if bool(torch.isfinite(row).all()) else None
 
 
-def _window_mean(history: Tensor, window: int) -> Tensor:
+def window_mean(history: Tensor, window: int) -> Tensor:
     """NaN-aware mean [N] of the last ``window`` rows of ``history`` [H, N] (NaN if none)."""
     recent = history[-window:]
     finite = torch.isfinite(recent)
@@ -347,7 +347,7 @@ class DwaCondition:
     def __call__(
         self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
     ) -> Tensor:
-        mean = _window_mean(first_losses_history, self.period)
+        mean = window_mean(first_losses_history, self.period)
         previous, self.previous_mean = self.previous_mean, mean
         if previous is None or previous.numel() != mean.numel():
             return torch.ones_like(current_weights)

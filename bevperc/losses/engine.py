@@ -75,6 +75,7 @@ from bevperc.losses.conditions import (
     ProgressGate,
     UncertaintyCondition,
     to_numpy,
+    window_mean,
     window_statistics,
 )
 
@@ -355,13 +356,9 @@ class LossEngine(nn.Module):
 
     def _refresh_recent_scale(self, ordered: Tensor) -> None:
         """loss_scale='recent': s_i = mean observed loss over the last lag window (kept if none)."""
-        window = self.cfg.lag_window or self.cfg.condition_every
-        recent = ordered[-window:]
-        observed = torch.isfinite(recent)
-        count = observed.sum(0)
-        mean = torch.where(observed, recent, torch.zeros_like(recent)).sum(0) / count.clamp(min=1)
+        mean = window_mean(ordered, self.cfg.lag_window or self.cfg.condition_every)
         previous = self._initial_loss if self._recent_scale is None else self._recent_scale
-        self._recent_scale = torch.where((count > 0) & (self._initial_count > 0), mean, previous)
+        self._recent_scale = torch.where(torch.isfinite(mean) & (self._initial_count > 0), mean, previous)
 
     def _to_device(self, device: torch.device) -> None:
         # _labels and _prior stay on the CPU (only used when regrouping / logging).
@@ -617,11 +614,8 @@ class LossEngine(nn.Module):
 
     def _set_reference(self) -> None:
         """lag_reference='grouping': each task's mean loss over the last lag window (initial loss if none)."""
-        window = self.cfg.lag_window or self.cfg.condition_every
-        recent = self._ordered_history()[-window:]
-        observed = torch.isfinite(recent)
-        mean = torch.where(observed, recent, torch.zeros_like(recent)).sum(0) / observed.sum(0).clamp(min=1)
-        self._reference_loss = torch.where(observed.any(0), mean, self._initial_loss)
+        mean = window_mean(self._ordered_history(), self.cfg.lag_window or self.cfg.condition_every)
+        self._reference_loss = torch.where(torch.isfinite(mean), mean, self._initial_loss)
 
     def _run_condition(self) -> None:
         current = self._second_weights
