@@ -89,19 +89,43 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert warm(4) == 1.0 and warm(10) == 0.0 and all(warm(i) > warm(i + 1) for i in range(4, 10))
 
 
-def test_bench_trains_only_the_base_runs_the_variants_need() -> None:
+def _bench_module():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "bench" / "distill.py"
     spec = importlib.util.spec_from_file_location("bench_distill", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_trains_only_the_base_runs_the_variants_need() -> None:
+    bench = _bench_module()
     need = bench.needed_base_runs
     assert need(["kd_t2"]) == ["teacher2", "student"]
     assert need(["kd_t2_resize@engine"]) == ["teacher2", "teacher2_resize", "student"]
     assert need(["kd_both_full", "kd_t2"]) == ["teacher1", "teacher2", "student"]
     assert need(["kd_both_heads"], weights=(1.0, 0.0, 5.0, 1.0)) == ["teacher2", "student"]  # t1 heads weight 0
     assert need(list(bench.VARIANTS)) == list(bench.BASE_RUNS)
+
+
+def test_bench_summary_uses_paired_differences_and_the_gap_of_the_seed_means() -> None:
+    """Seed 1's gap is tiny (0.02): its per-seed G (-1.0) is noise, the goal uses G of the seed means."""
+    bench = _bench_module()
+    per_seed = {0: {"student": 0.50, "teacher2": 0.90, "kd_t2": 0.80, "kd_both_full": 0.86},
+                1: {"student": 0.96, "teacher2": 0.98, "kd_t2": 0.97, "kd_both_full": 0.94}}
+    seeds = [{"seed": s, "results": {k: {"mAP50": v, "mAP": v / 2} for k, v in r.items()}} for s, r in per_seed.items()]
+    latency = {"student": {"input_size": 64, "params": 1, "latency_ms": 1.0}}
+    table, markdown = bench.summarise(seeds, latency, ["fixed"], ["kd_t2", "kd_both_full"])
+    full = table["kd_both_full"]
+    assert full["G_mAP50"][0] == pytest.approx((0.9 + -1.0) / 2)  # per-seed G: 0.36/0.40 and -0.02/0.02
+    assert full["G_of_means_mAP50"] == pytest.approx((0.90 - 0.73) / (0.94 - 0.73))
+    assert full["delta_vs_student_mAP50"] == pytest.approx((0.17, 0.19))  # paired diffs +0.36 / -0.02
+    assert full["seeds_better_than_student"] == 1 and not full["not_worse_every_seed"]
+    goals = table["goals"]["fixed"]
+    assert goals["G_full_mAP50"] == pytest.approx(full["G_of_means_mAP50"]) and goals["G_full_at_least_0.5"]
+    assert goals["both_beat_teacher2_only"]  # 0.900 > 0.885
+    assert "| kd_both_full | 0.900" in markdown and "1/2" in markdown
 
 
 def test_full_distillation_tasks_and_engine_summary(tiny_set: Path, teachers, tmp_path: Path) -> None:
@@ -208,3 +232,17 @@ def test_object_region_weights_mimicry_towards_teacher_detections() -> None:
     far[0, :, 7, 7] += 5.0  # error far from the object
     near[0, :, 2, 2] += 5.0  # the same error on it
     assert feature_mimic_loss(near, t, "global", w) > 5 * feature_mimic_loss(far, t, "global", w)
+
+
+def test_shipped_gesture_configs_load_and_distil_with_the_documented_engine_settings() -> None:
+    """configs/gesture_*.yaml parse (unknown keys are rejected) and the distillation config carries
+    every DISTILL_ENGINE setting, so the command a user copies from the README runs what was measured."""
+    from bevperc.gesture.config import DISTILL_ENGINE, DistillConfig, GestureDataConfig, GestureTrainConfig
+    from bevperc.utils.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("student", "teacher1", "teacher2", "teacher2_resize"):
+        assert load_config(GestureTrainConfig, root / f"gesture_{name}.yaml").model.stage_widths
+    assert load_config(GestureDataConfig, root / "gesture_test_data.yaml").classes
+    distill = load_config(DistillConfig, root / "gesture_distill.yaml")
+    assert {k: distill.optim.engine.get(k) for k in DISTILL_ENGINE} == DISTILL_ENGINE

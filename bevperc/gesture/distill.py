@@ -37,6 +37,7 @@ resampling) is not distilled.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,11 +357,13 @@ def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDat
                 losses[name] = values.mean()
         return losses, per_sample
 
+    start = time.perf_counter()
     history = run_training(student, [link.adapters for link in links], make_loader(dataset, cfg.optim),
                            compute_losses, engine, cfg.optim, desc="distill")
+    seconds = time.perf_counter() - start
     path = save_detector(out / "model.pt", student, cfg.data.classes, cfg.data.input_size, "student_distilled",
                          {"distill_config": to_dict(cfg)})
-    atomic_write_json(out / "history.json", {"history": history, "tasks": task_weights,
+    atomic_write_json(out / "history.json", {"history": history, "train_seconds": seconds, "tasks": task_weights,
                                              "aligned_stages": {l.name: l.stages for l in links}})
     atomic_write_json(out / "engine_summary.json", engine_summary(engine))
     save_config(cfg, out / "config.yaml")
