@@ -8,8 +8,9 @@ alternative, and the plain student; then distil the student with
 
 each once with the fixed weighted sum of the tasks (``<variant>``) and once balanced by the loss
 engine (``<variant>@engine``), and score everything with COCO mAP on the test split. Reports
-mAP@0.5, mAP@[.5:.95] (mean +- std over seeds), the gap closed G = (KD - student) / (teacher 2 -
-student) (per seed, then averaged), the issue's goals checked on the means, and
+mAP@0.5, mAP@[.5:.95] (mean +- std over seeds), the paired per-seed difference from the student
+(+- s.e.), the gap closed G = (KD - student) / (teacher 2 - student) on the seed means (and per
+seed, averaged), the issue's goals checked on the means, and
 student/teacher parameters and CPU latency at each model's input size (batch 1, measured side by
 side in this process with the same thread count). The "on" weights of a variant are the
 ``DistillWeights`` defaults (teacher 1: features 1, heads 1; teacher 2: features 5, heads 1).
