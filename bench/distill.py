@@ -146,16 +146,22 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
               f"({timings[name]:.0f} s)", flush=True)
 
     reused: list[str] = []
-    for role in needed_base_runs(args["variants"], args.get("weights")):
+
+    def run_or_reuse(name: str, cfg: Any, run_dir: Path, train: Any) -> Path:
+        """``train()`` -> checkpoint, unless --reuse finds a finished run with this config in run_dir."""
+        if args.get("reuse") and _same_run(cfg, run_dir):
+            reused.append(name)  # same config, same data, same code: deterministic
+            timings[name] = json.loads((run_dir / "history.json").read_text()).get("train_seconds", float("nan"))
+            return run_dir / "model.pt"
         start = time.perf_counter()
+        path = train()
+        timings[name] = time.perf_counter() - start
+        return path
+
+    for role in needed_base_runs(args["variants"], args.get("weights")):
         dataset = train_big if role.startswith("teacher2") else train_small
-        if args.get("reuse") and _same_run(cfgs[role], out / role):
-            ckpts[role] = out / role / "model.pt"  # same config, same data, same code: deterministic
-            reused.append(role)
-            timings[role] = json.loads((out / role / "history.json").read_text()).get("train_seconds", float("nan"))
-        else:
-            ckpts[role] = train_detector(cfgs[role], out / role, dataset=dataset)
-            timings[role] = time.perf_counter() - start
+        ckpts[role] = run_or_reuse(role, cfgs[role], out / role,
+                                   lambda: train_detector(cfgs[role], out / role, dataset=dataset))
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
     full = on_weights(args.get("weights"))
     for mode in args["engine_modes"]:
@@ -173,14 +179,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
                 teacher1_checkpoint=str(ckpts["teacher1"]) if "teacher1" in ckpts else None,
                 teacher2_checkpoint=str(ckpts["teacher2_resize" if align == "resize" else "teacher2"]))
             run_dir = out / name.replace("@", "_")
-            start = time.perf_counter()
-            if args.get("reuse") and _same_run(cfg, run_dir):
-                ckpts[name] = run_dir / "model.pt"
-                reused.append(name)
-                timings[name] = json.loads((run_dir / "history.json").read_text()).get("train_seconds", float("nan"))
-            else:
-                ckpts[name] = distill_student(cfg, run_dir, dataset=train_set)
-                timings[name] = time.perf_counter() - start
+            ckpts[name] = run_or_reuse(name, cfg, run_dir, lambda: distill_student(cfg, run_dir, dataset=train_set))
             score(name, ckpts[name], 0)
             summary = json.loads((run_dir / "engine_summary.json").read_text())
             results[name]["task_sets"] = summary.get("task_sets")

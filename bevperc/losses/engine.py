@@ -176,6 +176,11 @@ class LossEngineConfig:
     max_weight_history: int = 2000
     """Weight-history entries kept for summary(); older ones are thinned (every other kept)."""
 
+    @property
+    def lag_window_steps(self) -> int:
+        """Steps averaged for the lag rule's loss ratio: ``lag_window``, or ``condition_every`` when 0."""
+        return self.lag_window or self.condition_every
+
     def __post_init__(self) -> None:
         choices = {
             "grouping": ("cluster", "per_task"),
@@ -215,7 +220,7 @@ class LossEngineConfig:
 def make_condition(cfg: LossEngineConfig) -> Callable[..., Tensor]:
     """The optimisation condition named by ``cfg.condition`` with its config values."""
     if cfg.condition == "lag":
-        return LagCondition(cfg.lag_temperature, cfg.lag_smoothing, cfg.lag_floor, cfg.lag_window or cfg.condition_every,
+        return LagCondition(cfg.lag_temperature, cfg.lag_smoothing, cfg.lag_floor, cfg.lag_window_steps,
                             cfg.progress_windows, cfg.progress_threshold)
     if cfg.condition == "fixed":
         return FixedCondition()
@@ -356,7 +361,7 @@ class LossEngine(nn.Module):
 
     def _refresh_recent_scale(self, ordered: Tensor) -> None:
         """loss_scale='recent': s_i = mean observed loss over the last lag window (kept if none)."""
-        mean = window_mean(ordered, self.cfg.lag_window or self.cfg.condition_every)
+        mean = window_mean(ordered, self.cfg.lag_window_steps)
         previous = self._initial_loss if self._recent_scale is None else self._recent_scale
         self._recent_scale = torch.where(torch.isfinite(mean) & (self._initial_count > 0), mean, previous)
 
@@ -614,7 +619,7 @@ class LossEngine(nn.Module):
 
     def _set_reference(self) -> None:
         """lag_reference='grouping': each task's mean loss over the last lag window (initial loss if none)."""
-        mean = window_mean(self._ordered_history(), self.cfg.lag_window or self.cfg.condition_every)
+        mean = window_mean(self._ordered_history(), self.cfg.lag_window_steps)
         self._reference_loss = torch.where(torch.isfinite(mean), mean, self._initial_loss)
 
     def _run_condition(self) -> None:
@@ -641,7 +646,7 @@ class LossEngine(nn.Module):
         NumPy: a few numbers per task, where torch's per-op dispatch would dominate the cost.
         """
         cfg = self.cfg
-        window = cfg.lag_window or cfg.condition_every
+        window = cfg.lag_window_steps
         mean, variance = window_statistics(to_numpy(ordered), window)
         initial = to_numpy(self._initial_loss)
         with np.errstate(divide="ignore", invalid="ignore"):
