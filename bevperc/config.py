@@ -55,6 +55,8 @@ class Config:
                 f"data.input_size {tuple(self.data.input_size)} != model.view.input_size "
                 f"{tuple(self.model.view.input_size)}: set both to the same (H, W)"
             )
+        if self.model.view.depth_supervision and not self.data.load_depth:
+            raise ConfigError("model.view.depth_supervision needs LiDAR depth in the batch: set data.load_depth: true")
         grid = self.model.grid
         expected = (grid.x_range[0], grid.y_range[0], grid.z_range[0], grid.x_range[1], grid.y_range[1], grid.z_range[1])
         if tuple(self.data.gt_range) != tuple(expected):

@@ -77,7 +77,16 @@ class FastValidation:
             submission, self.cfg.data.dataroot, self.cfg.data.version, self.cfg.data.val_split,
             out_dir=out_dir, engine="fast",
         )
-        return {"mAP": metrics["mean_ap"], "NDS": metrics["nd_score"]}
+        return validation_scores(metrics)
+
+
+def validation_scores(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalars a learning curve tracks from a ``metrics_summary.json`` dict: mAP, NDS, the
+    mean true-positive errors (mATE, mASE, mAOE, mAVE, mAAE) and every class's AP (``AP/<class>``)."""
+    errors = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
+    scores = {"mAP": float(metrics["mean_ap"]), "NDS": float(metrics["nd_score"])}
+    scores |= {short: float(metrics["tp_errors"][name]) for name, short in errors.items()}
+    return scores | {f"AP/{name}": float(ap) for name, ap in metrics["mean_dist_aps"].items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

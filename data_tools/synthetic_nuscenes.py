@@ -5,6 +5,8 @@ Examples::
 
     # the demo set: the 10 mini scenes, 40 keyframes each, images + LiDAR
     python data_tools/synthetic_nuscenes.py --out data/nuscenes-synthetic --version v1.0-mini --seed 0
+    # many short scenes: 96 train + 24 val scenes of 5 keyframes (more distinct scenes per rendered frame)
+    python data_tools/synthetic_nuscenes.py --out data/synth --version v1.0-trainval --train-scenes 96 --val-scenes 24 --samples-per-scene 5
     # a 6000-sample tables-only set (the 150 real val scene names) for evaluator benchmarks
     python data_tools/synthetic_nuscenes.py --out data/synth-trainval --version v1.0-trainval --no-images --no-lidar
 
@@ -35,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-scenes", type=int, default=None, help="keep only the first N scenes of the version")
     parser.add_argument("--include-train", action="store_true",
                         help="trainval: also generate the 700 train scenes (default: the 150 val scenes only)")
+    parser.add_argument("--train-scenes", type=int, default=None,
+                        help="trainval: generate only the first N of the 700 train scenes (implies --include-train)")
+    parser.add_argument("--val-scenes", type=int, default=None,
+                        help="trainval: generate only the first N of the 150 val scenes")
     parser.add_argument("--objects-per-sample", type=float, default=defaults.objects_per_sample,
                         help="target mean number of annotations within 50 m of the ego")
     parser.add_argument("--no-images", action="store_true", help="do not render camera JPEGs (tables only)")
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(
             args.out, version=args.version, seed=args.seed, progress=not args.quiet,
             samples_per_scene=args.samples_per_scene, num_scenes=args.num_scenes, split=args.split,
-            include_train=args.include_train, objects_per_sample=args.objects_per_sample,
+            include_train=args.include_train, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
+            objects_per_sample=args.objects_per_sample,
             images=not (args.no_images or args.tables_only), lidar=not (args.no_lidar or args.tables_only),
             render_scale=args.render_scale, jpeg_quality=args.jpeg_quality,
             annotation_radius=args.annotation_radius, bicycle_racks=not args.no_bicycle_racks,

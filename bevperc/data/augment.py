@@ -65,26 +65,44 @@ def sample_image_aug(
     return resize, transform
 
 
+def draft_size(original_size: tuple[int, int], input_size: tuple[int, int], cfg: ImageAugConfig) -> tuple[int, int]:
+    """(width, height) the camera JPEGs are decoded at: the largest the image resize can ask for.
+
+    JPEGs are decoded at a reduced DCT scale when that is still at least this size
+    (``Image.draft``), several times faster than a full decode. One size for every draw of the
+    augmentation makes the decoded image a function of the file alone, which the image cache relies on.
+    """
+    width, height = original_size
+    largest = input_size[1] / width * max(1.0, cfg.resize_range[1])
+    return max(1, math.ceil(width * largest)), max(1, math.ceil(height * largest))
+
+
+def decode_image(path, size: tuple[int, int]) -> Image.Image:
+    """The RGB image of a camera file, JPEGs decoded at the smallest DCT scale of at least ``size`` (w, h)."""
+    image = Image.open(path)
+    if image.format == "JPEG":
+        image.draft("RGB", size)
+    return image.convert("RGB")
+
+
 def apply_image_aug(
     image: Image.Image,
+    original_size: tuple[int, int],
     resize: float,
     crop_flip_rotate: np.ndarray,
     input_size: tuple[int, int],
 ) -> tuple[Image.Image, np.ndarray]:
-    """Resize (antialiased) then warp ``image`` into the network input.
+    """Resize (bilinear) then warp a decoded camera image into the network input.
 
-    JPEG images are decoded at a reduced DCT scale when that is still at least the target
-    size (``Image.draft``), which makes loading several times faster without changing the
-    geometry: the actual scale is measured from the decoded size.
-
+    Args:
+        image: the decoded image (:func:`decode_image`; possibly smaller than the file).
+        original_size: (width, height) of the camera image the intrinsics refer to.
     Returns:
         The augmented image (input_size) and ``image_aug`` (3x3) mapping original pixels to it.
     """
-    width, height = image.size
+    width, height = original_size
     target_w, target_h = max(1, round(width * resize)), max(1, round(height * resize))
-    if image.format == "JPEG":
-        image.draft("RGB", (target_w, target_h))
-    image = image.convert("RGB").resize((target_w, target_h), Image.BILINEAR)
+    image = image.resize((target_w, target_h), Image.BILINEAR)
     scale = np.diag([target_w / width, target_h / height, 1.0])
     input_h, input_w = input_size
     inverse = np.linalg.inv(crop_flip_rotate)

@@ -54,6 +54,12 @@ class DataConfig:
     bev_aug: BEVAugConfig = field(default_factory=BEVAugConfig)
     augment: bool = True
     load_depth: bool = False
+    """Project the sample's LiDAR sweep into each augmented image (``depth_maps``, ``object_depth_maps``)."""
+    image_cache: bool = False
+    """Keep decoded camera images in ``cache_dir`` (``bevperc.data.image_cache``): epochs after the
+    first skip JPEG decoding; the images are bit-identical."""
+    cache_dir: Optional[str] = None
+    """Where the image cache lives; default ``<info_dir or dataroot>/bevperc_cache``."""
     gt_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     min_lidar_points: int = 1
 

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bevperc.data.augment import apply_image_aug, sample_bev_aug, sample_image_aug
+from bevperc.data.augment import apply_image_aug, decode_image, draft_size, sample_bev_aug, sample_image_aug
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.data.config import DataConfig
+from bevperc.data.image_cache import ImageCache
 from bevperc.data.infos import CAMERA_NAMES, DataError, load_infos
-from bevperc.geometry import invert_transform, project_to_image, transform_boxes, transform_points
+from bevperc.geometry import invert_transform, points_in_boxes, project_to_image, transform_boxes, transform_points
 
 
 def load_lidar_points(path: str | Path) -> np.ndarray:
@@ -67,7 +68,8 @@ class NuScenesBEVDataset(Dataset):
         bev_aug         float32 [4, 4]        ego -> augmented ego
         gt_boxes        float32 [M, 9]        augmented ego frame, box convention
         gt_labels       int64   [M]
-        depth_maps      float32 [6, H, W]     only with ``cfg.load_depth``
+        depth_maps      float32 [6, H, W]     only with ``cfg.load_depth``: nearest LiDAR depth per pixel, 0 = none
+        object_depth_maps float32 [6, H, W]   likewise, from the LiDAR points inside GT boxes only
         global_from_ego float64 [4, 4]
         sample_token    str
 
@@ -87,6 +89,15 @@ class NuScenesBEVDataset(Dataset):
         payload = load_infos(self.info_path)
         self.samples: list[dict[str, Any]] = payload["samples"]
         self.class_names: Sequence[str] = DETECTION_CLASSES
+        self.image_cache = None
+        if cfg.image_cache:
+            cache_root = Path(cfg.cache_dir or self.info_path.parent / "bevperc_cache")
+            self.image_cache = ImageCache(cache_root, split, self.info_path, self._decode_size(CAMERA_NAMES[0]))
+
+    def _decode_size(self, camera: str) -> tuple[int, int]:
+        """The (w, h) camera images are decoded at (:func:`bevperc.data.augment.draft_size`)."""
+        cam = self.samples[0]["cameras"][camera] if self.samples else {"width": 1600, "height": 900}
+        return draft_size((cam["width"], cam["height"]), tuple(self.cfg.input_size), self.cfg.image_aug)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,14 +111,16 @@ class NuScenesBEVDataset(Dataset):
             return None
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def _open_image(self, sample: dict, camera: str) -> Image.Image:
+    def _decoded_image(self, sample: dict, camera: str) -> Image.Image:
         path = self.dataroot / sample["cameras"][camera]["path"]
         if not path.is_file():
             raise DataError(
                 f"{self.info_path}: sample {sample['token']} camera {camera}: image file not found: {path}"
             )
         try:
-            return Image.open(path)
+            if self.image_cache is not None:
+                return self.image_cache.load(path, f"{sample['token']}_{camera}")
+            return decode_image(path, self._decode_size(camera))
         except OSError as err:
             raise DataError(f"{path}: cannot read image ({err})") from None
 
@@ -120,9 +133,10 @@ class NuScenesBEVDataset(Dataset):
         std = np.asarray(self.cfg.image_std, dtype=np.float32) * 255.0
         for camera in CAMERA_NAMES:
             cam = sample["cameras"][camera]
-            image = self._open_image(sample, camera)
-            resize, crop_flip_rotate = sample_image_aug(rng, image.size, input_size, self.cfg.image_aug)
-            image, image_aug = apply_image_aug(image, resize, crop_flip_rotate, input_size)
+            original_size = (cam["width"], cam["height"])
+            resize, crop_flip_rotate = sample_image_aug(rng, original_size, input_size, self.cfg.image_aug)
+            image, image_aug = apply_image_aug(self._decoded_image(sample, camera), original_size, resize,
+                                               crop_flip_rotate, input_size)
             array = (np.asarray(image, dtype=np.float32) - mean) / std
             images.append(torch.from_numpy(array.transpose(2, 0, 1).copy()))
             intrinsics.append(np.asarray(cam["intrinsics"], dtype=np.float64))
@@ -143,17 +157,22 @@ class NuScenesBEVDataset(Dataset):
             "sample_token": sample["token"],
         }
         if self.cfg.load_depth:
-            points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
-            points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
-            item["depth_maps"] = torch.from_numpy(
-                np.stack(
-                    [
-                        lidar_depth_map(points_ego, e, k, a, input_size)
-                        for e, k, a in zip(ego_from_camera, intrinsics, image_augs)
-                    ]
-                )
-            )
+            item.update(self._depth_maps(sample, ego_from_camera, intrinsics, image_augs))
         return item
+
+    def _depth_maps(self, sample: dict, ego_from_camera: list, intrinsics: list, image_augs: list) -> dict[str, torch.Tensor]:
+        """``depth_maps`` and ``object_depth_maps`` ``[6, H, W]`` of the sample's LiDAR sweep."""
+        points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
+        points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
+        boxes = np.asarray(sample["gt"]["boxes"], dtype=np.float64).reshape(-1, 9)
+        on_object = points_in_boxes(points_ego, boxes[:, :7]).any(axis=0) if len(boxes) else np.zeros(len(points_ego), bool)
+        maps = {}
+        for key, selected in (("depth_maps", points_ego), ("object_depth_maps", points_ego[on_object])):
+            maps[key] = torch.from_numpy(np.stack([
+                lidar_depth_map(selected, e, k, a, tuple(self.cfg.input_size))
+                for e, k, a in zip(ego_from_camera, intrinsics, image_augs)
+            ]))
+        return maps
 
     def _gt(self, sample: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gt = sample["gt"]

@@ -273,6 +273,8 @@ class SyntheticConfig:
     samples_per_scene: int = 40  # keyframes per scene (2 Hz)
     num_scenes: Optional[int] = None  # keep only the first N scenes of the version (None: all)
     include_train: bool = False  # trainval: also generate the 700 train scenes
+    train_scenes: Optional[int] = None  # trainval: only the first N train scenes (implies include_train)
+    val_scenes: Optional[int] = None  # trainval: only the first N val scenes
     split: Optional[str] = None  # keep only the scenes of this devkit split (e.g. "mini_val": a held-out world)
     objects_per_sample: float = 40.0  # target mean number of annotations within 50 m of the ego per sample
     images: bool = True  # render and write the camera JPEGs
@@ -295,8 +297,16 @@ class SyntheticConfig:
         allowed = {"v1.0-mini": ("mini_train", "mini_val"), "v1.0-trainval": ("train", "val")}[self.version]
         if self.split is not None and self.split not in allowed:
             raise ValueError(f"split must be one of {allowed} for {self.version}, got {self.split!r}")
-        if self.split == "train" and not self.include_train:
-            raise ValueError("split='train' of v1.0-trainval needs include_train=True")
+        for name in ("train_scenes", "val_scenes"):
+            count = getattr(self, name)
+            if count is not None and (self.version != "v1.0-trainval" or count < 0):
+                raise ValueError(f"{name} is a count >= 0 of v1.0-trainval scenes, got {count} for {self.version}")
+        if self.split == "train" and not self.has_train_scenes:
+            raise ValueError("split='train' of v1.0-trainval needs include_train=True or train_scenes")
+
+    @property
+    def has_train_scenes(self) -> bool:
+        return self.include_train or self.train_scenes is not None
         if not 0.05 <= self.render_scale <= 1.0:
             raise ValueError(f"render_scale must be in [0.05, 1], got {self.render_scale}")
         if self.objects_per_sample < 0:
@@ -318,7 +328,7 @@ def scene_names_for(cfg: SyntheticConfig) -> list[str]:
     if cfg.version == "v1.0-mini":
         names = splits["mini_train"] + splits["mini_val"]
     else:
-        names = splits["val"] + (splits["train"] if cfg.include_train else [])
+        names = splits["val"][: cfg.val_scenes] + (splits["train"][: cfg.train_scenes] if cfg.has_train_scenes else [])
     if cfg.split is not None:
         names = [name for name in names if name in set(splits[cfg.split])]
     if cfg.num_scenes is not None:
@@ -1786,7 +1796,7 @@ def generate(out_dir: str | os.PathLike, version: str = "v1.0-mini", seed: int =
     """Generate a synthetic nuScenes dataset at ``out_dir``; returns the dataset root.
 
     ``options`` are the fields of :class:`SyntheticConfig` (``samples_per_scene``,
-    ``num_scenes``, ``split``, ``include_train``, ``objects_per_sample``, ``images``, ``lidar``,
+    ``num_scenes``, ``split``, ``include_train``, ``train_scenes``, ``val_scenes``, ``objects_per_sample``, ``images``, ``lidar``,
     ``render_scale``, ``jpeg_quality``, ``annotation_radius``, ``bicycle_racks``,
     ``workers``, ``overwrite``). Raises ``FileExistsError`` when ``out_dir`` is a
     non-empty folder and ``overwrite`` is False.

@@ -172,6 +172,7 @@ class Trainer:
         self.iteration_in_epoch = 0
         self.global_step = 0
         self.skipped_steps = 0          # non-finite loss or gradients (weights untouched)
+        self.train_seconds = 0.0        # wall time spent in training epochs (validation excluded), over resumes
         self.amp_overflow_steps = 0     # fp16 GradScaler overflow steps (expected early on)
         self.history: dict[str, list] = {"loss": [], "lr": [], "grad_norm": [], "skipped_steps": [], "val": []}
         self._last_saved_step = -1
@@ -400,6 +401,7 @@ class Trainer:
                 self.iteration_in_epoch += 1
                 now = time.perf_counter()
                 window.add(result, now - last_time, self.global_batch_size)
+                self.train_seconds += now - last_time
                 last_time = now
                 bar.update(1)
                 if self.dist.is_main and self.cfg.progress_bar:
@@ -469,8 +471,10 @@ class Trainer:
         self.train_model.train()
         numeric = {name: float(value) for name, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        # ``step``: the global step the validated weights were trained for (the x of a learning curve).
-        self.history["val"].append({"epoch": finished_epoch, "step": self.global_step, **numeric})
+        # ``step``: the global step the validated weights were trained for (the x of a learning curve);
+        # ``train_seconds``: the training wall time that took (validations excluded).
+        self.history["val"].append({"epoch": finished_epoch, "step": self.global_step,
+                                    "train_seconds": round(self.train_seconds, 3), **numeric})
         if self.dist.is_main:
             self.logger.info("validation after epoch %d: %s", self.epoch,
                              " ".join(f"{name} {value:.4g}" for name, value in numeric.items()) or metrics)
@@ -494,7 +498,7 @@ class Trainer:
             "rng": rng_states,  # one entry per rank
             "progress": {"epoch": self.epoch, "iteration_in_epoch": self.iteration_in_epoch,
                          "global_step": self.global_step, "skipped_steps": self.skipped_steps,
-                         "amp_overflow_steps": self.amp_overflow_steps},
+                         "amp_overflow_steps": self.amp_overflow_steps, "train_seconds": self.train_seconds},
             "data": {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
                      "iters_per_epoch": self.iters_per_epoch, "dataset_len": self.dataset_len,
                      "seed": self.cfg.seed},
@@ -596,6 +600,7 @@ class Trainer:
         self.global_step = int(progress["global_step"])
         self.skipped_steps = int(progress["skipped_steps"])
         self.amp_overflow_steps = int(progress["amp_overflow_steps"])
+        self.train_seconds = float(progress.get("train_seconds", 0.0))
         if self.iteration_in_epoch >= self.iters_per_epoch:
             self.epoch, self.iteration_in_epoch = self.epoch + 1, 0
         self._last_saved_step = self.global_step

@@ -1,6 +1,6 @@
 """Camera BEV detector (LSS/BEVDet + CenterPoint head)."""
 
-from bevperc.models.backbone import ResNetBackbone
+from bevperc.models.backbone import ImageBackbone
 from bevperc.models.bev_encoder import BEVEncoder
 from bevperc.models.bev_pool import PoolPlan, PoolPlanCache, bev_pool, bev_pool_quickcumsum, make_pool_plan
 from bevperc.models.centerpoint_head import (
@@ -42,7 +42,7 @@ __all__ = [
     "NeckConfig",
     "PoolPlan",
     "PoolPlanCache",
-    "ResNetBackbone",
+    "ImageBackbone",
     "ViewTransformerConfig",
     "assign_targets",
     "bev_pool",

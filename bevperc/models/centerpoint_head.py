@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from bevperc.data.classes import CLASS_INDEX
-from bevperc.models.config import BEVGridConfig, HeadConfig, ModelConfig, ViewTransformerConfig
-from bevperc.models.lift import depth_loss
+from bevperc.models.config import BEVGridConfig, HeadConfig, ModelConfig
 
 REGRESSION_BRANCHES: dict[str, int] = {"offset": 2, "height": 1, "size": 3, "rotation": 2, "velocity": 2}
 """Regression branch -> channels, in CenterPoint's code order (reg, height, dim, rot, vel)."""
@@ -258,13 +257,13 @@ def _branch(in_channels: int, mid_channels: int, out_channels: int, bias_init: f
 class CenterPointHead(nn.Module):
     """Shared conv, then per class group a heatmap branch and the regression branches.
 
-    ``view`` is the view-transformer config; when ``view.depth_supervision`` is on,
-    ``loss`` adds the ``"depth"`` task from ``outputs["depth"]`` and ``batch["depth_maps"]``.
+    With ``head.merged_regression`` one branch per group predicts all regression channels,
+    split into the same named outputs.
     """
 
-    def __init__(self, in_channels: int, head: HeadConfig, grid: BEVGridConfig, view: ViewTransformerConfig | None = None):
+    def __init__(self, in_channels: int, head: HeadConfig, grid: BEVGridConfig):
         super().__init__()
-        self.head_cfg, self.grid_cfg, self.view_cfg = head, grid, view
+        self.head_cfg, self.grid_cfg = head, grid
         self.shared = nn.Sequential(
             nn.Conv2d(in_channels, head.shared_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(head.shared_channels),
@@ -272,27 +271,31 @@ class CenterPointHead(nn.Module):
         )
         self.branches = nn.ModuleDict()
         for group_name, group in zip(head.group_names, head.class_groups):
+            branches = {"heatmap": _branch(head.shared_channels, head.head_channels, len(group), HEATMAP_INIT_BIAS)}
+            if head.merged_regression:
+                branches["regression"] = _branch(head.shared_channels, head.head_channels,
+                                                 sum(REGRESSION_BRANCHES.values()))
+            else:
+                branches |= {name: _branch(head.shared_channels, head.head_channels, dim)
+                             for name, dim in REGRESSION_BRANCHES.items()}
             # ModuleDict keys cannot contain "."; group names contain "+" only.
-            self.branches[group_name] = nn.ModuleDict(
-                {"heatmap": _branch(head.shared_channels, head.head_channels, len(group), HEATMAP_INIT_BIAS)}
-                | {name: _branch(head.shared_channels, head.head_channels, dim) for name, dim in REGRESSION_BRANCHES.items()}
-            )
-
-    @property
-    def depth_supervision(self) -> bool:
-        return self.view_cfg is not None and self.view_cfg.depth_supervision
+            self.branches[group_name] = nn.ModuleDict(branches)
 
     def forward(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, C, ny, nx]`` -> ``{"group.branch": [B, channels, ny, nx]}``."""
         shared = self.shared(bev)
-        return {
-            f"{group_name}.{branch}": module(shared)
-            for group_name, branches in self.branches.items()
-            for branch, module in branches.items()
-        }
+        outputs = {}
+        for group_name, branches in self.branches.items():
+            for branch, module in branches.items():
+                if branch == "regression":
+                    maps = module(shared).split(list(REGRESSION_BRANCHES.values()), dim=1)
+                    outputs |= {f"{group_name}.{name}": out for name, out in zip(REGRESSION_BRANCHES, maps)}
+                else:
+                    outputs[f"{group_name}.{branch}"] = module(shared)
+        return outputs
 
     def loss(self, preds: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Task losses (scalars) and per-sample losses (``[B]``), keyed ``"group.branch"`` (+ ``"depth"``).
+        """Task losses (scalars) and per-sample losses (``[B]``), keyed ``"group.branch"``.
 
         Heatmap: focal sum / max(#positive cells, 1). Regression: L1 sum at centre cells /
         (#objects + 1e-4), as mmdet3d's CenterHead. Per-sample values use the same formula
@@ -313,8 +316,4 @@ class CenterPointHead(nn.Module):
                 sums = masked_l1_sums(predicted, target.regression[branch], target.mask)
                 task_losses[name] = sums.sum() / (num_objects.sum() + 1e-4)
                 per_sample[name] = sums / (num_objects + 1e-4)
-        if self.depth_supervision:
-            if "depth" not in preds:
-                raise KeyError("outputs['depth'] (depth logits) is required when view.depth_supervision is on")
-            task_losses["depth"], per_sample["depth"] = depth_loss(preds["depth"], batch["depth_maps"], self.view_cfg)
         return task_losses, per_sample

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from bevperc.data.classes import DETECTION_CLASSES, STANDARD_CLASS_GROUPS
 
@@ -33,30 +34,42 @@ _CENTERPOINT_NMS_SQUARED = {
 CENTERPOINT_NMS_RADII: dict[str, float] = {k: math.sqrt(v) for k, v in _CENTERPOINT_NMS_SQUARED.items()}
 
 
+BACKBONE_NAMES = ("resnet", "regnet_x_400mf", "mobilenet_v3_large", "mobilenet_v3_small")
+
+
 @dataclass
 class BackboneConfig:
-    """torchvision ResNet image backbone."""
+    """torchvision image backbone (see ``bevperc.models.backbone`` for the stages of each)."""
 
+    name: Literal["resnet", "regnet_x_400mf", "mobilenet_v3_large", "mobilenet_v3_small"] = "resnet"
     depth: int = 50
-    """ResNet depth: 18, 34 or 50."""
+    """ResNet depth: 18, 34 or 50 (``name: resnet`` only)."""
+    num_stages: int = 4
+    """Stages after the stem (strides 4, 8, 16, 32); 3 cuts the stride-32 stage (e.g. ResNet18 after layer3)."""
     pretrained: bool = False
-    """Load torchvision ImageNet weights (``ResNet{depth}_Weights.IMAGENET1K_V1``; needs the
+    """Load torchvision ImageNet weights (e.g. ``ResNet{depth}_Weights.IMAGENET1K_V1``; needs the
     weights in the torch hub cache or internet)."""
     frozen_stages: int = -1
-    """-1: train everything; 0: freeze the stem (conv1/bn1); k>=1: also freeze layer1..layerk."""
+    """-1: train everything; 0: freeze the stem; k>=1: also freeze stages 1..k."""
     norm_eval: bool = False
     """Keep every BatchNorm of the backbone in eval mode (frozen running stats) while training."""
+    channels_last: bool = False
+    """Run the backbone in NHWC memory layout (faster convolutions on CPUs with oneDNN)."""
 
     def __post_init__(self) -> None:
+        if self.name not in BACKBONE_NAMES:
+            raise ValueError(f"backbone.name: expected one of {BACKBONE_NAMES}, got {self.name!r}")
         if self.depth not in (18, 34, 50):
             raise ValueError(f"backbone.depth: expected 18, 34 or 50, got {self.depth}")
-        if not -1 <= self.frozen_stages <= 4:
-            raise ValueError(f"backbone.frozen_stages: expected -1..4, got {self.frozen_stages}")
+        if not 2 <= self.num_stages <= 4:
+            raise ValueError(f"backbone.num_stages: expected 2..4, got {self.num_stages}")
+        if not -1 <= self.frozen_stages <= self.num_stages:
+            raise ValueError(f"backbone.frozen_stages: expected -1..{self.num_stages}, got {self.frozen_stages}")
 
 
 @dataclass
 class NeckConfig:
-    """FPN fusing the stride-16 and stride-32 backbone maps into one stride-16 map."""
+    """FPN fusing the backbone maps from the view transformer's feature stride on into one map."""
 
     out_channels: int = 256
 
@@ -68,23 +81,37 @@ class ViewTransformerConfig:
     input_size: tuple[int, int] = (256, 704)
     """(H, W) of the network input images (after image augmentation)."""
     feature_stride: int = 16
-    """Stride of the neck output; the frustum has one ray per feature cell."""
+    """Stride of the neck output, 8 or 16; the frustum has one ray per feature cell."""
     depth_bins: tuple[float, float, float] = (1.0, 60.0, 1.0)
     """(start, stop, step) in metres: bin i covers [start + i*step, start + (i+1)*step)."""
     context_channels: int = 64
     """Channels of the lifted features (the BEV feature width before the encoder)."""
+    depth_net: Literal["linear", "conv"] = "linear"
+    """``linear``: one 1x1 conv predicts depth and context (BEVDet); ``conv``: two 3x3 conv-BN-ReLU
+    layers first (a wider view of the image, e.g. of where an object meets the ground)."""
+    ray_features: bool = False
+    """Camera-aware depth: the depth net also sees, per ray, the geometry of the (augmented) camera:
+    the ray's elevation, the camera height and the depth where the ray meets the ground plane."""
     depth_supervision: bool = False
-    """BEVDepth-style BCE on projected LiDAR depth (needs ``depth_maps`` in the batch)."""
+    """BEVDepth-style BCE on projected LiDAR depth (needs ``data.load_depth``)."""
+    depth_target: Literal["nearest", "object"] = "nearest"
+    """Depth label of a feature cell: ``nearest``, the nearest LiDAR return in its pixel block
+    (BEVDepth); ``object``, the nearest return inside a GT box where the block has one (foreground
+    priority: a large block at low resolution often holds the road or a nearer object), else the nearest."""
+    depth_target_sigma: float = 0.0
+    """0: one-hot depth labels; > 0: a Gaussian over bins (sigma in bins) around the label depth."""
 
     def __post_init__(self) -> None:
         start, stop, step = self.depth_bins
         if not (step > 0 and stop > start > 0):
             raise ValueError(f"view.depth_bins: expected (start>0, stop>start, step>0), got {self.depth_bins}")
-        if self.feature_stride != 16:
-            raise ValueError(f"view.feature_stride: the neck outputs stride 16, got {self.feature_stride}")
+        if self.feature_stride not in (8, 16):
+            raise ValueError(f"view.feature_stride: expected 8 or 16, got {self.feature_stride}")
         height, width = self.input_size
         if height % 32 or width % 32:
             raise ValueError(f"view.input_size: H and W must be multiples of 32, got {self.input_size}")
+        if self.depth_target_sigma < 0:
+            raise ValueError(f"view.depth_target_sigma: expected >= 0, got {self.depth_target_sigma}")
 
     @property
     def num_depth_bins(self) -> int:
@@ -93,7 +120,7 @@ class ViewTransformerConfig:
 
     @property
     def feature_size(self) -> tuple[int, int]:
-        """(h, w) of the stride-16 feature map."""
+        """(h, w) of the feature map the lift reads."""
         return self.input_size[0] // self.feature_stride, self.input_size[1] // self.feature_stride
 
 
@@ -149,6 +176,9 @@ class HeadConfig:
     """Regression targets kept per sample and group (CenterPoint: 500)."""
     gaussian_overlap: float = 0.1
     min_radius: int = 2
+    merged_regression: bool = False
+    """One regression branch per class group predicting all regression channels at once (offset,
+    height, size, rotation, velocity), instead of CenterPoint's one branch each: ~1/3 of the head's cost."""
 
     def __post_init__(self) -> None:
         seen: set[str] = set()

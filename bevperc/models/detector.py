@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bevperc.models.backbone import ResNetBackbone, build_backbone
+from bevperc.models.backbone import ImageBackbone, build_backbone
 from bevperc.models.bev_encoder import BEVEncoder
 from bevperc.models.centerpoint_head import CenterPointHead
 from bevperc.models.config import DecodeConfig, ModelConfig
@@ -26,7 +26,7 @@ class BEVDetector(nn.Module):
 
     def __init__(
         self,
-        backbone: ResNetBackbone,
+        backbone: ImageBackbone,
         neck: FPNNeck,
         view_transformer: LSSViewTransformer,
         bev_encoder: BEVEncoder,
@@ -60,8 +60,11 @@ class BEVDetector(nn.Module):
         return outputs
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(task_losses {name: scalar}, per_sample {name: [B]})``; see ``CenterPointHead.loss``."""
-        return self.head.loss(outputs, batch)
+        """``(task_losses {name: scalar}, per_sample {name: [B]})``: the head's tasks
+        (``CenterPointHead.loss``), then the view transformer's ``depth`` task when it has one."""
+        task_losses, per_sample = self.head.loss(outputs, batch)
+        depth_losses, depth_per_sample = self.view_transformer.loss(outputs["depth"], batch)
+        return task_losses | depth_losses, per_sample | depth_per_sample
 
     @torch.no_grad()
     def decode(self, outputs: dict[str, torch.Tensor], batch: dict) -> list[dict[str, torch.Tensor]]:
@@ -73,9 +76,9 @@ class BEVDetector(nn.Module):
 
 def build_detector(cfg: ModelConfig) -> BEVDetector:
     """Build every part from the dataclass config."""
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, cfg.view.feature_stride)
     neck = FPNNeck(backbone.out_channels, cfg.neck.out_channels)
     view_transformer = LSSViewTransformer(cfg.neck.out_channels, cfg.view, cfg.grid)
     bev_encoder = BEVEncoder(cfg.view.context_channels, cfg.bev_encoder)
-    head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid, cfg.view)
+    head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid)
     return BEVDetector(backbone, neck, view_transformer, bev_encoder, head, cfg.decode)

@@ -1,9 +1,9 @@
 """LSS view transformer: lift image features to a depth-weighted frustum, splat to BEV.
 
-Frustum: one ray per stride-16 feature cell, ``D`` depth bins per ray. The ray of feature
-cell ``(y, x)`` goes through the augmented-image pixel at the centre of the 16x16 block it
-summarises, ``(u', v') = (x * 16 + 7.5, y * 16 + 7.5)`` (pixel centres at integer
-coordinates, as in the intrinsics). Depth bin ``i`` covers
+Frustum: one ray per feature cell (stride ``s`` = 8 or 16), ``D`` depth bins per ray. The ray
+of feature cell ``(y, x)`` goes through the augmented-image pixel at the centre of the ``s x s``
+block it summarises, ``(u', v') = (x * s + (s - 1) / 2, y * s + (s - 1) / 2)`` (pixel centres
+at integer coordinates, as in the intrinsics). Depth bin ``i`` covers
 ``[start + i * step, start + (i + 1) * step)`` and its frustum point sits at the bin centre.
 
 Geometry (the one convention of ``bevperc.geometry``): a pixel ``(u', v')`` at camera depth ``d`` maps to the augmented
@@ -37,6 +37,38 @@ def make_frustum(cfg: ViewTransformerConfig) -> torch.Tensor:
     return torch.stack([u_grid, v_grid, d_grid], dim=-1)
 
 
+def rays_in_ego(
+    pixels: torch.Tensor,
+    intrinsics: torch.Tensor,
+    ego_from_camera: torch.Tensor,
+    image_aug: torch.Tensor,
+    bev_aug: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera centres and ray directions in the augmented ego frame.
+
+    Args:
+        pixels: ``[h, w, 2]`` augmented-image pixels (u', v').
+        intrinsics: ``[B, N, 3, 3]`` of the original camera.
+        ego_from_camera: ``[B, N, 4, 4]``.
+        image_aug: ``[B, N, 3, 3]`` original pixel -> augmented pixel.
+        bev_aug: ``[B, 4, 4]`` ego -> augmented ego.
+    Returns:
+        origins ``[B, N, 3]`` and directions ``[B, N, h, w, 3]`` float64, scaled so that a
+        point at camera depth ``d`` (camera z) is ``origin + d * direction``.
+    """
+    dtype = torch.float64
+    intrinsics, ego_from_camera = intrinsics.to(dtype), ego_from_camera.to(dtype)
+    image_aug, bev_aug = image_aug.to(dtype), bev_aug.to(dtype)
+    pixels = pixels.to(device=intrinsics.device, dtype=dtype)
+    # ray direction with camera z = 1 for each augmented pixel: K^-1 @ inv(image_aug) @ [u', v', 1]
+    rays_from_pixels = torch.linalg.inv(intrinsics) @ torch.linalg.inv(image_aug)  # [B, N, 3, 3]
+    aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
+    linear = aug_ego_from_camera[..., :3, :3] @ rays_from_pixels  # [B, N, 3, 3]
+    pixels_h = torch.cat([pixels, torch.ones_like(pixels[..., :1])], dim=-1)  # [h, w, 3]
+    directions = torch.einsum("bnij,hwj->bnhwi", linear, pixels_h)
+    return aug_ego_from_camera[..., :3, 3], directions
+
+
 def frustum_to_ego(
     frustum: torch.Tensor,
     intrinsics: torch.Tensor,
@@ -44,72 +76,103 @@ def frustum_to_ego(
     image_aug: torch.Tensor,
     bev_aug: torch.Tensor,
 ) -> torch.Tensor:
-    """Frustum points in the augmented ego frame.
+    """Frustum points ``[D, h, w, 3]`` (u', v', d) in the augmented ego frame -> ``[B, N, D, h, w, 3]`` float64.
 
-    Args:
-        frustum: ``[D, h, w, 3]`` (u', v', d) from ``make_frustum``.
-        intrinsics: ``[B, N, 3, 3]`` of the original camera.
-        ego_from_camera: ``[B, N, 4, 4]``.
-        image_aug: ``[B, N, 3, 3]`` original pixel -> augmented pixel.
-        bev_aug: ``[B, 4, 4]`` ego -> augmented ego.
-    Returns:
-        ``[B, N, D, h, w, 3]`` float64 points.
+    The geometry arguments are those of :func:`rays_in_ego`.
     """
-    dtype = torch.float64
-    intrinsics, ego_from_camera = intrinsics.to(dtype), ego_from_camera.to(dtype)
-    image_aug, bev_aug = image_aug.to(dtype), bev_aug.to(dtype)
-    frustum = frustum.to(device=intrinsics.device, dtype=dtype)
-    # ray direction with camera z = 1 for each augmented pixel: K^-1 @ inv(image_aug) @ [u', v', 1]
-    rays_from_pixels = torch.linalg.inv(intrinsics) @ torch.linalg.inv(image_aug)  # [B, N, 3, 3]
-    # augmented ego <- camera, linear part and translation
-    aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
-    linear = aug_ego_from_camera[..., :3, :3] @ rays_from_pixels  # [B, N, 3, 3]
-    translation = aug_ego_from_camera[..., :3, 3]  # [B, N, 3]
-    pixels_h = torch.cat([frustum[..., :2], torch.ones_like(frustum[..., :1])], dim=-1)  # [D, h, w, 3]
-    depth = frustum[..., 2:3]
-    directions = torch.einsum("bnij,dhwj->bndhwi", linear, pixels_h)  # [B, N, D, h, w, 3]
-    return directions * depth + translation[:, :, None, None, None, :]
+    origins, directions = rays_in_ego(frustum[0, ..., :2], intrinsics, ego_from_camera, image_aug, bev_aug)
+    depth = frustum[:, 0, 0, 2].to(directions)  # [D]
+    return origins[:, :, None, None, None, :] + depth[:, None, None, None] * directions[:, :, None]
 
 
-def depth_targets(depth_maps: torch.Tensor, cfg: ViewTransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+RAY_FEATURES = 4
+"""Channels of :func:`ray_features`."""
+
+
+def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """What a camera-aware depth net is told about each ray, ``[B, N, RAY_FEATURES, h, w]`` float32.
+
+    Per ray in the augmented ego frame (ground plane z = 0): the sine of its elevation, the camera
+    height (m, / 2), the inverse of the camera depth at which it meets the ground (1/m, x 10; 0 for
+    rays at or above the horizon), and the log of the metres a feature cell spans at 10 m depth (the
+    augmented focal length). Image resizing, cropping and rotation and BEV scaling all change these, so the depth
+    net sees what the augmentation did to the camera (BEVDepth feeds camera parameters to its depth
+    net for the same reason).
+    """
+    unit = directions / directions.norm(dim=-1, keepdim=True)
+    height = origins[..., 2][:, :, None, None].expand_as(unit[..., 2])
+    # origin_z + d * direction_z = 0  ->  1 / d = -direction_z / origin_z (rays pointing down only)
+    inverse_ground_depth = (-directions[..., 2] / height.clamp(min=1e-3)).clamp(min=0.0)
+    # neighbouring rays differ by one feature cell: their angle is the angular size of the cell
+    spacing = (unit[..., :, 1:, :] - unit[..., :, :-1, :]).norm(dim=-1).mean(dim=(-2, -1))  # [B, N]
+    log_scale = torch.log(10.0 * spacing.clamp(min=1e-6))[:, :, None, None].expand_as(height)
+    features = torch.stack([unit[..., 2], height / 2.0, 10.0 * inverse_ground_depth, log_scale], dim=2)
+    return features.float()
+
+
+def _block_nearest(depth_maps: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[B, N, H, W]`` depth (0 = none) -> ``[B, N, H/s, W/s]`` nearest depth per block (inf = none)."""
+    batch, cams, height, width = depth_maps.shape
+    blocks = depth_maps.reshape(batch, cams, height // stride, stride, width // stride, stride)
+    blocks = torch.where(blocks > 0, blocks, torch.full_like(blocks, float("inf")))
+    return blocks.amin(dim=(3, 5))
+
+
+def depth_targets(
+    depth_maps: torch.Tensor, cfg: ViewTransformerConfig, object_depth_maps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BEVDepth-style depth labels at feature resolution.
 
     Args:
         depth_maps: ``[B, N, H, W]`` LiDAR depth in metres at input resolution, 0 = no point.
+        object_depth_maps: same, only the LiDAR points inside GT boxes; with it (and
+            ``cfg.depth_target == "object"``) a block holding such points is labelled with the nearest
+            of them (foreground priority), every other block with its nearest point.
     Returns:
-        one_hot: ``[B, N, h, w, D]`` float one-hot of the bin of the nearest LiDAR depth in
-            each 16x16 block (min over valid pixels: the visible surface);
-        valid: ``[B, N, h, w]`` bool, the block has a LiDAR point whose depth falls in a bin.
+        target: ``[B, N, h, w, D]`` float labels: one-hot of the label depth's bin, or with
+            ``cfg.depth_target_sigma`` a Gaussian over bin centres (sigma in bins) summing to 1;
+        valid: ``[B, N, h, w]`` bool, the block has a label depth inside the bins.
     """
-    batch, cams, height, width = depth_maps.shape
-    stride = cfg.feature_stride
+    height, width = depth_maps.shape[-2:]
     if (height, width) != tuple(cfg.input_size):
-        raise ValueError(f"batch['depth_maps']: expected [B, N, {cfg.input_size[0]}, {cfg.input_size[1]}], got {tuple(depth_maps.shape)}")
-    blocks = depth_maps.reshape(batch, cams, height // stride, stride, width // stride, stride)
-    blocks = torch.where(blocks > 0, blocks, torch.full_like(blocks, float("inf")))
-    nearest = blocks.amin(dim=(3, 5))  # [B, N, h, w]
+        raise ValueError(f"batch['depth_maps']: expected [B, N, {cfg.input_size[0]}, {cfg.input_size[1]}], "
+                         f"got {tuple(depth_maps.shape)}")
+    label = _block_nearest(depth_maps, cfg.feature_stride)  # [B, N, h, w]
+    if cfg.depth_target == "object":
+        if object_depth_maps is None:
+            raise KeyError("batch['object_depth_maps'] is required by view.depth_target: object")
+        on_object = _block_nearest(object_depth_maps, cfg.feature_stride)
+        label = torch.where(torch.isfinite(on_object), on_object, label)
     start, _, step = cfg.depth_bins
-    bins = torch.floor((nearest - start) / step)
-    valid = torch.isfinite(nearest) & (bins >= 0) & (bins < cfg.num_depth_bins)
-    bins = torch.where(valid, bins, torch.zeros_like(bins)).long()
-    one_hot = F.one_hot(bins, cfg.num_depth_bins).to(depth_maps.dtype)
-    return one_hot, valid
+    position = (label - start) / step  # continuous bin coordinate; bin i covers [i, i + 1)
+    valid = torch.isfinite(label) & (position >= 0) & (position < cfg.num_depth_bins)
+    position = torch.where(valid, position, torch.zeros_like(position))
+    if cfg.depth_target_sigma == 0:
+        target = F.one_hot(position.floor().long(), cfg.num_depth_bins).to(depth_maps.dtype)
+    else:
+        centres = torch.arange(cfg.num_depth_bins, dtype=depth_maps.dtype, device=depth_maps.device) + 0.5
+        target = torch.exp(-0.5 * ((centres - position.unsqueeze(-1)) / cfg.depth_target_sigma) ** 2)
+        target = target / target.sum(-1, keepdim=True)
+    return target, valid
 
 
-def depth_loss(depth_logits: torch.Tensor, depth_maps: torch.Tensor, cfg: ViewTransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE between predicted depth distributions and one-hot LiDAR bins on valid cells.
+def depth_loss(
+    depth_logits: torch.Tensor, depth_maps: torch.Tensor, cfg: ViewTransformerConfig,
+    object_depth_maps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE between predicted depth distributions and the :func:`depth_targets` labels on valid cells.
 
     Args:
         depth_logits: ``[B, N, D, h, w]``.
-        depth_maps: ``[B, N, H, W]``.
+        depth_maps, object_depth_maps: ``[B, N, H, W]`` (see :func:`depth_targets`).
     Returns:
         (scalar mean over all valid cells of the batch, ``[B]`` mean over each sample's valid cells).
         Each cell's BCE is summed over bins (BEVDepth).
     """
-    one_hot, valid = depth_targets(depth_maps, cfg)
+    target, valid = depth_targets(depth_maps, cfg, object_depth_maps)
     probs = depth_logits.float().softmax(dim=2).permute(0, 1, 3, 4, 2)  # [B, N, h, w, D]
     probs = probs.clamp(1e-6, 1 - 1e-6)
-    target = one_hot.float()
+    target = target.float()
     # BCE on probabilities as BEVDepth, written out: F.binary_cross_entropy refuses to run
     # inside a CUDA autocast region.
     bce = -(target * probs.log() + (1 - target) * (1 - probs).log()).sum(-1)
@@ -121,12 +184,19 @@ def depth_loss(depth_logits: torch.Tensor, depth_maps: torch.Tensor, cfg: ViewTr
     return total, per_sample
 
 
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
 class LSSViewTransformer(nn.Module):
     """Image features -> (BEV features, depth logits).
 
-    A 1x1 conv predicts ``D`` depth logits and ``C`` context channels per feature cell
-    (BEVDet); softmax(depth) x context is splatted into the BEV grid with ``bev_pool``.
-    The pooling plan is cached while the geometry inputs are unchanged.
+    The depth net predicts ``D`` depth logits and ``C`` context channels per feature cell: one
+    1x1 conv (BEVDet, ``view.depth_net: linear``) or two 3x3 conv-BN-ReLU layers and the 1x1
+    conv (``conv``). With ``view.ray_features`` it also reads :func:`ray_features` (embedded by a
+    1x1 conv and added to the image features). softmax(depth) x context is splatted into the BEV
+    grid with ``bev_pool``; the pooling plan is cached while the geometry inputs are unchanged.
     """
 
     def __init__(self, in_channels: int, view: ViewTransformerConfig, grid: BEVGridConfig):
@@ -134,25 +204,30 @@ class LSSViewTransformer(nn.Module):
         self.view_cfg, self.grid_cfg = view, grid
         self.num_depth_bins = view.num_depth_bins
         self.context_channels = view.context_channels
-        self.depth_net = nn.Conv2d(in_channels, self.num_depth_bins + self.context_channels, kernel_size=1)
+        self.ray_embedding = nn.Conv2d(RAY_FEATURES, in_channels, kernel_size=1) if view.ray_features else None
+        layers = [_conv_bn_relu(in_channels, in_channels), _conv_bn_relu(in_channels, in_channels)] \
+            if view.depth_net == "conv" else []
+        self.depth_net = nn.Sequential(
+            *layers, nn.Conv2d(in_channels, self.num_depth_bins + self.context_channels, kernel_size=1))
         # Built once; not saved in checkpoints (it is a function of the config).
         self.register_buffer("frustum", make_frustum(view), persistent=False)
         self.plan_cache = PoolPlanCache()
 
+    def _geometry_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        return batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"]
+
     def geometry(self, batch: dict) -> torch.Tensor:
         """``[B, N, D, h, w, 3]`` frustum points in the augmented ego frame for a batch."""
-        return frustum_to_ego(
-            self.frustum, batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"]
-        )
+        return frustum_to_ego(self.frustum, *self._geometry_inputs(batch))
 
     def pool_plan(self, batch: dict):
-        key = (batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"])
-        return self.plan_cache.get(key, lambda: make_pool_plan(self.geometry(batch), self.grid_cfg))
+        return self.plan_cache.get(self._geometry_inputs(batch),
+                                   lambda: make_pool_plan(self.geometry(batch), self.grid_cfg))
 
     def forward(self, features: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            features: ``[B * N, C_in, h, w]`` stride-16 image features.
+            features: ``[B * N, C_in, h, w]`` image features at ``view.feature_stride``.
             batch: contract batch with ``intrinsics``, ``ego_from_camera``, ``image_aug``, ``bev_aug``.
         Returns:
             bev: ``[B, C, ny, nx]``; depth_logits: ``[B, N, D, h, w]``.
@@ -164,6 +239,10 @@ class LSSViewTransformer(nn.Module):
                 f"LSSViewTransformer: features {tuple(features.shape)} do not match "
                 f"B*N={batch_size * cams} cameras at feature size {(height, width)}"
             )
+        if self.ray_embedding is not None:
+            origins, directions = rays_in_ego(self.frustum[0, ..., :2], *self._geometry_inputs(batch))
+            rays = ray_features(origins, directions).flatten(0, 1).to(features)  # [B*N, RAY_FEATURES, h, w]
+            features = features + self.ray_embedding(rays)
         out = self.depth_net(features)
         depth_logits = out[:, : self.num_depth_bins].reshape(batch_size, cams, self.num_depth_bins, height, width)
         context = out[:, self.num_depth_bins :].reshape(batch_size, cams, self.context_channels, height, width)
@@ -172,7 +251,11 @@ class LSSViewTransformer(nn.Module):
         bev = bev_pool(depth_probs, context.permute(0, 1, 3, 4, 2), plan)
         return bev, depth_logits
 
-    def depth_loss(self, depth_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, depth_logits: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The ``depth`` task (scalar, and ``[B]`` per sample) with ``view.depth_supervision``, else nothing."""
+        if not self.view_cfg.depth_supervision:
+            return {}, {}
         if "depth_maps" not in batch:
-            raise KeyError("batch['depth_maps'] is required when view.depth_supervision is on")
-        return depth_loss(depth_logits, batch["depth_maps"], self.view_cfg)
+            raise KeyError("batch['depth_maps'] is required when view.depth_supervision is on (set data.load_depth: true)")
+        total, per_sample = depth_loss(depth_logits, batch["depth_maps"], self.view_cfg, batch.get("object_depth_maps"))
+        return {"depth": total}, {"depth": per_sample}
