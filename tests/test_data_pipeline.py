@@ -20,7 +20,7 @@ from bevperc.geometry import invert_transform, transform_boxes, transform_points
 
 
 def make_cfg(root: Path, **kwargs) -> DataConfig:
-    return DataConfig(dataroot=str(root), input_size=(128, 352), **kwargs)
+    return DataConfig(**{"dataroot": str(root), "input_size": (128, 352), **kwargs})
 
 
 def denormalise(images: torch.Tensor, cfg: DataConfig) -> np.ndarray:
@@ -236,3 +236,55 @@ def test_broken_table_names_the_file(synthetic_root, tmp_path):
 def test_wrong_split_for_version_is_explained(synthetic_root):
     with pytest.raises(DataError, match=r"split 'val' does not belong to version 'v1.0-mini'"):
         create_infos(synthetic_root, "v1.0-mini", ["val"], progress=False)
+
+
+def test_object_depth_labels_give_a_hidden_part_the_nearer_objects_depth():
+    """Box A (front face 9 m) hides the left half of box B (front face 19 m) from a forward camera; road
+    points lie in front of both. With foreground priority a block showing B is labelled 19 m even though
+    nearer road points share it, and a block where A hides B gets A's 9 m; BEVDepth's nearest-point
+    rule labels B's block with the road."""
+    from bevperc.data.dataset import lidar_depth_maps
+    from bevperc.models.config import ViewTransformerConfig
+    from bevperc.models.lift import depth_targets
+
+    boxes = np.array([[10.0, 1.0, 1.0, 2.0, 2.0, 2.0, 0.0, 0, 0],   # A: x 9..11, y 0..2
+                      [21.0, 0.0, 1.0, 4.0, 4.0, 2.0, 0.0, 0, 0]])  # B: x 19..23, y -2..2
+    grid = np.stack(np.meshgrid(np.linspace(0.02, 1.98, 25), np.linspace(0.02, 1.98, 25)), -1).reshape(-1, 2)
+    face_a = np.column_stack([np.full(len(grid), 9.03), grid[:, 0], grid[:, 1]])
+    face_b = np.column_stack([np.full(len(grid), 19.03), -grid[:, 0], grid[:, 1]])  # only B's visible half, y < 0
+    road_x, road_y = np.meshgrid(np.arange(3.0, 19.0, 0.1), np.arange(-3.0, 3.0, 0.1))
+    road = np.column_stack([road_x.ravel(), road_y.ravel(), np.zeros(road_x.size)])
+    road = road[(road[:, 0] < 9.0) | (road[:, 1] < 0.0)]  # the road A hides is not seen
+    points = np.concatenate([face_a, face_b, road])
+    ego_from_camera = np.eye(4)
+    ego_from_camera[:3, :3] = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # x right, y down, z forward
+    ego_from_camera[:3, 3] = [0.0, 0.0, 1.5]
+    intrinsics = np.array([[100.0, 0.0, 64.0], [0.0, 100.0, 32.0], [0.0, 0.0, 1.0]])
+    maps = lidar_depth_maps(points, boxes, [ego_from_camera], [intrinsics], [np.eye(3)], (64, 128))
+    depth, objects = (torch.from_numpy(maps[key])[None] for key in ("depth_maps", "object_depth_maps"))
+    view = ViewTransformerConfig(input_size=(64, 128), feature_stride=16, depth_target="object")
+    target, valid = depth_targets(depth, view, objects)
+    nearest, _ = depth_targets(depth, ViewTransformerConfig(input_size=(64, 128), feature_stride=16))
+    label = lambda t, row, col: int(t[0, 0, row, col].argmax())  # bin i covers [1 + i, 2 + i) m
+    assert valid[0, 0, 2, 4] and label(target, 2, 4) == 18  # B's visible part: 19 m ...
+    assert label(nearest, 2, 4) < 15  # ... where the nearest-point rule takes the road
+    assert label(target, 1, 3) == label(target, 2, 3) == 8  # B's hidden part shows A: 9 m
+
+
+def test_image_cache_gives_exactly_the_decoded_images(synthetic_root, synthetic_infos, tmp_path):
+    plain = NuScenesBEVDataset(make_cfg(synthetic_root), "mini_train", train=True, seed=4)
+    cached = NuScenesBEVDataset(make_cfg(synthetic_root, image_cache=True, cache_dir=str(tmp_path)), "mini_train",
+                                train=True, seed=4)
+    for index in (0, 5):
+        expected = plain[index]
+        first, second = cached[index], cached[index]  # the first read fills the cache, the second reads it
+        assert torch.equal(first["images"], expected["images"]) and torch.equal(second["images"], expected["images"])
+        torch.testing.assert_close(second["image_aug"], expected["image_aug"], rtol=0, atol=0)
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1 and len(list(folders[0].glob("*.npy"))) == 12  # 2 samples x 6 cameras
+    # another input size or other infos: another key, so no stale image is read
+    other_size = NuScenesBEVDataset(make_cfg(synthetic_root, image_cache=True, cache_dir=str(tmp_path),
+                                             input_size=(96, 256)), "mini_train", train=True)
+    assert other_size.image_cache.folder != cached.image_cache.folder
+    assert torch.equal(other_size[0]["images"],
+                       NuScenesBEVDataset(make_cfg(synthetic_root, input_size=(96, 256)), "mini_train", train=True)[0]["images"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -19,13 +20,16 @@ from bevperc.models import (
     circle_nms,
     decode_detections,
     default_task_weights,
-    demo_model_config,
     task_names,
     to_nuscenes_detections,
 )
-from bevperc.models.backbone import ResNetBackbone
+import torchvision
+
+from bevperc.models.backbone import build_backbone
 from bevperc.models.centerpoint_head import assign_targets, gaussian_radius
 from bevperc.models.config import (
+    BACKBONE_NAMES,
+    BackboneConfig,
     BEVEncoderConfig,
     BEVGridConfig,
     DecodeConfig,
@@ -33,7 +37,7 @@ from bevperc.models.config import (
     NeckConfig,
     ViewTransformerConfig,
 )
-from bevperc.models.lift import depth_loss, depth_targets
+from bevperc.models.lift import depth_loss, depth_targets, ray_features, rays_in_ego
 from bevperc.utils.config import ConfigError, load_config
 from helpers.geometry import bev_aug_matrix
 
@@ -234,9 +238,52 @@ def test_depth_targets_take_the_nearest_lidar_point_per_block():
     torch.testing.assert_close(per_sample, expected[None], rtol=1e-4, atol=1e-5)
 
 
+def test_object_depth_labels_give_each_block_the_depth_of_the_object_it_shows():
+    """Foreground priority: a block holding LiDAR points inside a GT box is labelled with them, even
+    when a nearer road point shares the block; elsewhere the block's nearest point stays the label."""
+    view = ViewTransformerConfig(input_size=(32, 64), feature_stride=16, depth_target="object")
+    depth_maps = torch.zeros(1, 1, 32, 64)
+    object_maps = torch.zeros(1, 1, 32, 64)
+    depth_maps[0, 0, 14, 3] = 9.2  # block (0, 0): a road point in front of the object ...
+    depth_maps[0, 0, 4, 6] = object_maps[0, 0, 4, 6] = 23.5  # ... and the object's surface
+    depth_maps[0, 0, 30, 20] = 6.4  # block (1, 1): road only
+    target, valid = depth_targets(depth_maps, view, object_maps)
+    assert valid[0, 0].tolist() == [[True, False, False, False], [False, True, False, False]]
+    assert target[0, 0, 0, 0].argmax() == 22 and target[0, 0, 1, 1].argmax() == 5
+    nearest, _ = depth_targets(depth_maps, dataclasses.replace(view, depth_target="nearest"))
+    assert nearest[0, 0, 0, 0].argmax() == 8  # BEVDepth's rule labels the block with the road
+    with pytest.raises(KeyError, match="object_depth_maps"):
+        depth_targets(depth_maps, view)
+    soft, _ = depth_targets(depth_maps, dataclasses.replace(view, depth_target_sigma=1.0), object_maps)
+    assert soft[0, 0, 0, 0].sum() == pytest.approx(1.0) and soft[0, 0, 0, 0].argmax() == 22
+    assert soft[0, 0, 0, 0, 21] > soft[0, 0, 0, 0, 20] > 0  # mass on the neighbouring bins
+
+
+def test_ray_features_locate_the_ground_and_follow_the_augmentation():
+    """The inverse ground depth of a ray is 1 / d where origin + d * direction meets z = 0."""
+    cfg = tiny_config(depth_supervision=False)
+    batch = synthetic_ring_batch(cfg, batch_size=2)
+    pixels = torch.stack(torch.meshgrid(torch.arange(12.0) * 16 + 7.5, torch.arange(4.0) * 16 + 7.5, indexing="xy"), -1)
+    origins, directions = rays_in_ego(pixels, batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"])
+    features = ray_features(origins, directions)  # [B, N, 4, h, w]
+    assert features.shape == (2, 6, 4, 4, 12)
+    inverse_ground_depth = features[:, :, 2].double() / 10.0
+    down = inverse_ground_depth > 0
+    assert down.any() and (~down).any()  # rows below and above the horizon
+    ground = origins[:, :, None, None, :] + directions / inverse_ground_depth.clamp(min=1e-9)[..., None]
+    torch.testing.assert_close(ground[..., 2][down], torch.zeros_like(ground[..., 2][down]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(features[:, :, 1], torch.full_like(features[:, :, 1], 0.8))  # camera height / 2
+    # a 2x image zoom halves the metres a feature cell spans: log-scale channel drops by log 2
+    zoom = torch.diag(torch.tensor([2.0, 2.0, 1.0]))
+    zoomed = ray_features(*rays_in_ego(pixels, batch["intrinsics"], batch["ego_from_camera"],
+                                       zoom @ batch["image_aug"], batch["bev_aug"]))
+    torch.testing.assert_close(features[:, :, 3] - zoomed[:, :, 3], torch.full_like(features[:, :, 3], math.log(2.0)),
+                               atol=5e-3, rtol=0)
+
+
 # --------------------------------------------------------------------------- config + backbone
 def tiny_config(depth_supervision: bool = True) -> ModelConfig:
-    cfg = demo_model_config()
+    cfg = ModelConfig(backbone=BackboneConfig(depth=18), grid=BEVGridConfig(cell_size=1.6), decode=DecodeConfig(top_k=200))
     cfg.neck = NeckConfig(out_channels=32)
     cfg.view = ViewTransformerConfig(input_size=(64, 192), context_channels=16, depth_supervision=depth_supervision)
     cfg.bev_encoder = BEVEncoderConfig(stage_channels=(16, 32), blocks_per_stage=1, out_channels=32)
@@ -268,15 +315,56 @@ def test_default_task_weights_follow_centerpoint_and_bevdepth():
 
 
 def test_backbone_frozen_stages_and_norm_eval():
-    backbone = ResNetBackbone(depth=18, frozen_stages=1, norm_eval=False).train()
-    assert not any(p.requires_grad for p in backbone.stem.parameters())
-    assert not any(p.requires_grad for p in backbone.layer1.parameters())
-    assert all(p.requires_grad for p in backbone.layer2.parameters())
-    assert not backbone.layer1[0].bn1.training and backbone.layer2[0].bn1.training
-    backbone = ResNetBackbone(depth=34, norm_eval=True).train()
+    backbone = build_backbone(BackboneConfig(depth=18, frozen_stages=1), min_stride=16).train()
+    stem, layer1, layer2 = backbone.stages[0], backbone.stages[1], backbone.stages[2]
+    assert not any(p.requires_grad for p in stem.parameters())
+    assert not any(p.requires_grad for p in layer1.parameters())
+    assert all(p.requires_grad for p in layer2.parameters())
+    assert not layer1[0].bn1.training and layer2[0].bn1.training
+    backbone = build_backbone(BackboneConfig(depth=34, norm_eval=True), min_stride=16).train()
     assert all(not m.training for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    features = ResNetBackbone(depth=50)(torch.randn(1, 3, 64, 96))
+    features = build_backbone(BackboneConfig(depth=50), min_stride=16)(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape) for f in features] == [(1, 1024, 4, 6), (1, 2048, 2, 3)]
+
+
+def torchvision_reference(cfg: BackboneConfig, images: torch.Tensor) -> torch.Tensor:
+    """The last map of the backbone, computed by the plain torchvision model (same seed, same weights)."""
+    if cfg.name == "resnet":
+        net = getattr(torchvision.models, f"resnet{cfg.depth}")().eval()
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        for layer in [net.layer1, net.layer2, net.layer3, net.layer4][: cfg.num_stages]:
+            x = layer(x)
+        return x
+    if cfg.name == "regnet_x_400mf":
+        net = torchvision.models.regnet_x_400mf().eval()
+        return net.trunk_output(net.stem(images))
+    return getattr(torchvision.models, cfg.name)().eval().features(images)
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+@pytest.mark.parametrize("stride", [8, 16])
+def test_every_backbone_builds_and_matches_torchvision_at_stride_8_and_16(name, stride):
+    cfg = BackboneConfig(name=name, depth=18, num_stages=3 if name == "resnet" else 4, channels_last=stride == 8)
+    images = torch.randn(2, 3, 64, 96)
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg, min_stride=stride).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = torchvision_reference(cfg, images)
+        features = backbone(images)
+    strides = [16 * 2**i for i in range(len(features))] if stride == 16 else [8 * 2**i for i in range(len(features))]
+    assert [f.shape[-2:] for f in features] == [(64 // s, 96 // s) for s in strides]
+    assert tuple(f.shape[1] for f in features) == backbone.out_channels
+    torch.testing.assert_close(features[-1], expected, rtol=1e-4, atol=1e-4)
+    # the whole detector builds on it and trains: finite losses, gradient into the backbone's first stage
+    model_cfg = tiny_config(depth_supervision=False)
+    model_cfg.backbone, model_cfg.view.feature_stride = cfg, stride
+    model = build_detector(model_cfg).train()
+    batch = synthetic_ring_batch(model_cfg, batch_size=1)
+    task_losses, _ = model.loss(model(batch), batch)
+    sum(task_losses.values()).backward()
+    assert all(torch.isfinite(v) for v in task_losses.values())
+    assert next(model.backbone.stages[0].parameters()).grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- whole detector
@@ -335,7 +423,7 @@ def test_detector_forward_backward_gives_finite_losses_and_gradients_for_every_t
         assert value > 0, f"{name}: every task has objects in this batch, its loss must be positive"
     # each task reaches the network: gradient w.r.t. the head's shared conv (head tasks) or the depth net
     shared_weight = model.head.shared[0].weight
-    depth_weight = model.view_transformer.depth_net.weight
+    depth_weight = model.view_transformer.depth_net[-1].weight
     for name, value in task_losses.items():
         (grad,) = torch.autograd.grad(value, depth_weight if name == "depth" else shared_weight, retain_graph=True)
         assert torch.all(torch.isfinite(grad)) and grad.abs().sum() > 0, name
@@ -344,7 +432,7 @@ def test_detector_forward_backward_gives_finite_losses_and_gradients_for_every_t
     total.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.all(torch.isfinite(param.grad)), name
-    assert model.backbone.stem[0].weight.grad.abs().sum() > 0, "the image backbone gets gradient through the lift"
+    assert model.backbone.stages[0][0].weight.grad.abs().sum() > 0, "the image backbone gets gradient through the lift"
 
     model.eval()
     with torch.no_grad():

@@ -57,6 +57,28 @@ def lidar_depth_map(
     return depth_map.reshape(input_h, input_w).astype(np.float32)
 
 
+def lidar_depth_maps(
+    points_ego: np.ndarray,
+    boxes_ego: np.ndarray,
+    ego_from_camera: Sequence[np.ndarray],
+    intrinsics: Sequence[np.ndarray],
+    image_augs: Sequence[np.ndarray],
+    input_size: tuple[int, int],
+) -> dict[str, np.ndarray]:
+    """The depth labels of one sample: LiDAR ``(P, 3)`` and GT boxes ``(M, >=7)`` in the ego frame.
+
+    Returns ``depth_maps`` (every point) and ``object_depth_maps`` (the points inside a GT box),
+    each ``(N_cameras, H, W)`` float32 by :func:`lidar_depth_map`. LiDAR only sees visible
+    surfaces, so where a nearer object hides part of a farther one, the hidden part's pixels hold
+    the nearer object's points.
+    """
+    on_object = points_in_boxes(points_ego, boxes_ego[:, :7]).any(axis=0) if len(boxes_ego) else np.zeros(len(points_ego), bool)
+    return {
+        key: np.stack([lidar_depth_map(points, e, k, a, input_size) for e, k, a in zip(ego_from_camera, intrinsics, image_augs)])
+        for key, points in (("depth_maps", points_ego), ("object_depth_maps", points_ego[on_object]))
+    }
+
+
 class NuScenesBEVDataset(Dataset):
     """Six-camera samples in the batch format of :func:`collate_bev`.
 
@@ -161,18 +183,11 @@ class NuScenesBEVDataset(Dataset):
         return item
 
     def _depth_maps(self, sample: dict, ego_from_camera: list, intrinsics: list, image_augs: list) -> dict[str, torch.Tensor]:
-        """``depth_maps`` and ``object_depth_maps`` ``[6, H, W]`` of the sample's LiDAR sweep."""
         points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
         points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
         boxes = np.asarray(sample["gt"]["boxes"], dtype=np.float64).reshape(-1, 9)
-        on_object = points_in_boxes(points_ego, boxes[:, :7]).any(axis=0) if len(boxes) else np.zeros(len(points_ego), bool)
-        maps = {}
-        for key, selected in (("depth_maps", points_ego), ("object_depth_maps", points_ego[on_object])):
-            maps[key] = torch.from_numpy(np.stack([
-                lidar_depth_map(selected, e, k, a, tuple(self.cfg.input_size))
-                for e, k, a in zip(ego_from_camera, intrinsics, image_augs)
-            ]))
-        return maps
+        maps = lidar_depth_maps(points_ego, boxes, ego_from_camera, intrinsics, image_augs, tuple(self.cfg.input_size))
+        return {key: torch.from_numpy(value) for key, value in maps.items()}
 
     def _gt(self, sample: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gt = sample["gt"]
