@@ -223,8 +223,9 @@ def test_export_cli_errors_name_the_file_or_field(exported, demo, tmp_path, caps
 
 
 def test_a_failed_check_writes_nothing(demo, tmp_path):
-    with pytest.raises(ExportCheckError, match="beyond atol=0"):
+    with pytest.raises(ExportCheckError, match="beyond atol=0") as failure:
         export_detector(demo["cfg"], demo["checkpoint"], tmp_path / "m.onnx", "fixed-rig", atol=0.0, real_sample=None)
+    assert "from a float64 PyTorch forward" in str(failure.value)
     assert not list(tmp_path.iterdir())  # no .onnx, no temporary, no report
 
 
