@@ -26,7 +26,6 @@ a float64 torch forward (``bevperc.export.float64_gaps``); export time, file siz
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -43,12 +42,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bevperc.config import Config, load_run_config  # noqa: E402
 from bevperc.export import (DEFAULT_REAL_SAMPLE, compare_with_torch, float64_gaps, info_sample_batch,  # noqa: E402
-                            nominal_batch, write_detector_onnx)
-from bevperc.inference import ONNX_METADATA_PREFIX, OnnxBEVDetector  # noqa: E402
+                            nominal_batch, onnx_metadata, write_detector_onnx)
+from bevperc.inference import OnnxBEVDetector  # noqa: E402
 from bevperc.models import build_detector  # noqa: E402
 from bevperc.models.detector import BEVDetector  # noqa: E402
 from bevperc.models.exportable import CALIBRATION_INPUTS  # noqa: E402
-from bevperc.utils.config import to_dict  # noqa: E402
 from bevperc.utils.io import atomic_write_json  # noqa: E402
 from helpers.detectors import calibrate_batchnorm  # noqa: E402
 
@@ -70,13 +68,9 @@ def export_both(model: BEVDetector, cfg: Config, batch: dict[str, Any], folder: 
     rig = {key: batch[key][0] for key in CALIBRATION_INPUTS}
     out = {}
     for mode, mode_rig in (("fixed-rig", rig), ("inputs", None)):
-        metadata = {f"{ONNX_METADATA_PREFIX}calibration": mode,
-                    f"{ONNX_METADATA_PREFIX}model_config": json.dumps(to_dict(cfg.model))}
-        if mode_rig is not None:
-            metadata[f"{ONNX_METADATA_PREFIX}rig"] = json.dumps({k: v.tolist() for k, v in rig.items()})
         path = folder / f"{mode}.onnx"
         started = time.perf_counter()
-        write_detector_onnx(model, path, mode_rig, metadata)
+        write_detector_onnx(model, path, mode_rig, onnx_metadata(cfg, mode_rig))
         out[mode] = {"path": path, "export_s": round(time.perf_counter() - started, 1),
                      "onnx_mb": round(path.stat().st_size / 2**20, 1)}
     return out
@@ -197,7 +191,8 @@ def main() -> None:
                "machine": {"cpu_count": __import__("os").cpu_count(), "processor": platform.processor() or platform.machine(),
                            "torch": torch.__version__, "onnxruntime": ort.__version__,
                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-               "configs": {name: bench_config(name, CONFIGS[name], args.repeats, args.threads, skipped) for name in args.configs},
+               "configs": {name: bench_config(name, CONFIGS[name], args.repeats, args.threads, skipped)
+                           for name in args.configs},
                "skipped": list(dict.fromkeys(skipped))}
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print_table(results)

@@ -50,7 +50,8 @@ from bevperc.utils.io import atomic_write, atomic_write_json
 
 DEFAULT_REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuscenes-real-sample"
 DEFAULT_OPSET = 17
-"""ScatterElements with reduction needs >= 16."""
+MIN_OPSET = 16
+"""ScatterElements with ``reduction="add"``; below 16 torch exports scatter_add as an overwrite (wrong sums)."""
 DEFAULT_ATOL = 1e-4
 
 
@@ -144,6 +145,17 @@ def standard_domain_ops(model_proto: Any) -> list[str]:
     return sorted({n.op_type for n in model_proto.graph.node})
 
 
+def onnx_metadata(cfg: Config, rig: dict[str, torch.Tensor] | None, checkpoint: str | Path | None = None) -> dict[str, str]:
+    """The metadata ``OnnxBEVDetector`` reads: calibration mode, model config, the baked rig (and the source checkpoint)."""
+    metadata = {f"{ONNX_METADATA_PREFIX}calibration": "fixed-rig" if rig is not None else "inputs",
+                f"{ONNX_METADATA_PREFIX}model_config": json.dumps(to_dict(cfg.model))}
+    if rig is not None:
+        metadata[f"{ONNX_METADATA_PREFIX}rig"] = json.dumps({key: value.tolist() for key, value in rig.items()})
+    if checkpoint is not None:
+        metadata[f"{ONNX_METADATA_PREFIX}checkpoint"] = str(checkpoint)
+    return metadata
+
+
 def write_detector_onnx(model: BEVDetector, path: str | Path, rig: dict[str, torch.Tensor] | None, metadata: dict[str, str],
                         opset: int = DEFAULT_OPSET) -> ExportableBEVDetector:
     """Trace ``ExportableBEVDetector(model, rig)`` into ``path`` (batch axis dynamic), add ``metadata``, run ``onnx.checker``."""
@@ -223,14 +235,12 @@ def export_detector(cfg: Config, checkpoint: str | Path, out: str | Path, calibr
 
     if calibration not in CALIBRATION_MODES:
         raise ValueError(f"calibration: expected one of {CALIBRATION_MODES}, got {calibration!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset {opset}: the BEV pooling needs opset >= {MIN_OPSET} (ScatterElements with reduction)")
     split = split or cfg.data.val_split
     model = load_detector(cfg, checkpoint)
     rig = rig_from(rig_source, cfg, split, index) if calibration == "fixed-rig" else None
-    metadata = {f"{ONNX_METADATA_PREFIX}calibration": calibration,
-                f"{ONNX_METADATA_PREFIX}model_config": json.dumps(to_dict(cfg.model)),
-                f"{ONNX_METADATA_PREFIX}checkpoint": str(checkpoint)}
-    if rig is not None:
-        metadata[f"{ONNX_METADATA_PREFIX}rig"] = json.dumps({key: value.tolist() for key, value in rig.items()})
+    metadata = onnx_metadata(cfg, rig, checkpoint)
     batches = check_batches(cfg, split, index, real_sample)
     report: dict[str, Any] = {"onnx": str(out), "calibration": calibration, "opset": opset, "atol": atol,
                               "rig": rig_source if rig is not None else None}
@@ -270,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="BEV detector: the run config YAML of the checkpoint")
     parser.add_argument("--gesture", action="store_true", help="export a gesture detector checkpoint instead (no --config)")
     parser.add_argument("--calibration", choices=CALIBRATION_MODES, default="fixed-rig",
-                        help="fixed-rig: the rig folded into the graph; inputs: intrinsics, ego_from_camera, image_aug are inputs")
+                        help="fixed-rig: the rig folded into the graph; "
+                             "inputs: intrinsics, ego_from_camera, image_aug are graph inputs")
     parser.add_argument("--rig", default="dataset",
-                        help="fixed-rig: 'dataset' (sample --index of --split), 'nominal' (nuScenes rig), or a folder with sample_info.json")
+                        help="fixed-rig: 'dataset' (sample --index of --split), 'nominal' (nuScenes rig), "
+                             "or a folder with sample_info.json")
     parser.add_argument("--split", default=None, help="dataset split for the rig and the check (default: data.val_split)")
     parser.add_argument("--index", type=int, default=0, help="dataset sample for the rig and the check")
     parser.add_argument("--real-sample", type=Path, default=DEFAULT_REAL_SAMPLE,

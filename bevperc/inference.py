@@ -108,7 +108,8 @@ class OnnxBEVDetector:
         self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if f"{ONNX_METADATA_PREFIX}model_config" not in meta:
-            raise ValueError(f"{self.path}: no {ONNX_METADATA_PREFIX}model_config metadata (not written by python -m bevperc.export)")
+            raise ValueError(f"{self.path}: no {ONNX_METADATA_PREFIX}model_config metadata "
+                             "(not written by python -m bevperc.export)")
         differences = config_differences(json.loads(meta[f"{ONNX_METADATA_PREFIX}model_config"]), to_dict(model_cfg))
         if differences:
             raise ValueError(f"{self.path}: exported from another model config: " + "; ".join(differences[:5]))
@@ -189,7 +190,7 @@ def predict_dataset(model: Predictor, dataset: NuScenesBEVDataset, batch_size: i
 
 def predict_split(cfg: Config, checkpoint: str | Path | None, split: str, out_json: str | Path,
                   device: str | None = None, progress: bool = True, onnx: str | Path | None = None) -> Path:
-    """Load ``checkpoint`` (or the ONNX model ``onnx``), predict every sample of ``split``, write the submission JSON atomically."""
+    """Load ``checkpoint`` (or the ONNX model ``onnx``), predict every sample of ``split``, write the submission atomically."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_predictor(cfg, checkpoint, onnx, device)
     dataset = NuScenesBEVDataset(cfg.data, split, train=False)

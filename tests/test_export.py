@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from bevperc.config import load_run_config
-from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
 from bevperc.export import ExportCheckError, dataset_batch, export_detector, main, rig_from
 from bevperc.inference import OnnxBEVDetector, load_detector
 from bevperc.models import build_detector
@@ -212,6 +211,8 @@ def test_export_cli_errors_name_the_file_or_field(exported, demo, tmp_path, caps
         capsys.readouterr().err
     assert main([*base, "--checkpoint", str(demo["checkpoint"]), "--rig", str(tmp_path)]) == 2
     assert "sample_info.json" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", str(demo["checkpoint"]), "--opset", "15"]) == 2  # scatter_add would overwrite
+    assert "needs opset >= 16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--checkpoint", str(demo["checkpoint"]), "--gesture"])
     other = load_run_config(demo["config"], ["model.grid.cell_size=0.8"])
@@ -235,7 +236,8 @@ def test_gesture_models_export_through_the_same_command(tmp_path, capsys):
     from bevperc.models.centernet import CenterNet
 
     torch.manual_seed(0)
-    checkpoint = save_detector(tmp_path / "m.pt", CenterNet(student_config(), num_classes=4).eval(), list("abcd"), 64, "student")
+    model = CenterNet(student_config(), num_classes=4).eval()
+    checkpoint = save_detector(tmp_path / "m.pt", model, list("abcd"), 64, "student")
     assert main(["--gesture", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "g.onnx")]) == 0
     report = json.loads((tmp_path / "g.check.json").read_text())
     assert max(report["max_abs_diff"].values()) <= ATOL

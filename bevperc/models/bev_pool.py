@@ -187,7 +187,7 @@ def bev_pool_onnx(
     The sum is ``scatter_add`` (ONNX ``ScatterElements`` with ``reduction="add"``, opset >= 16),
     not ``index_add``/``index_put`` (ScatterND): onnxruntime's CPU ScatterND runs its updates on
     several threads without guarding repeated indices, which gives wrong, run-to-run different
-    sums (measured here: up to 0.1 on a head map; onnxruntime issues #18048, #23396).
+    sums (measured here: up to 0.12 on a head map; onnxruntime issues #18048, #23396).
 
     Args:
         depth: ``[B, N, D, h, w]`` depth probabilities; context: ``[B, N, h, w, C]``.

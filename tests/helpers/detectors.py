@@ -15,7 +15,10 @@ from torch import nn
 
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, batches: list[dict]) -> nn.Module:
-    """Running mean/var of every BatchNorm = the exact average over ``batches`` (train-mode forwards); returns ``model.eval()``."""
+    """Running mean/var of every BatchNorm := the exact average over ``batches`` (train-mode forwards).
+
+    Returns ``model.eval()``.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
