@@ -39,7 +39,7 @@ CURVE_PANELS = (("mAP", "mAP"), ("NDS", "NDS"), ("AP/car", "car AP"))
 
 
 def run_command(config: str, work_dir: Path, seed: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "bevperc.train", "--config", config, "--work-dir", str(work_dir),
+    return [sys.executable, "-m", "bevperc.train", "--config", config, "--work-dir", str(work_dir), "--resume",
             f"train.seed={seed}", "train.progress_bar=false", *overrides]
 
 
@@ -51,7 +51,7 @@ def train_run(config: str, work_dir: Path, seed: int, overrides: list[str], thre
     if not done:
         work_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        with open(work_dir / "bench_stdout.log", "w") as log:
+        with open(work_dir / "bench_stdout.log", "a") as log:  # --resume continues an interrupted run
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         stamp.write_text(json.dumps(command[1:]))
     return read_run(work_dir)

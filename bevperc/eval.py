@@ -10,6 +10,10 @@ Predict with a trained model first, then evaluate (needs ``bevperc.inference.pre
     python -m bevperc.eval --config configs/bev.yaml --checkpoint work/ckpt.pt --dataroot data/nuscenes \\
         --version v1.0-mini --split mini_val --out work/eval
 
+or with the model exported by ``python -m bevperc.export`` (run by onnxruntime, same decoding)::
+
+    python -m bevperc.eval --config configs/bev.yaml --onnx bev.onnx --split mini_val --out work/eval_onnx
+
 Writes ``metrics_summary.json`` and ``metrics_details.json`` (devkit layout) into ``--out`` and prints
 the metrics table. Both engines give the same numbers; ``fast`` is the one to use during training.
 """
@@ -30,10 +34,11 @@ ERR_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "ve
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bevperc.eval", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_argument_group("what to evaluate (either --results, or --config with --checkpoint)")
+    source = parser.add_argument_group("what to evaluate (either --results, or --config with --checkpoint or --onnx)")
     source.add_argument("--results", type=Path, help="submission JSON file (nuScenes detection format)")
     source.add_argument("--config", type=Path, help="model config YAML (predicts the split first)")
     source.add_argument("--checkpoint", type=Path, help="model checkpoint for --config")
+    source.add_argument("--onnx", type=Path, help="ONNX model from python -m bevperc.export, for --config (instead of --checkpoint)")
     parser.add_argument("--dataroot", type=Path, default=None,
                         help="nuScenes root (holds <version>/*.json); with --config defaults to data.dataroot")
     parser.add_argument("--version", default=None, help="dataset version (default: data.version with --config, else v1.0-mini)")
@@ -75,7 +80,7 @@ def _predict(cfg: Any, args: argparse.Namespace) -> Path:
     from bevperc.inference import predict_split
 
     out_json = args.out / f"results_{args.split}.json"
-    predict_split(cfg, args.checkpoint, args.split, out_json)
+    predict_split(cfg, args.checkpoint, args.split, out_json, onnx=args.onnx)
     if not out_json.is_file():
         raise FileNotFoundError(f"predict_split did not write {out_json}")
     return out_json
@@ -190,10 +195,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.results is not None and (args.config is not None or args.checkpoint is not None):
-        parser.error("give either --results, or --config with --checkpoint, not both")
-    if args.results is None and (args.config is None or args.checkpoint is None):
-        parser.error("give --results FILE, or --config and --checkpoint to predict the split first")
+    model_given = args.checkpoint is not None or args.onnx is not None
+    if args.results is not None and (args.config is not None or model_given):
+        parser.error("give either --results, or --config with --checkpoint or --onnx, not both")
+    if args.results is None and (args.config is None or not model_given):
+        parser.error("give --results FILE, or --config and --checkpoint (or --onnx) to predict the split first")
+    if args.checkpoint is not None and args.onnx is not None:
+        parser.error("give --checkpoint or --onnx, not both")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cfg = None
@@ -216,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_summary(summary))
     figures = args.figures if args.figures is not None else (cfg.eval.figures if cfg is not None else 0)
-    if cfg is not None and figures > 0:
+    if args.onnx is not None and figures > 0:
+        print("figures: not drawn for --onnx (they need the PyTorch model's BEV features); use --checkpoint")
+    elif cfg is not None and figures > 0:
         written = _write_figures(cfg, args, results, figures)
         print(f"figures of the {figures} best and worst samples: {args.out / 'figures'} ({len(written)} files)")
     print(f"\nengine={args.engine}  total {time.perf_counter() - started:.1f} s  ->  {args.out / 'metrics_summary.json'}")

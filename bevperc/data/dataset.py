@@ -78,6 +78,22 @@ def lidar_depth_maps(
         for key, points in (("depth_maps", points_ego), ("object_depth_maps", points_ego[on_object]))
     }
 
+def prepare_image(image: Image.Image, original_size: tuple[int, int], rng: np.random.Generator | None,
+                  cfg: DataConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """One decoded camera image -> (normalised network input ``[3, H, W]`` float32, ``image_aug`` ``(3, 3)``).
+
+    ``original_size`` (w, h) is the camera's image size (the decoded image may be smaller, see
+    :func:`bevperc.data.augment.decode_image`). ``rng`` None is the deterministic test-time
+    transform (resize to the input width, bottom crop).
+    """
+    input_size = tuple(cfg.input_size)
+    resize, crop_flip_rotate = sample_image_aug(rng, original_size, input_size, cfg.image_aug)
+    image, image_aug = apply_image_aug(image, original_size, resize, crop_flip_rotate, input_size)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32) * 255.0
+    std = np.asarray(cfg.image_std, dtype=np.float32) * 255.0
+    array = (np.asarray(image, dtype=np.float32) - mean) / std
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()), image_aug
+
 
 class NuScenesBEVDataset(Dataset):
     """Six-camera samples in the batch format of :func:`collate_bev`.
@@ -151,16 +167,11 @@ class NuScenesBEVDataset(Dataset):
         rng = self._rng(index)
         input_size = tuple(self.cfg.input_size)
         images, intrinsics, ego_from_camera, image_augs = [], [], [], []
-        mean = np.asarray(self.cfg.image_mean, dtype=np.float32) * 255.0
-        std = np.asarray(self.cfg.image_std, dtype=np.float32) * 255.0
         for camera in CAMERA_NAMES:
             cam = sample["cameras"][camera]
             original_size = (cam["width"], cam["height"])
-            resize, crop_flip_rotate = sample_image_aug(rng, original_size, input_size, self.cfg.image_aug)
-            image, image_aug = apply_image_aug(self._decoded_image(sample, camera), original_size, resize,
-                                               crop_flip_rotate, input_size)
-            array = (np.asarray(image, dtype=np.float32) - mean) / std
-            images.append(torch.from_numpy(array.transpose(2, 0, 1).copy()))
+            image, image_aug = prepare_image(self._decoded_image(sample, camera), original_size, rng, self.cfg)
+            images.append(image)
             intrinsics.append(np.asarray(cam["intrinsics"], dtype=np.float64))
             ego_from_camera.append(np.asarray(cam["ego_from_camera"], dtype=np.float64))
             image_augs.append(image_aug)

@@ -90,10 +90,13 @@ def make_pool_plan(points: torch.Tensor, grid: BEVGridConfig) -> PoolPlan:
     cell_ids = cell[point_ids]
     order = torch.argsort(cell_ids, stable=True)
     point_ids, cell_ids = point_ids[order], cell_ids[order]
-    pixels = height * width
-    # point (b, n, d, y, x) -> ray (b, n, y, x): drop the depth digit of the flat index.
-    ray_ids = (point_ids // (depth_bins * pixels)) * pixels + point_ids % pixels
+    ray_ids = ray_of_point(point_ids, depth_bins, height * width)
     return PoolPlan(point_ids, ray_ids, cell_ids, batch, grid.num_y, grid.num_x)
+
+
+def ray_of_point(point_ids: torch.Tensor, depth_bins: int, pixels: int) -> torch.Tensor:
+    """Flat point index (layout ..., N, D, h, w) -> flat ray index (..., N, h, w): drops the depth digit."""
+    return (point_ids // (depth_bins * pixels)) * pixels + point_ids % pixels
 
 
 # --------------------------------------------------------------------------- fast pooling
@@ -167,6 +170,43 @@ def bev_pool(depth: torch.Tensor, context: torch.Tensor, plan: PoolPlan, chunk_s
         plan.num_cells, chunk_size,
     )
     return out.view(batch, plan.num_y, plan.num_x, channels).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- ONNX-exportable pooling
+def bev_pool_onnx(
+    depth: torch.Tensor, context: torch.Tensor, point_ids: torch.Tensor, ray_ids: torch.Tensor, cell_ids: torch.Tensor,
+    num_y: int, num_x: int,
+) -> torch.Tensor:
+    """The splat of ``bev_pool`` in plain ops (Gather, Mul, ScatterElements add): traceable and exportable to ONNX.
+
+    No custom autograd, no chunks and no data-dependent shapes: the ids are either graph
+    constants (a fixed rig's ``PoolPlan`` of one sample) or computed in the graph for every
+    frustum point, in which case points outside the grid carry ``cell_ids == num_y * num_x``:
+    one dummy cell per sample that is dropped at the end.
+
+    The sum is ``scatter_add`` (ONNX ``ScatterElements`` with ``reduction="add"``, opset >= 16),
+    not ``index_add``/``index_put`` (ScatterND): onnxruntime's CPU ScatterND runs its updates on
+    several threads without guarding repeated indices, which gives wrong, run-to-run different
+    sums (measured here: up to 0.12 on a head map; onnxruntime issues #18048, #23396).
+
+    Args:
+        depth: ``[B, N, D, h, w]`` depth probabilities; context: ``[B, N, h, w, C]``.
+        point_ids, ray_ids: ``[1 or B, P]`` int64 indices into one sample's flat depth
+            (``N * D * h * w``) and context rows (``N * h * w``).
+        cell_ids: ``[1 or B, P]`` int64 ``iy * nx + ix`` in ``[0, ny * nx]`` (the last one dropped).
+    Returns:
+        ``[B, C, ny, nx]``, equal to ``bev_pool`` up to float summation order.
+    """
+    batch, channels = depth.shape[0], context.shape[-1]
+    cells = num_y * num_x
+    sample = torch.arange(batch, device=depth.device).unsqueeze(1)  # [B, 1]
+    points = (point_ids + sample * depth.shape[1:].numel()).reshape(-1)
+    rays = (ray_ids + sample * context.shape[1:-1].numel()).reshape(-1)
+    targets = (cell_ids + sample * (cells + 1)).reshape(-1)
+    rows = context.reshape(-1, channels).index_select(0, rays) * depth.reshape(-1).index_select(0, points).unsqueeze(1)
+    out = rows.new_zeros(batch * (cells + 1), channels).scatter_add(0, targets.unsqueeze(1).expand_as(rows), rows)
+    out = out.reshape(batch, cells + 1, channels)[:, :cells]
+    return out.reshape(batch, num_y, num_x, channels).permute(0, 3, 1, 2)
 
 
 class PoolPlanCache:

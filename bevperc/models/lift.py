@@ -37,6 +37,24 @@ def make_frustum(cfg: ViewTransformerConfig) -> torch.Tensor:
     return torch.stack([u_grid, v_grid, d_grid], dim=-1)
 
 
+def inverse_3x3(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``[..., 3, 3]`` matrices by the adjugate over the determinant.
+
+    Plain arithmetic (no LAPACK call), so it traces to standard ONNX ops; for the
+    well-conditioned intrinsics and image-augmentation matrices it agrees with
+    ``torch.linalg.inv`` to float64 rounding.
+    """
+    a, b, c = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2]
+    d, e, f = matrix[..., 1, 0], matrix[..., 1, 1], matrix[..., 1, 2]
+    g, h, i = matrix[..., 2, 0], matrix[..., 2, 1], matrix[..., 2, 2]
+    cofactor_rows = [e * i - f * h, c * h - b * i, b * f - c * e,
+                     f * g - d * i, a * i - c * g, c * d - a * f,
+                     d * h - e * g, b * g - a * h, a * e - b * d]  # fmt: skip
+    adjugate = torch.stack(cofactor_rows, dim=-1).reshape(matrix.shape)
+    determinant = a * cofactor_rows[0] + b * cofactor_rows[3] + c * cofactor_rows[6]
+    return adjugate / determinant[..., None, None]
+
+
 def rays_in_ego(
     pixels: torch.Tensor,
     intrinsics: torch.Tensor,
@@ -61,7 +79,7 @@ def rays_in_ego(
     image_aug, bev_aug = image_aug.to(dtype), bev_aug.to(dtype)
     pixels = pixels.to(device=intrinsics.device, dtype=dtype)
     # ray direction with camera z = 1 for each augmented pixel: K^-1 @ inv(image_aug) @ [u', v', 1]
-    rays_from_pixels = torch.linalg.inv(intrinsics) @ torch.linalg.inv(image_aug)  # [B, N, 3, 3]
+    rays_from_pixels = inverse_3x3(intrinsics) @ inverse_3x3(image_aug)  # [B, N, 3, 3]
     aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
     linear = aug_ego_from_camera[..., :3, :3] @ rays_from_pixels  # [B, N, 3, 3]
     pixels_h = torch.cat([pixels, torch.ones_like(pixels[..., :1])], dim=-1)  # [h, w, 3]
@@ -239,17 +257,31 @@ class LSSViewTransformer(nn.Module):
                 f"LSSViewTransformer: features {tuple(features.shape)} do not match "
                 f"B*N={batch_size * cams} cameras at feature size {(height, width)}"
             )
-        if self.ray_embedding is not None:
-            origins, directions = rays_in_ego(self.frustum[0, ..., :2], *self._geometry_inputs(batch))
-            rays = ray_features(origins, directions).flatten(0, 1).to(features)  # [B*N, RAY_FEATURES, h, w]
-            features = features + self.ray_embedding(rays)
-        out = self.depth_net(features)
-        depth_logits = out[:, : self.num_depth_bins].reshape(batch_size, cams, self.num_depth_bins, height, width)
-        context = out[:, self.num_depth_bins :].reshape(batch_size, cams, self.context_channels, height, width)
-        depth_probs = depth_logits.softmax(dim=2)
-        plan = self.pool_plan(batch)
-        bev = bev_pool(depth_probs, context.permute(0, 1, 3, 4, 2), plan)
+        depth_logits, depth_probs, context = self.lift(features, cams, self.ray_inputs(batch))
+        bev = bev_pool(depth_probs, context, self.pool_plan(batch))
         return bev, depth_logits
+
+    def ray_inputs(self, geometry: dict) -> torch.Tensor | None:
+        """:func:`ray_features` ``[B * N, RAY_FEATURES, h, w]`` for the geometry keys of a batch
+        (None without ``view.ray_features``)."""
+        if self.ray_embedding is None:
+            return None
+        origins, directions = rays_in_ego(self.frustum[0, ..., :2], *self._geometry_inputs(geometry))
+        return ray_features(origins, directions).flatten(0, 1)
+
+    def lift(self, features: torch.Tensor, cams: int, rays: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B * N, C_in, h, w]`` (+ ``ray_inputs``) -> depth logits and probabilities ``[B, N, D, h, w]``,
+        context ``[B, N, h, w, C]``."""
+        height, width = features.shape[-2:]
+        if self.ray_embedding is not None:
+            if rays is None:
+                raise ValueError("LSSViewTransformer.lift: view.ray_features is on, give the ray_inputs of the batch")
+            features = features + self.ray_embedding(rays.to(features))
+        out = self.depth_net(features)
+        depth_logits = out[:, : self.num_depth_bins].reshape(-1, cams, self.num_depth_bins, height, width)
+        context = out[:, self.num_depth_bins :].reshape(-1, cams, self.context_channels, height, width)
+        return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2)
 
     def loss(self, depth_logits: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The ``depth`` task (scalar, and ``[B]`` per sample) with ``view.depth_supervision``, else nothing."""

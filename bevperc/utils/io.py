@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` fills a temporary file next to ``path``, which is then renamed over ``path``.
+
+    If ``write`` raises (e.g. a check of the written file fails), nothing appears at ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,7 +39,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with open(tmp, "w") as handle:
             handle.write(text)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
@@ -46,4 +50,4 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
     import torch
 
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
