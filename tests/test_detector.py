@@ -105,6 +105,44 @@ def test_targets_skip_boxes_outside_the_grid_and_respect_max_objs():
     assert targets.indices[0, 0] == 64 * 128 + 64  # x = 0 m, y = 0 m is cell (64, 64); x = 60 m was dropped
 
 
+def naive_heatmaps(boxes: torch.Tensor, labels: torch.Tensor, head: HeadConfig, grid: BEVGridConfig) -> dict[str, torch.Tensor]:
+    """Reference: one Gaussian at a time, a Python loop over objects and window slices."""
+    from bevperc.models.centerpoint_head import gaussian_kernel
+
+    heatmaps = {}
+    for group_name, group in zip(head.group_names, head.class_groups):
+        heatmap = torch.zeros(len(group), grid.num_y, grid.num_x)
+        for box, label in zip(boxes.tolist(), labels.tolist()):
+            name = [n for n, i in CLASS_INDEX.items() if i == label][0]
+            ix, iy = math.floor((box[0] - grid.x_range[0]) / grid.cell_size), math.floor((box[1] - grid.y_range[0]) / grid.cell_size)
+            if name not in group or not (0 <= ix < grid.num_x and 0 <= iy < grid.num_y):
+                continue
+            r = max(head.min_radius, int(gaussian_radius(box[4] / grid.cell_size, box[3] / grid.cell_size, head.gaussian_overlap)))
+            kernel = gaussian_kernel(r)
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    y, x = iy + dy, ix + dx
+                    if 0 <= y < grid.num_y and 0 <= x < grid.num_x:
+                        channel = group.index(name)
+                        heatmap[channel, y, x] = max(heatmap[channel, y, x], kernel[dy + r, dx + r])
+        heatmaps[group_name] = heatmap
+    return heatmaps
+
+
+def test_vectorised_heatmap_targets_equal_drawing_one_object_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    count = 60  # crowded: overlapping Gaussians, objects at the borders, sizes from cones to buses
+    boxes = torch.zeros(count, 9)
+    boxes[:, :2] = torch.rand(count, 2, generator=generator) * 108 - 54
+    boxes[:, 3:6] = torch.rand(count, 3, generator=generator) * 10 + 0.3
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    expected = naive_heatmaps(boxes, labels, HEAD, GRID)
+    targets = assign_targets([boxes], [labels], HEAD, GRID)
+    for group_name, heatmap in expected.items():
+        assert torch.equal(targets[group_name].heatmap[0], heatmap), group_name
+    assert sum(int(t.mask.sum()) for t in targets.values()) == sum(int((h == 1).sum()) for h in expected.values())
+
+
 def perfect_outputs(boxes: torch.Tensor, labels: torch.Tensor, head: HeadConfig, grid: BEVGridConfig) -> dict[str, torch.Tensor]:
     """Head outputs that predict exactly the targets (heatmap logits of the Gaussian targets)."""
     targets = assign_targets([boxes], [labels], head, grid)

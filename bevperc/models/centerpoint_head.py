@@ -99,14 +99,26 @@ def gaussian_kernel(radius: int, dtype=torch.float32, device=None) -> torch.Tens
     return kernel.to(dtype=dtype, device=device)
 
 
-def draw_gaussian(heatmap: torch.Tensor, ix: int, iy: int, radius: int) -> None:
-    """In place ``heatmap[iy-r:iy+r+1, ix-r:ix+r+1] = max(heatmap, gaussian)`` (clipped at borders)."""
-    kernel = gaussian_kernel(radius, heatmap.dtype, heatmap.device)
-    rows, cols = heatmap.shape
-    left, right = min(ix, radius), min(cols - ix, radius + 1)
-    top, bottom = min(iy, radius), min(rows - iy, radius + 1)
-    window = heatmap[iy - top : iy + bottom, ix - left : ix + right]
-    torch.maximum(window, kernel[radius - top : radius + bottom, radius - left : radius + right], out=window)
+def draw_gaussians(heatmaps: torch.Tensor, classes: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor,
+                   radii: torch.Tensor) -> None:
+    """In place, for every object ``k``: ``heatmaps[classes[k]] = max(heatmaps[classes[k]], gaussian_kernel(radii[k])``
+    centred at ``(ix[k], iy[k])``), clipped at the borders.
+
+    Args:
+        heatmaps: ``[C, ny, nx]`` contiguous; classes, ix, iy, radii: ``[K]`` int64.
+    One scatter-max per distinct radius (a handful), not one per object.
+    """
+    channels, rows, cols = heatmaps.shape
+    flat = heatmaps.view(-1)
+    for radius in radii.unique().tolist():
+        chosen = radii == radius
+        kernel = gaussian_kernel(radius, heatmaps.dtype, heatmaps.device)
+        offsets = torch.arange(-radius, radius + 1, device=heatmaps.device)
+        y = iy[chosen, None, None] + offsets[None, :, None]  # [k, d, 1]
+        x = ix[chosen, None, None] + offsets[None, None, :]  # [k, 1, d]
+        inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)  # [k, d, d]
+        index = (classes[chosen, None, None] * rows + y) * cols + x
+        flat.scatter_reduce_(0, index[inside], kernel.expand(inside.shape)[inside], reduce="amax")
 
 
 def encode_boxes(boxes: torch.Tensor, grid: BEVGridConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -195,18 +207,19 @@ def assign_targets(
                 class_in_group[labels == class_id] = k
             cells, inside, targets = encode_boxes(boxes, grid)
             keep = torch.nonzero(in_group & inside).squeeze(1)[: head.max_objs]
-            for slot, obj in enumerate(keep.tolist()):
-                ix, iy = int(cells[obj, 0]), int(cells[obj, 1])
-                width_cells = float(boxes[obj, 3]) / grid.cell_size
-                length_cells = float(boxes[obj, 4]) / grid.cell_size
-                if width_cells <= 0 or length_cells <= 0:
-                    continue
-                radius = max(head.min_radius, int(gaussian_radius(length_cells, width_cells, head.gaussian_overlap)))
-                draw_gaussian(heatmap[b, int(class_in_group[obj])], ix, iy, radius)
-                indices[b, slot] = iy * grid.num_x + ix
-                mask[b, slot] = True
-                for name in REGRESSION_BRANCHES:
-                    regression[name][b, slot] = targets[name][obj]
+            # one slot per kept object, in order; a degenerate box keeps its slot empty
+            width_cells = boxes[keep, 3].double() / grid.cell_size
+            length_cells = boxes[keep, 4].double() / grid.cell_size
+            drawable = (width_cells > 0) & (length_cells > 0)
+            slots, objects = torch.nonzero(drawable).squeeze(1), keep[drawable]
+            radii = [max(head.min_radius, int(gaussian_radius(length, width, head.gaussian_overlap)))
+                     for length, width in zip(length_cells[drawable].tolist(), width_cells[drawable].tolist())]
+            ix, iy = cells[objects, 0], cells[objects, 1]
+            draw_gaussians(heatmap[b], class_in_group[objects], ix, iy, torch.tensor(radii, dtype=torch.long, device=device))
+            indices[b, slots] = iy * grid.num_x + ix
+            mask[b, slots] = True
+            for name in REGRESSION_BRANCHES:
+                regression[name][b, slots] = targets[name][objects]
         out[group_name] = GroupTargets(heatmap, indices, mask, regression)
     return out
 
