@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from bevperc.config import Config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
-from bevperc.engine.checkpoint import load_checkpoint
+from bevperc.engine.checkpoint import load_checkpoint, load_weights
 from bevperc.models.detector import BEVDetector, build_detector
 from bevperc.models.postprocess import to_nuscenes_detections
 from bevperc.utils.io import atomic_write_json
@@ -35,12 +35,7 @@ def load_detector(cfg: Config, checkpoint: str | Path, device: torch.device | st
     if weights is None:
         raise ValueError(f"{checkpoint}: no 'model' weights in checkpoint (keys: {sorted(state)})")
     model = build_detector(cfg.model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint}: weights do not match the config's model (missing {missing[:5]}..., "
-            f"unexpected {unexpected[:5]}...); was it trained with another config?"
-        )
+    load_weights(model, weights, checkpoint)  # an error naming the checkpoint when it does not fit
     return model.to(device).eval()
 
 

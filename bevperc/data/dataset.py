@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from bevperc.data.augment import apply_image_aug, sample_bev_aug, sample_image_aug
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.data.config import DataConfig
-from bevperc.data.infos import CAMERA_NAMES, DataError, load_infos
+from bevperc.data.infos import CAMERA_NAMES, DataError, dataroot_file, load_infos
 from bevperc.geometry import invert_transform, project_to_image, transform_boxes, transform_points
 
 
@@ -22,10 +22,10 @@ def load_lidar_points(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: LiDAR file not found")
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % 5:
-        raise DataError(f"{path}: size {raw.size * 4} bytes is not a multiple of 5 float32 columns")
-    return raw.reshape(-1, 5)
+    size = path.stat().st_size
+    if size % 20:
+        raise DataError(f"{path}: size {size} bytes is not a whole number of points (20 bytes: 5 float32 columns)")
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
 
 
 def lidar_depth_map(
@@ -84,7 +84,7 @@ class NuScenesBEVDataset(Dataset):
         self.epoch = 0
         self.dataroot = Path(cfg.dataroot)
         self.info_path = Path(cfg.info_path(split))
-        payload = load_infos(self.info_path)
+        payload = load_infos(self.info_path, split=split, version=cfg.version)
         self.samples: list[dict[str, Any]] = payload["samples"]
         self.class_names: Sequence[str] = DETECTION_CLASSES
 
@@ -101,13 +101,14 @@ class NuScenesBEVDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _open_image(self, sample: dict, camera: str) -> Image.Image:
-        path = self.dataroot / sample["cameras"][camera]["path"]
+        where = f"{self.info_path}: sample {sample['token']} camera {camera}"
+        path = dataroot_file(self.dataroot, sample["cameras"][camera]["path"], where)
         if not path.is_file():
-            raise DataError(
-                f"{self.info_path}: sample {sample['token']} camera {camera}: image file not found: {path}"
-            )
+            raise DataError(f"{where}: image file not found: {path}")
         try:
-            return Image.open(path)
+            image = Image.open(path)
+            image.load()  # decode now: a truncated file fails here, naming the file
+            return image
         except OSError as err:
             raise DataError(f"{path}: cannot read image ({err})") from None
 
@@ -143,7 +144,8 @@ class NuScenesBEVDataset(Dataset):
             "sample_token": sample["token"],
         }
         if self.cfg.load_depth:
-            points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
+            points = load_lidar_points(dataroot_file(self.dataroot, sample["lidar"]["path"],
+                                                     f"{self.info_path}: sample {sample['token']} lidar"))
             points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
             item["depth_maps"] = torch.from_numpy(
                 np.stack(
