@@ -97,9 +97,8 @@ def _engine_settings(steps: int) -> dict[str, Any]:
 
 def parse_engine_options(items: list[str]) -> dict[str, Any]:
     """``["first_weighting=fixed", "lag_floor=0.3"]`` -> LossEngineConfig overrides (checked against its fields)."""
-    import yaml
-
     from bevperc.losses.engine import LossEngineConfig
+    from bevperc.utils.config import safe_load_yaml
 
     fields = {f.name for f in dataclasses.fields(LossEngineConfig)}
     options: dict[str, Any] = {}
@@ -108,7 +107,7 @@ def parse_engine_options(items: list[str]) -> dict[str, Any]:
         if not sep or key not in fields:
             raise ValueError(f"--engine-option {item!r}: expected KEY=VALUE with KEY a LossEngineConfig field "
                              f"({', '.join(sorted(fields))})")
-        options[key] = yaml.safe_load(value)
+        options[key] = safe_load_yaml(value)
     return options
 
 

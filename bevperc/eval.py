@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bevperc.evaluation.submission import SubmissionError
-
 ERR_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
 
 
@@ -219,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = evaluate(results, args.dataroot, version, split, args.engine, args.out,
                            render_curves=args.render_curves, allow_empty_attribute=args.allow_empty_attribute,
                            gt_cache=args.gt_cache, verbose=args.verbose)
-    except (SubmissionError, FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError too
+    except (ValueError, OSError) as exc:  # SubmissionError, ConfigError, DataError, CheckpointError; file errors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))

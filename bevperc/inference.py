@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from bevperc.config import Config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
-from bevperc.engine.checkpoint import load_checkpoint
+from bevperc.engine.checkpoint import load_checkpoint, load_weights
 from bevperc.models.config import ModelConfig
 from bevperc.models.detector import BEVDetector, build_detector
 from bevperc.models.postprocess import decode_detections, to_nuscenes_detections
@@ -38,17 +38,7 @@ def load_detector(cfg: Config, checkpoint: str | Path, device: torch.device | st
     if weights is None:
         raise ValueError(f"{checkpoint}: no 'model' weights in checkpoint (keys: {sorted(state)})")
     model = build_detector(cfg.model)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # a tensor of another shape
-        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        raise ValueError(f"{checkpoint}: weights do not match the config's model ({'; '.join(shapes[:2])}); "
-                         "was it trained with another config?") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint}: weights do not match the config's model (missing {missing[:5]}..., "
-            f"unexpected {unexpected[:5]}...); was it trained with another config?"
-        )
+    load_weights(model, weights, checkpoint)  # an error naming the checkpoint when it does not fit
     return model.to(device).eval()
 
 

@@ -7,12 +7,15 @@
 
 Trailing ``section.field=value`` arguments override single config fields. The run writes
 ``config.yaml``, ``train.log``, ``tensorboard/``, ``checkpoints/`` and ``loss_engine.json``
-(the task sets the loss engine found, and its weights over training) to the work dir.
+(the task sets the loss engine found, and its weights over training) to the work dir, which it
+locks (``train.lock``) against a second training. Bad input (config, data, checkpoint, a locked
+work dir, a full disk) ends the command with exit code 2 and a message naming the file or field.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ from torch import nn
 from bevperc.config import Config, load_run_config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
 from bevperc.data.infos import DataError
+from bevperc.engine.checkpoint import CheckpointError, WorkDirLocked, lock_work_dir
 from bevperc.engine.distributed import cleanup_distributed, dist_info
 from bevperc.engine.trainer import Trainer
 from bevperc.inference import predict_dataset, unwrap
@@ -109,14 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     work_dir = Path(args.work_dir)
-    if dist_info().is_main:
-        save_config(cfg, work_dir / "config.yaml")
-
     try:
-        train_set = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
-    except DataError as err:
-        print(f"data error: {err}", file=sys.stderr)
+        with lock_work_dir(work_dir) if dist_info().is_main else contextlib.nullcontext():
+            train(cfg, args, work_dir)
+    except (ConfigError, DataError, CheckpointError, WorkDirLocked, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def train(cfg: Config, args: argparse.Namespace, work_dir: Path) -> None:
+    """Build the data, detector and loss engine of ``cfg``, then train in ``work_dir`` (config.yaml is written
+    once training starts: a run that fails to start, or to resume, leaves the work dir as it was)."""
+    train_set = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
     model = build_detector(cfg.model)
     engine = build_loss_engine(cfg)
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         # The engine's second process; under DDP it all-reduces its statistics itself so every
         # rank takes the same grouping and weight decisions.
         after_step=[lambda step: engine.step()],
+        on_start=[lambda: save_config(cfg, work_dir / "config.yaml")],
         validate=validate,
     )
     trainer.fit(resume=args.resume)
@@ -141,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(work_dir / "loss_engine.json", summary)
         trainer.logger.info("loss engine task sets: %s", summary.get("task_sets", engine.task_sets))
         trainer.logger.info("loss engine second weights: %s", [round(float(w), 4) for w in engine.second_weights])
-    cleanup_distributed()
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from bevperc.data.infos import DataError, create_infos
@@ -20,12 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="v1.0-mini")
     parser.add_argument("--splits", nargs="+", help="devkit split names (default: all splits of the version)")
     parser.add_argument("--out-dir", help="where to write bevperc_infos_<split>.json (default: dataroot)")
+    parser.add_argument("--strict", action="store_true",
+                        help="annotations of a category nuScenes does not know are an error (default: a warning)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     splits = args.splits or DEFAULT_SPLITS.get(args.version)
     if not splits:
         parser.error(f"no default splits for version {args.version!r}; pass --splits")
     try:
-        written = create_infos(args.dataroot, args.version, splits, args.out_dir)
+        written = create_infos(args.dataroot, args.version, splits, args.out_dir, strict=args.strict)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

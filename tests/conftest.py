@@ -34,6 +34,21 @@ def synthetic_infos(synthetic_root) -> dict[str, Path]:
     return create_infos(synthetic_root, "v1.0-mini", ["mini_train", "mini_val"], progress=False)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs (fast and steady on a shared 2-core CPU); afterwards the
+    training engine's log files are released."""
+    import torch
+
+    from bevperc.engine.logging import close_logger
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    close_logger()
+
+
 @pytest.fixture(scope="session")
 def real_sample_dir() -> Path:
     """The one real nuScenes keyframe in ../shared (read in place; skip when absent)."""

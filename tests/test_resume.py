@@ -27,7 +27,7 @@ import torch
 
 from bevperc.engine.checkpoint import load_checkpoint
 from bevperc.engine.logging import close_logger
-from helpers.toy_train import build_trainer, parse_args
+from helpers.toy_train import assert_same, build_trainer, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TRAIN = REPO / "tests" / "helpers" / "toy_train.py"
@@ -55,24 +55,6 @@ def wait_for(proc: subprocess.Popen, work_dir: Path) -> int:
 def log_text(work_dir: Path) -> str:
     path = work_dir.with_suffix(".log")
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def assert_same(a, b, path: str = "checkpoint") -> None:
-    """Recursive bitwise equality of checkpoint-like trees (NaN equals NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
-            a.nan_to_num(), b.nan_to_num()), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +125,6 @@ def test_failed_checkpoint_write_leaves_previous_latest_intact(runs):
 
 
 # ----------------------------------------------------------------------------- in-process resume
-
-@pytest.fixture
-def one_thread():
-    """Like the subprocesses: one intra-op thread (fast and steady on a shared 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class SimulatedCrash(RuntimeError):
     pass

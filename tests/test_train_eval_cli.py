@@ -10,22 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.tiny_runs import TINY
 
-# A tiny variant of the demo config: small input, few steps, no workers.
-TINY = [
-    "data.input_size=[64,160]",
-    "model.view.input_size=[64,160]",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.num_workers=0",
-    "train.log_every=2",
-    "train.checkpoint_every=3",
-    "train.progress_bar=false",
-    "loss.warmup_steps=4",
-    "loss.affinity_steps=4",
-    "loss.condition_every=2",
-]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from bevperc.data.augment import apply_image_aug, decode_image, draft_size, samp
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.data.config import DataConfig
 from bevperc.data.image_cache import ImageCache
-from bevperc.data.infos import CAMERA_NAMES, DataError, load_infos
+from bevperc.data.infos import CAMERA_NAMES, DataError, dataroot_file, load_infos
 from bevperc.geometry import invert_transform, points_in_boxes, project_to_image, transform_boxes, transform_points
 
 
@@ -23,10 +23,10 @@ def load_lidar_points(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: LiDAR file not found")
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % 5:
-        raise DataError(f"{path}: size {raw.size * 4} bytes is not a multiple of 5 float32 columns")
-    return raw.reshape(-1, 5)
+    size = path.stat().st_size
+    if size % 20:
+        raise DataError(f"{path}: size {size} bytes is not a whole number of points (20 bytes: 5 float32 columns)")
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
 
 
 def lidar_depth_map(
@@ -124,7 +124,7 @@ class NuScenesBEVDataset(Dataset):
         self.epoch = 0
         self.dataroot = Path(cfg.dataroot)
         self.info_path = Path(cfg.info_path(split))
-        payload = load_infos(self.info_path)
+        payload = load_infos(self.info_path, split=split, version=cfg.version)
         self.samples: list[dict[str, Any]] = payload["samples"]
         self.class_names: Sequence[str] = DETECTION_CLASSES
         self.image_cache = None
@@ -150,11 +150,10 @@ class NuScenesBEVDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _decoded_image(self, sample: dict, camera: str) -> Image.Image:
-        path = self.dataroot / sample["cameras"][camera]["path"]
+        where = f"{self.info_path}: sample {sample['token']} camera {camera}"
+        path = dataroot_file(self.dataroot, sample["cameras"][camera]["path"], where)
         if not path.is_file():
-            raise DataError(
-                f"{self.info_path}: sample {sample['token']} camera {camera}: image file not found: {path}"
-            )
+            raise DataError(f"{where}: image file not found: {path}")
         try:
             if self.image_cache is not None:
                 return self.image_cache.load(path, f"{sample['token']}_{camera}")
@@ -194,7 +193,8 @@ class NuScenesBEVDataset(Dataset):
         return item
 
     def _depth_maps(self, sample: dict, ego_from_camera: list, intrinsics: list, image_augs: list) -> dict[str, torch.Tensor]:
-        points = load_lidar_points(self.dataroot / sample["lidar"]["path"])
+        points = load_lidar_points(dataroot_file(self.dataroot, sample["lidar"]["path"],
+                                                 f"{self.info_path}: sample {sample['token']} lidar"))
         points_ego = transform_points(np.asarray(sample["lidar"]["ego_from_lidar"]), points[:, :3].astype(np.float64))
         boxes = np.asarray(sample["gt"]["boxes"], dtype=np.float64).reshape(-1, 9)
         maps = lidar_depth_maps(points_ego, boxes, ego_from_camera, intrinsics, image_augs, tuple(self.cfg.input_size))

@@ -22,14 +22,22 @@ Info file layout (``bevperc_infos_<split>.json``)::
 The sample's ego frame is the ego pose at the LIDAR_TOP keyframe timestamp. Cameras
 fire at slightly different times, so ``ego_from_camera`` composes the camera's own
 ego pose: ``inv(global_from_ego_lidar) @ global_from_ego_cam @ ego_cam_from_camera``.
+
+File paths read from tables and info files are relative to the dataroot and must stay inside it
+(:func:`dataroot_file`). Annotations of a category that nuScenes does not know are dropped with a
+warning naming the category and the count (an error with ``strict=True``); those of known
+categories outside the 10 detection classes (animals, debris, bicycle racks...) silently, as in
+the devkit.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 import numpy as np
@@ -79,6 +87,37 @@ class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file and field."""
 
 
+def dataroot_file(dataroot: str | Path, relative: Any, where: str) -> Path:
+    """``dataroot / relative`` for a file path read from a table or an info file.
+
+    A :class:`DataError` naming ``where`` unless ``relative`` is a relative path that stays inside
+    the dataroot: an absolute path or a ``..`` component could make a data file open any file of
+    the machine. Checked on the text, not the resolved path, so a dataroot whose folders are
+    symbolic links (a real nuScenes root often is) works.
+    """
+    check_relative_path(relative, dataroot, where)
+    return Path(dataroot) / relative
+
+
+def check_relative_path(relative: Any, dataroot: str | Path, where: str) -> None:
+    """The check of :func:`dataroot_file`, without building the path (cheap on millions of records)."""
+    if not isinstance(relative, str) or not relative:
+        raise DataError(f"{where}: expected a file path relative to the dataroot, got {relative!r}")
+    if relative.startswith("/") or (".." in relative and ".." in PurePosixPath(relative).parts):
+        raise DataError(f"{where}: path {relative!r} leaves the dataroot {dataroot} (an absolute path or '..'); "
+                        f"paths in tables and info files must be relative paths inside it")
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; :class:`DataError` naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a UTF-8 JSON text file ({err.reason} at byte {err.start})") from None
+
+
 # --------------------------------------------------------------------------- validation
 def validate_tables(dataroot: str | Path, version: str) -> None:
     """Check that every nuScenes table of ``version`` exists, parses and has the fields bevperc reads.
@@ -93,10 +132,7 @@ def validate_tables(dataroot: str | Path, version: str) -> None:
         path = table_root / f"{table}.json"
         if not path.is_file():
             raise DataError(f"{path}: table {table!r} is missing")
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from None
+        records = _read_json(path)
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         for index, record in enumerate(records):
@@ -105,6 +141,9 @@ def validate_tables(dataroot: str | Path, version: str) -> None:
             missing = [f for f in fields if f not in record]
             if missing:
                 raise DataError(f"{path}: record {index} (token {record.get('token', '?')!r}) lacks field(s) {missing}")
+            if table == "sample_data":
+                check_relative_path(record["filename"], dataroot,
+                                    f"{path}: record {index} (token {record['token']!r}) field 'filename'")
 
 
 # --------------------------------------------------------------------------- building
@@ -129,7 +168,8 @@ def split_scene_names(version: str, split: str) -> list[str]:
     return list(splits[split])
 
 
-def _sample_info(nusc: Any, sample: dict, scene_name: str) -> dict:
+def _sample_info(nusc: Any, sample: dict, scene_name: str, unknown_categories: collections.Counter) -> dict:
+    """The info record of one sample; counts annotations of unknown categories in ``unknown_categories``."""
     from nuscenes.eval.detection.utils import category_to_detection_name
 
     lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
@@ -164,6 +204,8 @@ def _sample_info(nusc: Any, sample: dict, scene_name: str) -> dict:
         ann = nusc.get("sample_annotation", ann_token)
         name = category_to_detection_name(ann["category_name"])
         if name is None:
+            if ann["category_name"] not in _nuscenes_categories():
+                unknown_categories[ann["category_name"]] += 1
             continue
         velocity = nusc.box_velocity(ann_token)[:2]
         if not np.all(np.isfinite(velocity)):
@@ -192,6 +234,7 @@ def create_infos(
     splits: Iterable[str],
     out_dir: str | Path | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> dict[str, Path]:
     """Write ``bevperc_infos_<split>.json`` for each split; return their paths.
 
@@ -200,6 +243,8 @@ def create_infos(
         version: ``v1.0-mini``, ``v1.0-trainval`` or ``v1.0-test``.
         splits: devkit split names, e.g. ``["mini_train", "mini_val"]``.
         out_dir: where to write (default: ``dataroot``).
+        strict: annotations of an unknown category are an error (before that split's file is
+            written) instead of a warning.
     """
     from nuscenes.nuscenes import NuScenes
     from tqdm import tqdm
@@ -215,15 +260,17 @@ def create_infos(
         if not names:
             raise DataError(f"{dataroot}: split {split!r} has none of its scenes in {version}")
         infos = []
+        unknown: collections.Counter = collections.Counter()
         total = sum(scenes_by_name[n]["nbr_samples"] for n in names)
         with tqdm(total=total, desc=f"infos {split}", disable=not progress, leave=False) as bar:
             for name in names:
                 token = scenes_by_name[name]["first_sample_token"]
                 while token:
                     sample = nusc.get("sample", token)
-                    infos.append(_sample_info(nusc, sample, name))
+                    infos.append(_sample_info(nusc, sample, name, unknown))
                     token = sample["next"]
                     bar.update(1)
+        _report_unknown_categories(unknown, dataroot / version / "category.json", split, strict)
         payload = {
             "format": INFO_FORMAT,
             "format_version": INFO_FORMAT_VERSION,
@@ -238,16 +285,37 @@ def create_infos(
     return written
 
 
+@functools.lru_cache(maxsize=1)
+def _nuscenes_categories() -> frozenset[str]:
+    """Every category name of nuScenes (the devkit's lidarseg colour map lists all 32)."""
+    from nuscenes.utils.color_map import get_colormap
+
+    return frozenset(get_colormap())
+
+
+def _report_unknown_categories(unknown: collections.Counter, table: Path, split: str, strict: bool) -> None:
+    """Warn (or, ``strict``, raise) about annotations dropped because nuScenes does not know their category."""
+    if not unknown:
+        return
+    counts = ", ".join(f"{count} of {name!r}" for name, count in unknown.most_common())
+    message = (f"{table}: split {split!r}: {sum(unknown.values())} annotations of categories that are not "
+               f"nuScenes categories were dropped ({counts}); fix the category names")
+    if strict:
+        raise DataError(message)
+    log.warning(message)
+
+
 # --------------------------------------------------------------------------- reading
-def load_infos(path: str | Path) -> dict:
-    """Read and check an info file written by :func:`create_infos`."""
+def load_infos(path: str | Path, split: str | None = None, version: str | None = None) -> dict:
+    """Read and check an info file written by :func:`create_infos`.
+
+    ``split`` / ``version``: what the caller expects; an info file of another split or nuScenes
+    version (a renamed or copied file) is a :class:`DataError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: info file not found (create it with data_tools/create_infos.py)")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    payload = _read_json(path)
     if not isinstance(payload, dict) or payload.get("format") != INFO_FORMAT:
         raise DataError(f"{path}: not a bevperc info file (field 'format' must be {INFO_FORMAT!r})")
     if payload.get("format_version") != INFO_FORMAT_VERSION:
@@ -255,6 +323,10 @@ def load_infos(path: str | Path) -> dict:
             f"{path}: field 'format_version' is {payload.get('format_version')!r}, this bevperc reads "
             f"{INFO_FORMAT_VERSION}; re-create the infos"
         )
+    for field, expected in (("split", split), ("nuscenes_version", version)):
+        if expected is not None and payload.get(field) != expected:
+            raise DataError(f"{path}: field {field!r} is {payload.get(field)!r} but the config asks for {expected!r}: "
+                            f"this info file was made for another {field.replace('nuscenes_', '')}")
     for index, sample in enumerate(payload.get("samples", [])):
         for field in ("token", "global_from_ego", "lidar", "cameras", "gt"):
             if field not in sample:

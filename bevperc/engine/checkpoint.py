@@ -8,18 +8,22 @@ Layout under ``work_dir/checkpoints``::
 Every file is written to a temporary name in the same folder and renamed over the final
 name, so a crash or a failed write (disk full, killed process) never leaves a truncated
 ``latest.pth``: the previous one stays intact. Contents are restricted to tensors and
-python primitives so they load with ``torch.load(weights_only=True)``.
+python primitives so they load with ``torch.load(weights_only=True)``. A resume takes the
+newest checkpoint that loads (:func:`load_newest_intact`), and a training holds
+:func:`lock_work_dir` so that two runs never write into one work dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,8 +32,20 @@ from bevperc.utils.io import atomic_torch_save
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_NAME = "latest.pth"
+LOCK_NAME = "train.lock"
 _NUMBERED = re.compile(r"^iter_(\d+)\.pth$")
 _PLAIN_SCALARS = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint cannot be read, or does not fit the run; the message names the file.
+
+    A ``ValueError`` like the project's other bad-input errors (``DataError``, ``ConfigError``...),
+    so the commands report it in one line; a ``RuntimeError`` as before."""
+
+
+class WorkDirLocked(RuntimeError):
+    """Another training holds the work dir; the message names its PID."""
 
 
 def checkpoint_dir(work_dir: str | Path) -> Path:
@@ -113,13 +129,70 @@ def numbered_checkpoints(work_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(work_dir: str | Path) -> Path | None:
-    """``work_dir/checkpoints/latest.pth`` if it exists, else the newest numbered one, else None."""
-    latest = checkpoint_dir(work_dir) / LATEST_NAME
-    if latest.is_file():
-        return latest
-    numbered = numbered_checkpoints(work_dir)
-    return numbered[-1][1] if numbered else None
+def load_newest_intact(work_dir: str | Path) -> tuple[Path, dict, list[str]] | None:
+    """``(path, state, skipped)`` of the newest checkpoint that loads: ``latest.pth``, else the
+    numbered ones newest first; ``skipped`` says why each newer file was passed over. None when
+    there is no checkpoint; :class:`CheckpointError` naming every file when none loads."""
+    folder = checkpoint_dir(work_dir)
+    candidates = [folder / LATEST_NAME] if (folder / LATEST_NAME).is_file() else []
+    candidates += [path for _, path in reversed(numbered_checkpoints(work_dir))]
+    skipped = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    if skipped:
+        raise CheckpointError(f"{folder}: no checkpoint can be loaded: " + "; ".join(skipped))
+    return None
+
+
+_HELD_LOCKS: dict[str, list] = {}  # lock path -> [open file holding the flock, nesting depth]
+
+
+@contextlib.contextmanager
+def lock_work_dir(work_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``work_dir/train.lock`` while the block runs (re-entrant in a process).
+
+    A second training on the same work dir raises :class:`WorkDirLocked` naming the holder's PID and
+    host instead of overwriting its checkpoints. The kernel releases the lock when the holder exits,
+    however it exits, so a killed run leaves no stale lock (``flock``: local file systems; on NFS
+    it depends on the server).
+    """
+    path = Path(work_dir) / LOCK_NAME
+    key = os.path.abspath(path)
+    held = _HELD_LOCKS.get(key)
+    if held is None:
+        held = _HELD_LOCKS[key] = [_acquire_lock(path), 0]
+    held[1] += 1
+    try:
+        yield path
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD_LOCKS[key]
+            held[0].close()  # releases the flock
+
+
+def _acquire_lock(path: Path) -> Any:
+    """The open lock file, flock-ed and holding this process's PID and host; WorkDirLocked if taken."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "PID unknown"
+        handle.close()
+        raise WorkDirLocked(f"{path.parent} is in use by another training run ({holder}, lock {path}); wait for "
+                            f"it to finish, stop it, or train in another work dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def remove_stale_temporaries(work_dir: str | Path) -> list[Path]:
@@ -171,14 +244,24 @@ def save_checkpoint(state: dict, work_dir: str | Path, step: int, keep: int) -> 
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    """``torch.load(path, weights_only=True)``; a :class:`CheckpointError` that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(state, dict) or "model" not in state:
-        raise RuntimeError(f"{path}: not a bevperc checkpoint (expected a dict with a 'model' entry)")
+        raise CheckpointError(f"{path}: not a bevperc checkpoint (expected a dict with a 'model' entry)")
     return state
+
+
+def load_weights(module: torch.nn.Module, weights: Any, source: str | Path) -> None:
+    """``module.load_state_dict(weights)`` (strict) with an error that names the checkpoint ``source``."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"{source}: the weights do not fit the configured model ({detail}); "
+                              f"was it written with another config?") from None

@@ -4,6 +4,10 @@ torchrun (``python -m torch.distributed.run``) sets ``RANK``, ``LOCAL_RANK``, ``
 ``MASTER_ADDR`` and ``MASTER_PORT`` for every process, on one node or many. Without them
 (plain ``python -m bevperc.train``) everything here degrades to a single process and the
 collectives become no-ops, so the trainer has one code path.
+
+A distributed worker never outlives its job: a watchdog thread ends it when the torchrun
+launcher that started it exits, or when rank 0 on the same machine does (a rank stuck in
+``sleep`` or a long step would otherwise keep running, and rank 0 keep writing checkpoints).
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -77,7 +86,54 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=datetime.timedelta(minutes=timeout_minutes))
-    return dist_info()
+    info = dist_info()
+    start_exit_watchdog(info)
+    return info
+
+
+def start_exit_watchdog(info: DistInfo, poll_seconds: float = 1.0) -> None:
+    """End this worker (``os._exit(1)``) when its torchrun launcher or, on the same host, rank 0 exits.
+
+    Collective (all ranks exchange host and PID once). The launcher is watched only under torchrun
+    (``TORCHELASTIC_RUN_ID`` set; its workers are its children): a job started by another launcher
+    keeps running when the shell that started it exits.
+    """
+    peers = all_gather_objects((socket.gethostname(), os.getpid()))
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    rank0_host, rank0_pid = peers[0]
+    watch_rank0 = info.rank != 0 and rank0_host == socket.gethostname()
+    if launcher is None and not watch_rank0:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if launcher is not None and os.getppid() != launcher:
+                reason = f"its launcher (PID {launcher}) exited"
+            elif watch_rank0 and not process_alive(rank0_pid):
+                reason = f"rank 0 (PID {rank0_pid}) exited"
+            else:
+                continue
+            sys.stderr.write(f"[rank {info.rank}] {reason}: stopping this worker\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    threading.Thread(target=watch, name="bevperc-exit-watchdog", daemon=True).start()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: os.kill said it exists
+    return state not in ("Z", "X")
 
 
 def cleanup_distributed() -> None:

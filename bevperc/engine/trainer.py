@@ -15,10 +15,17 @@ The trainer knows nothing about detection. It is given
   their gradients over ranks itself (DDP only averages the wrapped model's gradients);
 * ``after_step``: callbacks ``f(global_step)`` run after every *applied* optimizer step
   (e.g. ``lambda step: loss_engine.step()``);
+* ``on_start``: callbacks ``f()`` run on rank 0 once training starts, after a resume succeeded
+  (e.g. writing the run's config: a resume that fails leaves the work dir as it was);
 * ``validate(model, epoch) -> dict``: run on every rank after every ``val_every`` epochs (and
   after the last) with the EMA model when EMA is on (else the bare model); ``epoch`` is the
   0-based index of the epoch just finished; rank 0 logs the numeric values, which go into
-  ``history["val"]`` as ``{"epoch": e, "step": global_step, **metrics}``.
+  ``history["val"]`` as ``{"epoch": e, "step": global_step, **metrics}``. The epoch-end
+  checkpoint is written first (and rewritten with the result); a validation that raises is
+  logged and training goes on; a run resumed between the two validates then.
+
+Rank 0 holds :func:`bevperc.engine.checkpoint.lock_work_dir` while it trains; a resume loads the
+newest checkpoint that loads (``latest.pth``, else the newest intact ``iter_*.pth``, with a warning).
 
 One step (:meth:`Trainer.train_one_step`):
 forward under autocast -> all-reduce ``[loss, non-finite flag, logs]`` -> skip everywhere if any
@@ -29,6 +36,7 @@ scheduler step (always: the learning rate is a function of the iteration number)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -46,8 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from bevperc.engine import checkpoint as ckpt
 from bevperc.engine.config import TrainConfig
 from bevperc.engine.distributed import (DistInfo, ResumableDistributedSampler, all_gather_objects,
-                                        all_reduce_sum, average_gradients, broadcast_object, init_distributed,
-                                        iterations_per_epoch)
+                                        all_reduce_sum, any_rank, average_gradients, broadcast_object,
+                                        init_distributed, iterations_per_epoch)
 from bevperc.engine.ema import ModelEMA
 from bevperc.engine.logging import setup_logger, write_run_info
 from bevperc.engine.schedule import build_scheduler
@@ -100,6 +108,7 @@ class Trainer:
                  extra_state: Mapping[str, Any] | None = None,
                  extra_parameters: Iterable[nn.Parameter] | None = None,
                  after_step: Sequence[Callable[[int], None]] | None = None,
+                 on_start: Sequence[Callable[[], None]] | None = None,
                  validate: Validate | None = None) -> None:
         self.cfg = cfg
         self.work_dir = Path(work_dir)
@@ -110,6 +119,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn
         self.after_step = list(after_step or [])
+        self.on_start = list(on_start or [])
         self.validate = validate
         self.extra_state = dict(extra_state or {})
         for name, obj in self.extra_state.items():
@@ -343,6 +353,10 @@ class Trainer:
         iteration), ``skipped_steps`` (1-based steps), ``val`` (one dict per validation:
         ``{"epoch": 0-based index, **numeric metrics}``).
         """
+        with ckpt.lock_work_dir(self.work_dir) if self.dist.is_main else contextlib.nullcontext():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, list]:
         resumed_from = self.resume_from_latest() if resume else None
         if resumed_from is None:
             seed_process(self.cfg.seed, self.dist.rank)
@@ -353,6 +367,8 @@ class Trainer:
                 "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters,
                 "resumed_from": str(resumed_from) if resumed_from else None,
                 "resumed_at_step": self.global_step})
+            for callback in self.on_start:
+                callback()
             if self.cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -361,6 +377,8 @@ class Trainer:
                                              purge_step=self.global_step if resumed_from else None)
         self._log_start(resumed_from)
         try:
+            if resumed_from is not None and self._validation_missed():
+                self._validate_and_save()
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
             if self._last_saved_step != self.global_step:
@@ -417,15 +435,38 @@ class Trainer:
                     break
         finally:
             bar.close()
-        # The epoch is complete: the position moves before validation and the epoch-end
-        # checkpoint, which is written after validation so its RNG state follows it.
+        # The epoch is complete: the position moves, the epoch-end checkpoint keeps the epoch's
+        # work, then validation (RNG-neutral) runs and the checkpoint is rewritten with its result.
         self.epoch += 1
         self.iteration_in_epoch = 0
         last_epoch = self.epoch == self.cfg.epochs
-        if self.validate is not None and self.cfg.val_every and (self.epoch % self.cfg.val_every == 0 or last_epoch):
-            self.run_validation()
         step_due = self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0
         if self.cfg.checkpoint_at_epoch_end or last_epoch or step_due:
+            self.save_checkpoint()
+        if self._validation_due(self.epoch):
+            self._validate_and_save()
+
+    def _validation_due(self, epochs_done: int) -> bool:
+        return bool(self.validate is not None and self.cfg.val_every and epochs_done > 0
+                    and (epochs_done % self.cfg.val_every == 0 or epochs_done == self.cfg.epochs))
+
+    def _validation_missed(self) -> bool:
+        """Resumed at an epoch end whose due validation is not in the history (killed before it ran)."""
+        return (self.iteration_in_epoch == 0 and self._validation_due(self.epoch)
+                and not any(entry["epoch"] == self.epoch - 1 for entry in self.history["val"]))
+
+    def _validate_and_save(self) -> None:
+        """Validate; on success rewrite this position's checkpoint so it holds the result. A validation
+        error is logged (type and message) and training goes on (collective: every rank agrees)."""
+        try:
+            self.run_validation()
+            failed = False
+        except Exception as err:  # noqa: BLE001 - any failure of the user's validate(): log it, keep training
+            self.logger.warning("validation after epoch %d failed (%s: %s); training goes on, the epoch's work is "
+                                "in the checkpoint", self.epoch, type(err).__name__, err)
+            self.train_model.train()
+            failed = True
+        if not any_rank(failed, self.device) and self._last_saved_step == self.global_step:
             self.save_checkpoint()
 
     def _log_window(self, window: "_Window") -> None:
@@ -542,26 +583,42 @@ class Trainer:
         return path
 
     def resume_from_latest(self) -> Path | None:
-        """Load ``work_dir/checkpoints/latest.pth`` (read by rank 0, broadcast to the others)."""
-        path = ckpt.latest_checkpoint(self.work_dir) if self.dist.is_main else None
-        path = broadcast_object(str(path) if path else None)
-        if path is None:
+        """Load the newest intact checkpoint of the work dir (read by rank 0, broadcast to the others).
+
+        ``latest.pth``, else the newest ``iter_*.pth`` that loads, with a warning naming what was
+        skipped and what is used; a :class:`~bevperc.engine.checkpoint.CheckpointError` when none loads.
+        """
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = ckpt.load_newest_intact(self.work_dir)
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        found, error = broadcast_object((found, error))
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        if found is None:
             self.logger.warning("resume requested but %s has no checkpoint: starting from scratch",
                                 ckpt.checkpoint_dir(self.work_dir))
             return None
-        state = ckpt.load_checkpoint(path) if self.dist.is_main else None
-        state = broadcast_object(state)
+        path, state, skipped = found
+        for problem in skipped:
+            self.logger.warning("skipping a damaged checkpoint: %s", problem)
+        if skipped:
+            self.logger.warning("resuming from %s, the newest intact checkpoint", path)
         self.load_state_dict(state, source=path)
         return Path(path)
 
     def load_state_dict(self, state: dict, source: str | Path = "<checkpoint>") -> None:
-        """Restore a :meth:`state_dict` (same model, data and global batch size)."""
+        """Restore a :meth:`state_dict` (same model, data and global batch size); a
+        :class:`~bevperc.engine.checkpoint.CheckpointError` naming ``source`` when it does not fit."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{source}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+            raise ckpt.CheckpointError(f"{source}: checkpoint format {state.get('format')!r}, "
+                                       f"expected {CHECKPOINT_FORMAT}")
         data = state["data"]
         if data["dataset_len"] != self.dataset_len or \
                 data["batch_size"] * data["world_size"] != self.global_batch_size:
-            raise RuntimeError(
+            raise ckpt.CheckpointError(
                 f"{source}: saved with {data['dataset_len']} samples and global batch "
                 f"{data['batch_size']}x{data['world_size']}; this run has {self.dataset_len} samples and "
                 f"{self.cfg.batch_size}x{self.dist.world_size}: the schedule and data position would not match")
@@ -575,8 +632,11 @@ class Trainer:
             self.logger.warning("%s: config differs from the checkpoint's (saved -> now): %s", source,
                                 {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
 
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_weights(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise ckpt.CheckpointError(f"{source}: the optimizer state does not fit ({err})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -588,9 +648,12 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
         for name, obj in self.extra_state.items():
             if name not in state["extra"]:
-                raise RuntimeError(f"{source}: no state for extra_state[{name!r}] "
-                                   f"(saved: {sorted(state['extra'])})")
-            obj.load_state_dict(state["extra"][name])
+                raise ckpt.CheckpointError(f"{source}: no state for extra_state[{name!r}] "
+                                           f"(saved: {sorted(state['extra'])})")
+            try:
+                obj.load_state_dict(state["extra"][name])
+            except (ValueError, RuntimeError, KeyError) as err:
+                raise ckpt.CheckpointError(f"{source}: extra_state[{name!r}] does not fit ({err})") from None
         for name in set(state["extra"]) - set(self.extra_state):
             self.logger.warning("%s: ignoring saved extra state %r (not passed to this Trainer)", source, name)
 

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from bevperc.evaluation.fast_eval import to_jsonable
+from bevperc.evaluation.fast_eval import _check_split, to_jsonable
 from bevperc.evaluation.submission import read_submission
 from bevperc.utils.io import atomic_write_json
 
@@ -31,18 +31,26 @@ def run_devkit_eval(results_path: str | Path, dataroot: str | Path, version: str
     ``out_dir`` (plots in ``out_dir/plots`` when ``render_curves``) and returns the summary dict
     (``DetectionMetrics.serialize()`` + ``meta``). ``validate`` first runs the strict submission checks
     of :mod:`bevperc.evaluation.submission` so that a bad file fails with a clear message instead of a
-    bare devkit assertion. ``nusc``: an existing ``NuScenes`` instance to reuse.
+    bare devkit assertion. ``nusc``: an existing ``NuScenes`` instance to reuse. A split that is not a
+    devkit split of ``version``, or a table the devkit cannot read, is a ``ValueError`` naming it.
     """
     from nuscenes import NuScenes
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
+    _check_split(version, split)  # the fast engine's check: the devkit would raise a bare KeyError
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if nusc is None:
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-        with quiet:
-            nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=verbose)
+        try:
+            with quiet:
+                nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=verbose)
+        except (AssertionError, ValueError):  # a missing folder or unreadable table: the devkit does not say which
+            from bevperc.data.infos import validate_tables
+
+            validate_tables(dataroot, version)  # raises a DataError naming the file
+            raise
     cfg = config_factory(config_name)
     if validate:
         read_submission(results_path, split_sample_tokens(nusc, split), cfg.max_boxes_per_sample,

@@ -219,8 +219,11 @@ def _load_table(table_dir: Path, name: str) -> list[dict]:
     path = table_dir / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"nuScenes table {path} is missing (needed by the evaluation)")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"nuScenes table {path} cannot be read: {err}") from None
 
 
 def _record_types() -> dict[str, Any]:

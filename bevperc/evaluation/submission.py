@@ -16,12 +16,12 @@ failure names the sample token, the box index, the field, what was found and wha
 * at most ``max_boxes_per_sample`` (500) boxes per sample;
 * each box has every field; its ``sample_token`` equals the sample it is listed under;
 * ``translation`` 3 finite numbers, ``size`` 3 finite numbers > 0, ``rotation`` 4 finite numbers
-  with a non-zero norm (a quaternion; normalised by the devkit), ``velocity`` 2 numbers (finite or NaN:
-  the devkit allows NaN velocities);
+  with a finite, non-zero norm (a quaternion; normalised by the devkit, which fails when the squared
+  norm overflows), ``velocity`` 2 numbers (finite or NaN: the devkit allows NaN velocities);
 * ``detection_name`` one of the 10 detection classes; ``detection_score`` a finite number in [0, 1];
 * ``attribute_name`` one of the attributes of that class (``""`` for barrier and traffic_cone; ``""``
   for other classes only with ``allow_empty_attribute=True``);
-* optional devkit fields ``num_pts`` (int) and ``ego_translation`` (3 finite numbers) are checked too.
+* optional devkit fields ``num_pts`` (a 64-bit int) and ``ego_translation`` (3 finite numbers) are checked too.
 
 The reader streams the file (one sample's list of boxes decoded at a time) and turns the boxes into
 columns (:class:`PredictionBoxes`), so a 1.8-million-box file never exists as 1.8 million Python dicts.
@@ -132,7 +132,10 @@ class JsonStream:
 
     def _fill(self, min_chars: int) -> None:
         while not self._eof and len(self._buf) - self._pos < min_chars:
-            chunk = self._file.read(max(self._chunk_chars, min_chars))
+            try:
+                chunk = self._file.read(max(self._chunk_chars, min_chars))
+            except UnicodeDecodeError as err:
+                raise self.error(f"not a UTF-8 JSON text file ({err.reason})") from None
             if not chunk:
                 self._eof = True
                 break
@@ -279,19 +282,37 @@ def _make_box_decoder() -> Any:
     decoder = msgspec.json.Decoder(list[_Box])
 
     def decode(text: str) -> list | None:
-        """The boxes of one sample as structs, or None (then the json module decodes it). NaN becomes
-        the sentinel (a plain replace: a string holding "NaN" then fails validation and the batch is
-        redone with the json module)."""
-        if "NaN" in text:
-            if _NAN_SENTINEL_TEXT in text:
-                return None
+        """The boxes of one sample as structs, or None (then the json module decodes it).
+
+        NaN is swapped for the sentinel and swapped back in the velocities; the sample goes to the
+        json module unless every sentinel found is one of the swapped NaNs in a velocity (a number
+        that happens to equal the sentinel, or "NaN" inside a string or another field)."""
+        nans = text.count("NaN")
+        if nans:
             text = text.replace("NaN", _NAN_SENTINEL_TEXT)
         try:
-            return decoder.decode(text)
+            boxes = decoder.decode(text)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
+        if nans and not _restore_nan_velocities(boxes, nans):
+            return None
+        return boxes
 
     return decode
+
+
+def _restore_nan_velocities(boxes: list, nans: int) -> bool:
+    """Turn the sentinel back into NaN in the velocities of msgspec boxes; False (boxes unusable) unless
+    exactly ``nans`` sentinels were found, all in velocities."""
+    found = 0
+    for box in boxes:
+        values = (*box.translation, *box.size, *box.rotation, box.detection_score, *(box.ego_translation or ()))
+        if _NAN_SENTINEL in values:
+            return False
+        if _NAN_SENTINEL in box.velocity:
+            found += box.velocity.count(_NAN_SENTINEL)
+            box.velocity = tuple(math.nan if v == _NAN_SENTINEL else v for v in box.velocity)
+    return found == nans
 
 
 _decode_boxes = _make_box_decoder()
@@ -310,7 +331,7 @@ class PredictionBoxes:
     sample_index: np.ndarray  # int64 [N]
     translation: np.ndarray  # float64 [N, 3] global frame, box centre
     size: np.ndarray  # float64 [N, 3] w, l, h
-    rotation: np.ndarray  # float64 [N, 4] quaternion w, x, y, z
+    rotation: np.ndarray  # float64 [N, 4] quaternion w, x, y, z, scaled by a power of two (largest in [0.5, 1))
     velocity: np.ndarray  # float64 [N, 2] vx, vy (may be NaN)
     class_index: np.ndarray  # int64 [N] index into DETECTION_NAMES (devkit order)
     attribute_index: np.ndarray  # int64 [N] index into ATTRIBUTE_NAMES, -1 for ""
@@ -339,6 +360,17 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_int64(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and -2 ** 63 <= x < 2 ** 63
+
+
+def _int64_column(values: list) -> np.ndarray | None:
+    """int64 [n] of ``values``, or None if one is outside the int64 range."""
+    if not all(-2 ** 63 <= v < 2 ** 63 for v in values):
+        return None
+    return np.array(values, dtype=np.int64)
+
+
 def _check_vector(where: str, name: str, value: Any, length: int, *, finite: bool = True,
                   positive: bool = False) -> None:
     if not isinstance(value, (list, tuple)) or len(value) != length or not all(_is_number(v) for v in value):
@@ -365,9 +397,10 @@ def check_box(sample_token: str, index: int, box: Any, allow_empty_attribute: bo
     _check_vector(where, "translation", box["translation"], 3)
     _check_vector(where, "size", box["size"], 3, positive=True)
     _check_vector(where, "rotation", box["rotation"], 4)
-    if math.fsum(v * v for v in box["rotation"]) <= 0.0:
-        raise SubmissionError(f"{where}: field 'rotation' must be a quaternion (w, x, y, z) with non-zero norm, "
-                              f"got {box['rotation']!r}")
+    norm2 = math.fsum(v * v for v in box["rotation"])
+    if not 0.0 < norm2 < math.inf:
+        raise SubmissionError(f"{where}: field 'rotation' must be a quaternion (w, x, y, z) with a finite, non-zero "
+                              f"norm (the devkit normalises it), got {box['rotation']!r}")
     _check_vector(where, "velocity", box["velocity"], 2, finite=False)
     name = box["detection_name"]
     if not isinstance(name, str) or name not in NAME_INDEX:
@@ -382,8 +415,9 @@ def check_box(sample_token: str, index: int, box: Any, allow_empty_attribute: bo
     if not isinstance(attr, str) or attr not in valid:
         raise SubmissionError(f"{where}: field 'attribute_name' is {attr!r}, not valid for class {name!r}; "
                               f"expected one of {valid}")
-    if "num_pts" in box and (not isinstance(box["num_pts"], int) or isinstance(box["num_pts"], bool)):
-        raise SubmissionError(f"{where}: optional field 'num_pts' must be an integer, got {box['num_pts']!r}")
+    if "num_pts" in box and not _is_int64(box["num_pts"]):
+        raise SubmissionError(f"{where}: optional field 'num_pts' must be an integer in [-2**63, 2**63), "
+                              f"got {box['num_pts']!r}")
     if "ego_translation" in box:
         _check_vector(where, "ego_translation", box["ego_translation"], 3)
 
@@ -419,7 +453,7 @@ def _dict_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | No
         if max(map(len, boxes)) > len(BOX_FIELDS):  # optional devkit fields: num_pts, ego_translation
             for i, b in enumerate(boxes):
                 if "num_pts" in b:
-                    if not isinstance(b["num_pts"], int) or isinstance(b["num_pts"], bool):
+                    if not _is_int64(b["num_pts"]):
                         return None
                     fields["num_pts"][i] = b["num_pts"]
                 if "ego_translation" in b:
@@ -449,11 +483,8 @@ def _struct_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | 
                   score=np.fromiter([b.detection_score for b in boxes], dtype=np.float64, count=n),
                   class_index=np.array([NAME_INDEX.get(b.detection_name, -1) for b in boxes], dtype=np.int64),
                   attribute_index=np.array([ATTRIBUTE_INDEX.get(b.attribute_name, -2) for b in boxes], dtype=np.int64),
-                  num_pts=np.array([b.num_pts for b in boxes], dtype=np.int64))
-    fields["velocity"][fields["velocity"] == _NAN_SENTINEL] = np.nan
-    if any((fields[k] == _NAN_SENTINEL).any() for k in ("translation", "size", "rotation", "score")):
-        return None  # NaN where the devkit forbids it: the json path names it
-    if any(b.ego_translation is not None and _NAN_SENTINEL in b.ego_translation for b in boxes):
+                  num_pts=_int64_column([b.num_pts for b in boxes]))
+    if fields["num_pts"] is None:
         return None
     return fields
 
@@ -514,17 +545,27 @@ def sample_columns(samples: Sequence[tuple[int, str, Any]], max_boxes_per_sample
     columns["score"] = score = score.astype(np.float64, copy=False)
     translation, size, rotation, velocity = (columns[k] for k in ("translation", "size", "rotation", "velocity"))
     class_index, attribute_index = columns["class_index"], columns["attribute_index"]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm2 = (rotation * rotation).sum(1)
         ok = (np.isfinite(translation).all()
               and np.isfinite(size).all() and (size > 0).all()
-              and np.isfinite(rotation).all() and ((rotation * rotation).sum(1) > 0).all()
+              and np.isfinite(rotation).all() and ((norm2 > 0) & (norm2 < np.inf)).all()
               and not np.isinf(velocity).any()
               and np.isfinite(score).all() and ((score >= 0) & (score <= 1)).all()
               and (class_index >= 0).all() and (attribute_index >= -1).all())
     if not ok or not attribute_table[class_index, attribute_index + 1].all():
         raise diagnose()
+    columns["rotation"] = _power_of_two_scaled(rotation)
     columns["sample_index"] = sample_index
     return columns
+
+
+def _power_of_two_scaled(rotation: np.ndarray) -> np.ndarray:
+    """Quaternions [N, 4] times the power of two that brings the largest component into [0.5, 1): the
+    same rotation, scaled exactly, so that the yaw (which squares the components) neither under- nor
+    overflows for a quaternion far from unit norm, as the devkit's normalisation does not."""
+    exponent = np.frexp(np.abs(rotation).max(1))[1]
+    return np.ldexp(rotation, -exponent[:, None])
 
 
 def check_meta(meta: Any, where: str = "meta") -> dict:

@@ -1,7 +1,8 @@
 """``python -m bevperc.gesture {synth,train,distill,eval,detect,export,demo}``.
 
 Configs are YAML files of the dataclasses in ``bevperc.gesture.config`` plus ``--set a.b=value``
-overrides (see configs/gesture_*.yaml).
+overrides (see configs/gesture_*.yaml). Bad input (a config, an annotation, an image, a checkpoint)
+ends the command with exit code 2 and a message naming the file or field.
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:  # ConfigError, AnnotationError, CheckpointError; missing files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -113,6 +113,13 @@ def _parse_entry(path: Path, image_id: str, entry: Any, class_index: dict[str, i
     return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(label_ids, np.int64), user_id
 
 
+def _check_image_id(path: Path, image_id: str) -> None:
+    """An image id names a file in the images folder: no folder part (``/``, ``\\``, ``..``) may take it outside."""
+    if not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\0" in image_id:
+        raise AnnotationError(f"{path}: image id {image_id!r} is not a plain file name (it would point outside "
+                              f"the images folder)")
+
+
 def find_image(images_dir: Path, class_name: str, image_id: str) -> Path | None:
     """HaGRID image path for ``image_id`` of a class, trying the known folder layouts."""
     for folder in (images_dir / class_name, images_dir / f"train_val_{class_name}", images_dir):
@@ -149,12 +156,13 @@ def read_hagrid_annotations(
             continue
         found_any = True
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
             raise AnnotationError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise AnnotationError(f"{path}: top level must map image id -> annotation, got {type(data).__name__}")
         for image_id in sorted(data):
+            _check_image_id(path, image_id)
             boxes, labels, user_id = _parse_entry(path, image_id, data[image_id], class_index, ignored)
             image_path = find_image(images_dir, class_name, image_id)
             if image_path is None:

@@ -39,8 +39,11 @@ def detect_folder(
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     report: dict[str, Any] = {}
     for path in paths:
-        with Image.open(path) as raw:
-            image = raw.convert("RGB")
+        try:
+            with Image.open(path) as raw:
+                image = raw.convert("RGB")
+        except OSError as err:
+            raise OSError(f"{path}: cannot read image ({err})") from None
         square, (pad_left, pad_top, side) = letterbox_resize(image, size)
         out = model(normalise_image(pil_to_uint8(square))[None])
         det = decode_detections(out.heatmap, out.wh, out.offset, model.output_stride, max_detections, score_threshold)[0]

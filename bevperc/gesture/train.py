@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from bevperc.engine.checkpoint import load_checkpoint, load_weights
 from bevperc.gesture.config import GestureDataConfig, GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
 from bevperc.losses.engine import LossEngine, LossEngineConfig
@@ -205,16 +206,13 @@ def save_detector(path: str | Path, model: CenterNet, classes: list[str], input_
 
 def load_detector(path: str | Path) -> tuple[CenterNet, dict]:
     """Rebuild a detector from ``save_detector`` output (``weights_only=True``); eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_checkpoint(path)  # weights_only=True; errors name the file
     for key in ("model", "detector", "classes", "input_size"):
         if key not in payload:
             raise ValueError(f"{path}: not a gesture detector checkpoint (missing {key!r})")
     det_cfg = from_dict(DetectorConfig, payload["detector"], source=f"{path}:detector")
     model = CenterNet(det_cfg, len(payload["classes"]))
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], path)
     return model.eval(), payload
 
 

@@ -44,7 +44,9 @@ bench/loss_engine.py seeds 0-2 and checked on seeds 3-5, see its README section.
 Non-finite and zero losses: a task whose loss is NaN/inf at a step is left out of the
 returned total (its term is replaced by 0 before weighting), out of every statistic, and
 cannot change any weight; its graph is detached, so no NaN reaches the gradients of the
-other tasks (shared parameters get only the finite tasks' gradients). ``engine.last_nonfinite``
+other tasks (shared parameters get only the finite tasks' gradients); when no finite task is left
+with a gradient, the total is the (non-finite) sum of the raw losses, so a trainer that skips
+non-finite losses skips the step instead of calling backward on a constant. ``engine.last_nonfinite``
 names such tasks after ``step()``. Checking finiteness costs one device sync per step.
 A loss of exactly 0 (e.g. no targets of that class in the batch) enters the total (as 0)
 but is treated as "no information" by the statistics, so it cannot collapse weights.
@@ -170,9 +172,10 @@ class LossEngineConfig:
     weight_floor: float = 1e-3
     """Safety floor on any condition's weights, as a fraction of the mean weight."""
     sync_distributed: bool = True
-    """Under torch.distributed (world size > 1): average the detached task losses over ranks
-    in step() (one all-reduce of T floats) and the affinity before clustering, so every rank
-    makes identical grouping and weight decisions."""
+    """Under torch.distributed (world size > 1): in step(), average the detached task losses over
+    ranks (one all-reduce of T floats) and, in affinity windows, gather every rank's per-sample
+    losses and sum the gradient cosines, so every rank holds the same state (rank 0's checkpoint
+    resumes every rank exactly) and makes identical grouping and weight decisions."""
     max_weight_history: int = 2000
     """Weight-history entries kept for summary(); older ones are thinned (every other kept)."""
 
@@ -277,7 +280,7 @@ class LossEngine(nn.Module):
         self._grad_affinity_sum = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
         self._grad_affinity_count = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
         self._grad_records = 0
-        self._last_batch = 0                                   # per-sample batch size last recorded
+        self._last_batch = 0                                   # per-sample rows last recorded (all ranks)
         self.affinity: Tensor | None = None                    # [T, T] last measured
         self.grouping_score: float | None = None
         self.grouping_history: list[dict[str, Any]] = []
@@ -288,7 +291,7 @@ class LossEngine(nn.Module):
         else:
             labels = np.arange(num_tasks)                      # singletons until the first grouping
         self._set_labels(labels, torch.ones(int(labels.max()) + 1))
-        self._pending: tuple[Tensor, bool, Optional[Tensor]] | None = None
+        self._pending: tuple[Tensor, bool, Optional[Tensor], Optional[Tensor]] | None = None
         self._refresh_scale_flags()
         self.last_nonfinite: list[str] = []
 
@@ -431,22 +434,24 @@ class LossEngine(nn.Module):
         if effective is not None:
             weights = effective(weights, first_losses.detach().float())
         total = (weights.to(safe.dtype) * first_losses).sum()
+        if stacked.requires_grad and not total.requires_grad:
+            # No finite task carries a gradient: the non-finite raw sum tells the caller to skip the step.
+            total = stacked.sum()
         self._after_forward(raw, all_finite, losses, per_sample, shared_features)
         return total
 
     def _after_forward(self, raw: Tensor, all_finite: bool, losses: Mapping[str, Tensor],
                        per_sample: Mapping[str, Tensor] | None, shared_features: Tensor | None) -> None:
-        """Record what step() needs: raw losses [T] and, in measurement windows, affinity data."""
-        samples = None
+        """Record what step() needs: raw losses [T] and, in measurement windows, affinity data
+        (per-sample losses [B, T], gradient cosines [T, T])."""
+        samples = cosine = None
         if self._recording():
             if per_sample and self._samples_survive():
                 samples = self._stack_per_sample(per_sample)
-                if samples is not None:
-                    self._last_batch = int(samples.shape[0])
             if (self.cfg.affinity != "loss_corr" and shared_features is not None
                     and self._grad_records % self.cfg.grad_affinity_every == 0):
-                self._record_gradients(losses, shared_features)
-        self._pending = (raw, all_finite, samples)
+                cosine = aff.gradient_cosine([losses[n] for n in self.task_names], shared_features).double()
+        self._pending = (raw, all_finite, samples, cosine)
 
     def _task_coefficients(self) -> Tensor:
         """Per-task coefficient [T] of the second loss: w_set(i) * a_i / s_i."""
@@ -502,12 +507,6 @@ class LossEngine(nn.Module):
         nan = torch.full((batch,), float("nan"))
         return torch.stack([c.cpu() if c is not None else nan for c in columns], 1)
 
-    def _record_gradients(self, losses: Mapping[str, Tensor], shared_features: Tensor) -> None:
-        cosine = aff.gradient_cosine([losses[n] for n in self.task_names], shared_features).double()
-        known = torch.isfinite(cosine)
-        self._grad_affinity_sum += torch.where(known, cosine, torch.zeros_like(cosine))
-        self._grad_affinity_count += known.double()
-
     # ------------------------------------------------------------------ second process
     def step(self) -> None:
         """Call after each optimiser step: update statistics, run the condition every k steps,
@@ -521,13 +520,17 @@ class LossEngine(nn.Module):
             return
         pending, self._pending = self._pending, None
         if pending is not None:
-            raw, all_finite, samples = pending
-            if self.cfg.sync_distributed and self._distributed():
+            raw, all_finite, samples, cosine = pending
+            cosine_sums = None if cosine is None else self._known_sums(cosine)
+            if self._distributed():
                 raw = self._all_reduce_mean(raw.float().clone())
                 all_finite = bool(torch.isfinite(raw).all())
+                samples = self._gather_rows(samples)
+                if cosine_sums is not None:
+                    cosine_sums = self._all_reduce_sum(cosine_sums)
             self.last_nonfinite = [] if all_finite else \
                 [n for n, ok in zip(self.task_names, torch.isfinite(raw).tolist()) if not ok]
-            self._update_statistics(raw, samples)
+            self._update_statistics(raw, samples, cosine_sums)
         self.iteration += 1
         if self._should_group():
             with torch.no_grad():
@@ -549,7 +552,38 @@ class LossEngine(nn.Module):
         torch.distributed.all_reduce(values)
         return values / torch.distributed.get_world_size()
 
-    def _update_statistics(self, raw: Tensor, samples: Tensor | None) -> None:
+    def _all_reduce_sum(self, values: Tensor) -> Tensor:
+        """Sum over ranks of a CPU tensor (through the training device, which NCCL needs)."""
+        values = values.to(self._initial_loss.device)
+        torch.distributed.all_reduce(values)
+        return values.cpu()
+
+    @staticmethod
+    def _known_sums(cosine: Tensor) -> Tensor:
+        """[2, T, T]: the finite cosines (0 where unknown) and their count."""
+        known = torch.isfinite(cosine)
+        return torch.stack([torch.where(known, cosine, torch.zeros_like(cosine)), known.double()])
+
+    def _gather_rows(self, rows: Tensor | None) -> Tensor | None:
+        """Every rank's per-sample losses [B_r, T] stacked in rank order [sum_r B_r, T] (None if none).
+
+        The per-sample buffer then holds the global batch on every rank, as one process would, so the
+        engine's state (and a checkpoint of rank 0's) is the same on every rank: exact DDP resume."""
+        device, world = self._initial_loss.device, torch.distributed.get_world_size()
+        count = torch.tensor([0 if rows is None else rows.shape[0]], device=device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        torch.distributed.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        if max(counts) == 0:
+            return None
+        padded = torch.full((max(counts), len(self.task_names)), float("nan"), device=device)
+        if rows is not None:
+            padded[:rows.shape[0]] = rows.to(device)
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(gathered, padded)
+        return torch.cat([part[:c] for part, c in zip(gathered, counts)]).cpu()
+
+    def _update_statistics(self, raw: Tensor, samples: Tensor | None, cosine_sums: Tensor | None) -> None:
         if self._scale_warming:
             self._update_scale(raw.float())
         # The raw (detached) loss vector is kept by reference; zeros and non-finite values are
@@ -557,6 +591,10 @@ class LossEngine(nn.Module):
         self._history.append(raw)
         if samples is not None:
             self._samples.add(samples)
+            self._last_batch = int(samples.shape[0])
+        if cosine_sums is not None:
+            self._grad_affinity_sum += cosine_sums[0]
+            self._grad_affinity_count += cosine_sums[1]
         if self._recording_was_gradient():
             self._grad_records += 1
 
@@ -729,15 +767,7 @@ class LossEngine(nn.Module):
 
     def _regroup(self) -> None:
         cfg = self.cfg
-        affinity = self.measure_affinity()
-        if self._distributed():
-            # average the ranks' affinities (unknown entries count as missing) -> same clustering everywhere
-            known = torch.isfinite(affinity)
-            device = self._initial_loss.device
-            packed = torch.stack([torch.where(known, affinity, torch.zeros_like(affinity)), known.float()]).to(device)
-            torch.distributed.all_reduce(packed)
-            packed = packed.cpu()
-            affinity = torch.where(packed[1] > 0, packed[0] / packed[1].clamp(min=1), torch.full_like(affinity, float("nan")))
+        affinity = self.measure_affinity()  # the same on every rank: step() shares the statistics
         self.affinity = affinity
         labels, score = aff.cluster_tasks(affinity, cfg.num_sets, cfg.min_sets, cfg.max_sets, cfg.clustering)
         old_labels = self._labels.cpu().numpy()

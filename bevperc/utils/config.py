@@ -11,12 +11,15 @@ Rules:
     file, the dotted key and the valid keys;
   * values are type-checked against the annotations (int, float, bool, str, Optional,
     list/tuple of those, nested dataclasses, dicts);
-  * ``overrides`` are ``dotted.key=value`` strings, the value parsed as YAML.
+  * ``overrides`` are ``dotted.key=value`` strings, the value parsed as YAML;
+  * numbers are read the YAML 1.2 way: ``1e-3`` and ``1e9`` are floats (PyYAML's YAML 1.1
+    rules make them strings), in files and overrides alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,6 +32,20 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not match the config dataclasses."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-3``, ``-2E+5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -153,7 +170,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_load_yaml(path.read_text()) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file ({err})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -163,10 +182,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = safe_load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
+    if overrides:
         source = f"{source} (+overrides)"
     return from_dict(cls, data, source)
 

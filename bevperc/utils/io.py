@@ -1,7 +1,12 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated result behind."""
+"""Atomic file writes: a crash mid-write never leaves a truncated result behind.
+
+A write that fails (disk full, file-size limit) removes its temporary file and raises an
+``OSError`` naming the file; on a full disk: ``no space left on <folder>``.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -27,9 +32,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name}") from err
         raise
     return path
 
@@ -50,4 +57,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # Through a Python file object, so that a failed write raises an OSError with its errno (torch's
+        # own writer reports a full disk as "unexpected pos", also when it closes the archive after it).
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+        except RuntimeError as err:
+            cause = err.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+    return atomic_write(path, write)

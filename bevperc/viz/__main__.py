@@ -59,19 +59,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    written: dict[str, Path] = {}
     if not (args.config or args.info_sample or args.engine_summary or args.checkpoint):
         build_parser().error("give --config (model + dataset), --info-sample, --engine-summary or --checkpoint "
                              "(training curves)")
     if args.overrides and not args.config:
         build_parser().error(f"config overrides {args.overrides} need --config")
+    try:
+        written = write_figures(args, out)
+    except (ValueError, OSError) as err:  # DataError, ConfigError, CheckpointError; missing or unreadable files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
 
+
+def write_figures(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """The figures the arguments ask for, written into ``out``: name -> path."""
     from bevperc.viz.figures import save_figure, write_sample_figures
 
+    written: dict[str, Path] = {}
     if args.engine_summary:
         from bevperc.viz.loss_engine import plot_loss_engine
 
-        summary = json.loads(Path(args.engine_summary).read_text())
+        try:
+            summary = json.loads(Path(args.engine_summary).read_text(encoding="utf-8"))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"--engine-summary {args.engine_summary}: not a JSON file ({err})") from None
         summary = summary.get("loss_engine", summary)  # accept a wrapper dict with the summary under loss_engine
         written["loss_engine"] = save_figure(plot_loss_engine(summary, title=Path(args.engine_summary).name),
                                              out / "loss_engine.png", args.dpi)  # fmt: skip
@@ -130,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot_heatmap_grid(prediction.heatmaps, prediction.heatmap_class_names, prediction.bev_range, title),
                 out / "heatmaps.png", args.dpi,
             )  # fmt: skip
-
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
+    return written
 
 
 if __name__ == "__main__":

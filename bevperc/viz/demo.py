@@ -20,12 +20,26 @@ CACHE_DIR = Path.home() / ".cache" / "bevperc"
 DEMO_OUT = REPO_ROOT / "outputs" / "demo"  # where scripts/demo.sh writes its run
 
 
+def user_folder(variable: str) -> Path | None:
+    """The folder named by environment variable ``variable``, or None when it is not set.
+
+    A folder the user named must exist: a typo must not make a notebook generate data or train
+    a model in a new folder of that name (FileNotFoundError naming the variable)."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"{variable}={value}: no such folder; fix the path, or unset {variable} to use "
+                                f"the default")
+    return Path(value)
+
+
 def demo_data_root(default: str | Path | None = None) -> Path:
     """``$BEVPERC_DATA_ROOT``; else ``default``; else the demo set of ``scripts/demo.sh``
     (``data/nuscenes-synthetic``) when it is complete; else ``~/.cache/bevperc/demo-nuscenes``."""
-    value = os.environ.get("BEVPERC_DATA_ROOT")
-    if value:
-        return Path(value)
+    named = user_folder("BEVPERC_DATA_ROOT")
+    if named is not None:
+        return named
     if default is not None:
         return Path(default)
     shared = REPO_ROOT / "data" / "nuscenes-synthetic"
@@ -36,18 +50,18 @@ def demo_data_root(default: str | Path | None = None) -> Path:
 
 def default_run_dir() -> Path:
     """``$BEVPERC_RUN_DIR``; else ``outputs/demo/train`` of ``scripts/demo.sh`` when finished; else the cache."""
-    value = os.environ.get("BEVPERC_RUN_DIR")
-    if value:
-        return Path(value)
+    named = user_folder("BEVPERC_RUN_DIR")
+    if named is not None:
+        return named
     demo = DEMO_OUT / "train"
     return demo if (demo / "loss_engine.json").is_file() else CACHE_DIR / "demo-run"
 
 
 def default_gesture_dir() -> Path:
     """``$BEVPERC_GESTURE_DIR``; else ``outputs/demo/gesture`` of ``scripts/demo.sh`` when finished; else the cache."""
-    value = os.environ.get("BEVPERC_GESTURE_DIR")
-    if value:
-        return Path(value)
+    named = user_folder("BEVPERC_GESTURE_DIR")
+    if named is not None:
+        return named
     demo = DEMO_OUT / "gesture"
     return demo if (demo / "runs" / "student_kd" / "model.pt").is_file() else CACHE_DIR / "demo-gestures"
 

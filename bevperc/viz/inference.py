@@ -70,12 +70,16 @@ def find_sample_index(dataset: Any, token: str) -> int:
 def load_sample_lidar(dataset: Any, index: int) -> np.ndarray | None:
     """Ego-frame LiDAR points ``(P, 4)`` of a dataset sample, or None when its info has no LiDAR entry/file."""
     from bevperc.data.dataset import load_lidar_points
+    from bevperc.data.infos import dataroot_file
     from bevperc.geometry import transform_points
 
     lidar = dataset.samples[index].get("lidar")
-    if not lidar or not (Path(dataset.dataroot) / lidar["path"]).is_file():
+    if not lidar:
         return None
-    points = load_lidar_points(Path(dataset.dataroot) / lidar["path"])[:, :4].astype(np.float64)
+    path = dataroot_file(dataset.dataroot, lidar["path"], f"{dataset.info_path}: sample {index} lidar")
+    if not path.is_file():
+        return None
+    points = load_lidar_points(path)[:, :4].astype(np.float64)
     points[:, :3] = transform_points(np.asarray(lidar["ego_from_lidar"], dtype=np.float64), points[:, :3])
     return points
 

@@ -12,6 +12,9 @@ brightness; targets are the quadrant means (regression) and the brightest quadra
     python -m torch.distributed.run --standalone --nproc_per_node 2 \\
         tests/helpers/toy_train.py --work-dir /tmp/toy_ddp --batch-size 4      # DDP (gloo on CPU)
 
+``--loss-engine`` replaces both with the real ``LossEngine`` over three tasks (left and right
+quadrant means, brightest quadrant) fed per-sample losses, grouping them after 12 steps.
+
 Test-only switches: ``--stall-after-step N`` (write work_dir/stalled, then hang so a test can
 SIGKILL the run), ``--fail-writes-after-step N`` (cap the file size with RLIMIT_FSIZE so
 the next checkpoint write fails), ``--nan-at-step N --nan-ranks 1`` (a NaN loss on those
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from bevperc.engine import TrainConfig, Trainer, sample_rng, seed_process  # noqa: E402
 from bevperc.engine.distributed import all_reduce_mean, dist_info  # noqa: E402
+from bevperc.losses.engine import LossEngine, LossEngineConfig  # noqa: E402
 
 IMAGE_SIZE = 16
 
@@ -174,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--norm", choices=["batch", "group"], default="batch")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--validate", action="store_true", help="validate on a held-out toy set each epoch")
+    parser.add_argument("--loss-engine", action="store_true", help="the real LossEngine instead of the toy weighting")
     parser.add_argument("--no-tensorboard", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stall-after-step", type=int, default=0)
@@ -201,6 +206,9 @@ def build_trainer(args: argparse.Namespace) -> tuple[Trainer, RunningMeanNormali
                       tensorboard=not args.no_tensorboard, progress_bar=False)
     nan_ranks = {int(r) for r in args.nan_ranks.split(",") if r}
     trainer: Trainer | None = None
+    engine = LossEngine(["mean_left", "mean_right", "brightest"], LossEngineConfig(
+        warmup_steps=12, affinity_steps=8, regroup_every=4, condition_every=2, scale_warmup_steps=2,
+        min_sets=2, max_sets=2)) if args.loss_engine else None
 
     def compute_loss(net: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, quadrant_means, brightest = batch
@@ -208,24 +216,32 @@ def build_trainer(args: argparse.Namespace) -> tuple[Trainer, RunningMeanNormali
         # Losses in the data's precision (float32 under AMP autocast too).
         task_losses = torch.stack([F.mse_loss(predicted_means.to(quadrant_means.dtype), quadrant_means),
                                    F.cross_entropy(logits.to(quadrant_means.dtype), brightest)])
-        normaliser.observe(task_losses)
-        total = task_weights(normaliser.normalise(task_losses))
+        if engine is not None:
+            squared = (predicted_means.to(quadrant_means.dtype) - quadrant_means) ** 2         # [B, 4]
+            per_sample = {"mean_left": squared[:, [0, 2]].mean(1), "mean_right": squared[:, [1, 3]].mean(1),
+                          "brightest": F.cross_entropy(logits.to(quadrant_means.dtype), brightest, reduction="none")}
+            total = engine({name: value.mean() for name, value in per_sample.items()}, per_sample)
+        else:
+            normaliser.observe(task_losses)
+            total = task_weights(normaliser.normalise(task_losses))
         assert trainer is not None
         if trainer.global_step + 1 == args.nan_at_step and trainer.dist.rank in nan_ranks:
             total = total * float("nan")
         # One log as a device tensor, one as a float: the trainer takes both.
         return total, {"mse": task_losses[0].detach(), "ce": task_losses[1].item()}
 
-    after_step = [lambda step: normaliser.step()]
+    after_step = [lambda step: (engine or normaliser).step()]
     if args.stall_after_step:
         after_step.append(lambda step: _stall(args.work_dir) if step == args.stall_after_step else None)
     if args.fail_writes_after_step:
         after_step.append(lambda step: _limit_file_size() if step == args.fail_writes_after_step else None)
 
     validate = make_validate(dtype) if args.validate else None
-    trainer = Trainer(model, compute_loss, dataset, cfg, args.work_dir,
-                      extra_state={"task_weights": task_weights, "normaliser": normaliser},
-                      extra_parameters=task_weights.parameters(), after_step=after_step, validate=validate)
+    extra_state = {"loss_engine": engine} if engine is not None else {"task_weights": task_weights,
+                                                                      "normaliser": normaliser}
+    trainer = Trainer(model, compute_loss, dataset, cfg, args.work_dir, extra_state=extra_state,
+                      extra_parameters=task_weights.parameters() if engine is None else None,
+                      after_step=after_step, validate=validate)
     return trainer, normaliser, task_weights
 
 
@@ -245,6 +261,38 @@ def make_validate(dtype: torch.dtype):
                 "accuracy": (logits.argmax(1) == targets.to(device).argmax(1)).float().mean().item()}
 
     return validate
+
+
+def assert_same(a, b, path: str = "checkpoint") -> None:
+    """Recursive bitwise equality of checkpoint-like trees (NaN equals NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
+            a.nan_to_num(), b.nan_to_num()), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is ``pid`` (from /proc; e.g. the workers torchrun started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _stall(work_dir: str) -> None:
