@@ -44,10 +44,12 @@ HEATMAP_INIT_BIAS = -2.19  # sigmoid = 0.1: CenterNet's prior for rare positives
 
 
 def task_names(cfg: ModelConfig) -> list[str]:
-    """All loss names in a fixed order: ``group.branch`` per group, then ``depth`` if on."""
+    """All loss names in a fixed order: ``group.branch`` per group, then ``depth`` and ``image_heatmap`` if on."""
     names = [f"{group}.{branch}" for group in cfg.head.group_names for branch in BRANCHES]
     if cfg.view.depth_supervision:
         names.append("depth")
+    if cfg.image_head.enabled:
+        names.append("image_heatmap")
     return names
 
 
@@ -62,6 +64,8 @@ def default_task_weights(cfg: ModelConfig) -> dict[str, float]:
         branch = name.rsplit(".", 1)[-1]
         if name == "depth":
             weights[name] = DEPTH_LOSS_WEIGHT
+        elif name == "image_heatmap":
+            weights[name] = cfg.image_head.weight
         elif branch == "heatmap":
             weights[name] = HEATMAP_LOSS_WEIGHT
         else:

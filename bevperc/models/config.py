@@ -201,6 +201,17 @@ class HeadConfig:
 
 
 @dataclass
+class ImageHeadConfig:
+    """Perspective supervision (``bevperc.models.image_head``): a class heatmap on the image features."""
+
+    enabled: bool = False
+    channels: int = 64
+    min_radius: int = 1
+    weight: float = 1.0
+    """Fixed weight of the ``image_heatmap`` task."""
+
+
+@dataclass
 class DecodeConfig:
     """Turning heatmaps into boxes."""
 
@@ -223,6 +234,7 @@ class ModelConfig:
     grid: BEVGridConfig = field(default_factory=BEVGridConfig)
     bev_encoder: BEVEncoderConfig = field(default_factory=BEVEncoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    image_head: ImageHeadConfig = field(default_factory=ImageHeadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 

@@ -9,6 +9,7 @@ from bevperc.models.backbone import ImageBackbone, build_backbone
 from bevperc.models.bev_encoder import BEVEncoder
 from bevperc.models.centerpoint_head import CenterPointHead
 from bevperc.models.config import DecodeConfig, ModelConfig
+from bevperc.models.image_head import ImageHeatmapHead
 from bevperc.models.lift import LSSViewTransformer
 from bevperc.models.neck import FPNNeck
 from bevperc.models.postprocess import decode_detections
@@ -20,7 +21,8 @@ class BEVDetector(nn.Module):
     """images -> backbone -> neck -> LSS lift/splat -> BEV encoder -> CenterPoint head.
 
     ``forward(batch)`` returns the raw head outputs ``{"group.branch": [B, c, ny, nx]}`` plus
-    ``"depth"``: depth logits ``[B, N, D, h, w]``. ``loss`` and ``decode`` take those outputs
+    ``"depth"``: depth logits ``[B, N, D, h, w]``, and in training mode with an image head
+    ``"image_heatmap"``: ``[B * N, classes, h, w]`` logits. ``loss`` and ``decode`` take those outputs
     and the same batch.
     """
 
@@ -32,11 +34,13 @@ class BEVDetector(nn.Module):
         bev_encoder: BEVEncoder,
         head: CenterPointHead,
         decode_cfg: DecodeConfig | None = None,
+        image_head: ImageHeatmapHead | None = None,
     ):
         super().__init__()
         self.backbone, self.neck = backbone, neck
         self.view_transformer, self.bev_encoder, self.head = view_transformer, bev_encoder, head
         self.decode_cfg = decode_cfg
+        self.image_head = image_head
 
     def _check_batch(self, batch: dict) -> None:
         missing = [key for key in ("images", *GEOMETRY_KEYS) if key not in batch]
@@ -57,6 +61,8 @@ class BEVDetector(nn.Module):
         bev, depth_logits = self.view_transformer(features, batch)
         outputs = self.head(self.bev_encoder(bev))
         outputs["depth"] = depth_logits
+        if self.image_head is not None and self.training:
+            outputs["image_heatmap"] = self.image_head(features)
         return outputs
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -64,7 +70,13 @@ class BEVDetector(nn.Module):
         (``CenterPointHead.loss``), then the view transformer's ``depth`` task when it has one."""
         task_losses, per_sample = self.head.loss(outputs, batch)
         depth_losses, depth_per_sample = self.view_transformer.loss(outputs["depth"], batch)
-        return task_losses | depth_losses, per_sample | depth_per_sample
+        task_losses, per_sample = task_losses | depth_losses, per_sample | depth_per_sample
+        if self.image_head is not None:
+            if "image_heatmap" not in outputs:
+                raise ValueError("BEVDetector.loss: outputs of a training-mode forward are needed (image_heatmap)")
+            image_losses, image_per_sample = self.image_head.loss(outputs["image_heatmap"], batch)
+            task_losses, per_sample = task_losses | image_losses, per_sample | image_per_sample
+        return task_losses, per_sample
 
     @torch.no_grad()
     def decode(self, outputs: dict[str, torch.Tensor], batch: dict) -> list[dict[str, torch.Tensor]]:
@@ -81,4 +93,6 @@ def build_detector(cfg: ModelConfig) -> BEVDetector:
     view_transformer = LSSViewTransformer(cfg.neck.out_channels, cfg.view, cfg.grid)
     bev_encoder = BEVEncoder(cfg.view.context_channels, cfg.bev_encoder)
     head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid)
-    return BEVDetector(backbone, neck, view_transformer, bev_encoder, head, cfg.decode)
+    image_head = ImageHeatmapHead(cfg.neck.out_channels, cfg.image_head.channels, cfg.view,
+                                  cfg.image_head.min_radius) if cfg.image_head.enabled else None
+    return BEVDetector(backbone, neck, view_transformer, bev_encoder, head, cfg.decode, image_head)
