@@ -7,10 +7,8 @@ filter comparison with the real ``NuScenes`` class and ``filter_eval_boxes``, an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -43,15 +41,7 @@ from nuscenes.eval.detection.data_classes import DetectionBox
 from nuscenes.eval.detection.evaluate import DetectionEval
 
 ATOL = 1e-9
-REPO = Path(__file__).resolve().parents[1]
 CURVE_FIELDS = ("recall", "precision", "confidence", "trans_err", "vel_err", "scale_err", "orient_err", "attr_err")
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_close(a, b, where: str = "") -> None:
@@ -262,9 +252,9 @@ def test_no_predictions_at_all():
 
 # --------------------------------------------------------------------------- with real tables
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
+def mini_root(tmp_path_factory, eval_bench):
     """A generated v1.0-mini root (mini_val: 2 scenes x 20 samples) and a submission for it."""
-    bench = _bench_module()
+    bench = eval_bench
     root = tmp_path_factory.mktemp("nuscenes")
     tokens = bench.write_synthetic_nuscenes(root, "v1.0-mini", "mini_val", samples_per_scene=20, gt_per_sample=30,
                                             seed=3)

@@ -9,10 +9,10 @@ leaves to the stream reader, and files cut into many ranges read by real worker 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import operator
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bevperc.evaluation import submission_chunks
-from bevperc.evaluation.fast_eval import FastDetectionEval, to_jsonable
+from bevperc.evaluation import workers as worker_pool
+from bevperc.evaluation.fast_eval import FastDetectionEval, load_ground_truth, to_jsonable
+from bevperc.evaluation.ground_truth import _RECORD_BOUNDARY, annotation_range
 from bevperc.evaluation.metrics import quaternion_yaw
 from bevperc.evaluation.submission import (
     COLUMN_NAMES,
@@ -30,9 +32,8 @@ from bevperc.evaluation.submission import (
     read_submission,
     read_submission_stream,
 )
-from bevperc.evaluation.workers import run_tasks
+from bevperc.evaluation.workers import byte_ranges, run_tasks
 
-REPO = Path(__file__).resolve().parents[1]
 META = '{"use_camera": true, "use_lidar": false, "use_radar": false, "use_map": false, "use_external": false}'
 BOX = {"translation": "[1.5, -2.0, 0.5]", "size": "[1.0, 2.0, 1.5]", "rotation": "[1.0, 0.0, 0.0, 0.0]",
        "velocity": "[0.5, -0.5]", "detection_name": '"car"', "detection_score": "0.5",
@@ -252,16 +253,9 @@ def test_json_errors_are_the_stream_readers(tmp_path):
 
 
 # --------------------------------------------------------------------------- many ranges, worker processes
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    bench = _bench_module()
+def mini(tmp_path_factory, eval_bench):
+    bench = eval_bench
     root = tmp_path_factory.mktemp("nuscenes")
     tokens = bench.write_synthetic_nuscenes(root, "v1.0-mini", "mini_val", samples_per_scene=12, gt_per_sample=25,
                                             seed=11)
@@ -272,9 +266,9 @@ def mini(tmp_path_factory):
 
 def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_path, monkeypatch):
     root, tokens, results = mini
-    monkeypatch.setattr(submission_chunks, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(worker_pool, "RANGE_BYTES", 8192)
     layout = submission_chunks._layout(results)
-    assert len(submission_chunks._chunk_ranges(results, layout, 8192)) > 10
+    assert len(byte_ranges(results, layout.start, layout.end, submission_chunks._BOUNDARY)) > 10
     reference = read_submission_stream(results, tokens)
     assert np.isnan(reference.velocity).any()
     for workers in (1, 2):
@@ -284,7 +278,7 @@ def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_pa
 def test_evaluation_does_not_depend_on_the_workers(mini, monkeypatch):
     """Filtering in the workers, by class, over many ranges: the metrics of the stream reader's boxes."""
     root, tokens, results = mini
-    monkeypatch.setattr(submission_chunks, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(worker_pool, "RANGE_BYTES", 8192)
     outcomes = []
     for workers in (1, 2):
         evaluator = FastDetectionEval(root, "v1.0-mini", "mini_val", workers=workers)
@@ -303,7 +297,7 @@ def test_first_problem_in_file_order_across_ranges(mini, tmp_path, monkeypatch):
     """An invalid box, a repeated sample, an unknown sample: whichever comes first in the file is
     raised, in any number of ranges and workers, as by the stream reader."""
     _, tokens, results = mini
-    monkeypatch.setattr(submission_chunks, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(worker_pool, "RANGE_BYTES", 4096)
     submission = json.loads(results.read_text())
     samples = list(submission["results"].items())
     bad_box = dict(samples[20][1][0], size=[1.0, 0.0, 1.0]) if samples[20][1] else None
@@ -339,3 +333,41 @@ def test_worker_tasks_come_back_in_order_and_errors_reach_the_caller():
         list(run_tasks(operator.truediv, 1.0, [1.0, 2.0, 0.0, 4.0, 5.0, 6.0], workers=2))
     # the results still in flight were collected: the next run gets its own
     assert list(run_tasks(operator.mul, 3, list(range(9)), workers=2)) == [3 * i for i in range(9)]
+
+
+def _assert_same_ground_truth(a, b) -> None:
+    assert a.sample_tokens == b.sample_tokens
+    assert a.ego_translation.tobytes() == b.ego_translation.tobytes()
+    for columns_a, columns_b in ((a.boxes, b.boxes), (a.racks, b.racks)):
+        for name, value in vars(columns_a).items():
+            assert value.tobytes() == getattr(columns_b, name).tobytes(), name
+
+
+def test_ground_truth_in_ranges_by_workers_is_the_same(mini, tmp_path, monkeypatch):
+    """sample_annotation.json cut into many ranges, decoded by worker processes: the same GT as one
+    range (which tests/test_fast_eval.py checks against the devkit's load_gt); a table that cannot be
+    cut at record boundaries (a '}, {' in every record's strings) is read whole, with the same GT."""
+    root = mini[0]
+    reference = load_ground_truth(root, "v1.0-mini", "mini_val", workers=1)
+    assert len(reference.boxes) > 300 and len(reference.racks.sample_index) > 0
+    monkeypatch.setattr(worker_pool, "RANGE_BYTES", 4096)
+    for n_workers in (1, 2):
+        _assert_same_ground_truth(load_ground_truth(root, "v1.0-mini", "mini_val", workers=n_workers), reference)
+    odd = tmp_path / "odd"
+    shutil.copytree(root / "v1.0-mini", odd / "v1.0-mini")
+    table = odd / "v1.0-mini" / "sample_annotation.json"
+    table.write_text(json.dumps([dict(record, note="}, {") for record in json.loads(table.read_text())]))
+    context = _annotation_context(odd)
+    assert any(part is None for part in run_tasks(
+        annotation_range, context, byte_ranges(table, 1, table.stat().st_size - 1, _RECORD_BOUNDARY), 2))
+    _assert_same_ground_truth(load_ground_truth(odd, "v1.0-mini", "mini_val", workers=2), reference)
+
+
+def _annotation_context(root: Path):
+    from bevperc.evaluation import ground_truth
+
+    table_dir = root / "v1.0-mini"
+    samples = ground_truth._SplitSamples.read(table_dir, "mini_val")
+    return ground_truth._AnnotationContext(
+        path=str(table_dir / "sample_annotation.json"), table_row=samples.table_row, split_index=samples.split_index,
+        kinds=ground_truth._instance_kinds(table_dir), attribute_index={})

@@ -138,9 +138,9 @@ def evaluate_boxes(gt: GroundTruth, pred: BoxColumns, cfg: DetectionEvalConfig |
 class FastDetectionEval:
     """Holds one split's GT (read once from the tables) and evaluates any number of submissions.
 
-    ``workers``: processes that decode submission files (default
-    :func:`~bevperc.evaluation.workers.default_workers`; 1 decodes in this process). The results do
-    not depend on it.
+    ``workers``: processes that decode the annotation table and submission files (default
+    :func:`~bevperc.evaluation.workers.default_workers`), started right away so that they boot while
+    the GT is read; 1 decodes in this process. The results do not depend on it.
 
     >>> evaluator = FastDetectionEval("data/nuscenes", "v1.0-mini", "mini_val")   # doctest: +SKIP
     >>> result = evaluator.evaluate_file("results_nusc.json")                       # doctest: +SKIP
@@ -153,7 +153,7 @@ class FastDetectionEval:
         self.workers = default_workers() if workers is None else workers
         prestart(self.workers)  # the workers boot while the GT is read
         timer = StageTimer()
-        self.gt = load_ground_truth(dataroot, version, split, cache_dir=cache_dir, timer=timer)
+        self.gt = load_ground_truth(dataroot, version, split, cache_dir=cache_dir, timer=timer, workers=self.workers)
         with timer.stage("gt_filter"):
             self.box_filter = BoxFilter.create(self.gt.ego_translation, self.gt.racks, self.cfg)
             self._gt_by_class = {cls: parts[0] for cls, parts in _filtered_by_class(self.gt.boxes, self.box_filter).items()}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 from dataclasses import dataclass, fields
 from itertools import compress, repeat
 from operator import attrgetter
@@ -28,6 +30,7 @@ import numpy as np
 from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns, gc_paused, struct_floats
 from bevperc.evaluation.submission import ATTRIBUTE_NAMES, iter_json_array
 from bevperc.evaluation.timing import StageTimer
+from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
 
 # nuscenes.eval.detection.utils.category_to_detection_name
 CATEGORY_TO_DETECTION_NAME: dict[str, str] = {
@@ -206,12 +209,15 @@ def table_fingerprint(table_dir: Path) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_ground_truth(dataroot: str | Path, version: str, split: str, cache_dir: str | Path | None = None,
-                      timer: StageTimer | None = None) -> GroundTruth:
+                      timer: StageTimer | None = None, workers: int | None = None) -> GroundTruth:
     """Read the GT of ``split`` from ``dataroot/version/*.json`` as the devkit's ``load_gt`` +
     ``add_center_dist`` see it (before filtering).
 
     ``cache_dir``: if given, an ``.npz`` keyed by the tables' sizes and mtimes is reused when present.
-    ``timer``: gets the stages ``gt_cache`` or ``gt_samples``, ``gt_ego``, ``gt_annotations``.
+    ``timer``: gets the stages ``gt_cache`` or ``gt_samples``, ``gt_ego``, ``gt_annotations`` (and the
+    task CPU of ``gt_annotation_ranges``).
+    ``workers``: processes that decode ``sample_annotation.json`` (default
+    :func:`~bevperc.evaluation.workers.default_workers`); the result does not depend on it.
     """
     timer = timer or StageTimer()
     table_dir = Path(dataroot) / version
@@ -229,7 +235,7 @@ def load_ground_truth(dataroot: str | Path, version: str, split: str, cache_dir:
     with timer.stage("gt_ego"), gc_paused():
         ego_translation = _ego_translation(table_dir, split, samples.tokens)
     with timer.stage("gt_annotations"), gc_paused():
-        boxes, racks = _annotations(table_dir, samples)
+        boxes, racks = _annotations(table_dir, samples, default_workers() if workers is None else workers, timer)
     gt = GroundTruth(version=version, split=split, sample_tokens=samples.tokens, ego_translation=ego_translation,
                      boxes=boxes, racks=racks)
     if cache_path is not None:
@@ -299,50 +305,114 @@ def _instance_kinds(table_dir: Path) -> dict[str, int]:
     return kinds
 
 
-def _annotations(table_dir: Path, samples: _SplitSamples) -> tuple[BoxColumns, RackColumns]:
+@dataclass
+class _AnnotationContext:
+    """What every byte range of ``sample_annotation.json`` needs (sent once to each worker)."""
+
+    path: str
+    table_row: dict[str, int]  # sample token -> row of the sample table
+    split_index: np.ndarray  # int64 [sample rows]: index in the split, -1 outside
+    kinds: dict[str, int]  # instance token -> class index or _RACK (other categories absent)
+    attribute_index: dict[str, int]  # attribute token -> index in ATTRIBUTE_NAMES, -2 for other attributes
+
+
+@dataclass
+class _AnnotationPart:
+    """The split's annotations among some records of the table."""
+
+    gt: dict[str, np.ndarray]  # BoxColumns fields of the GT rows (no velocity, score) + table_sample
+    links: dict[str, list[str]]  # token, prev, next of the GT rows (for the velocities)
+    racks: RackColumns
+    cpu_s: float = 0.0  # CPU time of the task that decoded these records
+
+
+_RECORD_BOUNDARY = re.compile(rb"\}(?P<cut>)[ \t\n\r]*,[ \t\n\r]*(?=\{)")
+_ARRAY_START = re.compile(rb"[ \t\n\r]*\[")
+_ARRAY_END = re.compile(rb"\][ \t\n\r]*\Z")
+_ANNOTATIONS = msgspec.json.Decoder(list[_Annotation])
+
+
+def _annotations(table_dir: Path, samples: _SplitSamples, workers: int,
+                 timer: StageTimer) -> tuple[BoxColumns, RackColumns]:
     """GT boxes (grouped by sample in split order, table order within a sample: ``EvalBoxes.all``
     order) and bicycle racks of the split's samples, from ``sample_annotation``."""
     path = _table_path(table_dir, "sample_annotation")
-    kinds = _instance_kinds(table_dir)
-    attribute_index = {a["token"]: ATTRIBUTE_NAMES.index(a["name"]) if a["name"] in ATTRIBUTE_NAMES else -2
-                       for a in _load_table(table_dir, "attribute")}
-    gt_parts: list[dict[str, np.ndarray]] = []
-    rack_parts: list[RackColumns] = []
-    links: dict[str, list[str]] = {"token": [], "prev": [], "next": []}  # of the GT rows, for the velocities
-    for batch in table_batches(path, _Annotation):
-        n = len(batch)
-        try:
-            table_sample = np.fromiter(map(samples.table_row.__getitem__, map(attrgetter("sample_token"), batch)),
-                                       dtype=np.int64, count=n)
-        except KeyError as exc:
-            raise ValueError(f"{path}: sample {exc.args[0]!r} of an annotation is not in sample.json") from None
-        split_sample = samples.split_index[table_sample]
-        kind = np.fromiter(map(kinds.get, map(attrgetter("instance_token"), batch), repeat(-1)), dtype=np.int64,
-                           count=n)
-        is_gt = (split_sample >= 0) & (kind >= 0)
-        records = list(compress(batch, is_gt))
-        for name, values in links.items():
-            values.extend(map(attrgetter(name), records))
-        gt_parts.append({"sample_index": split_sample[is_gt], "table_sample": table_sample[is_gt],
-                         "class_index": kind[is_gt], "attribute_index": _attribute_indices(records, attribute_index, path),
-                         "translation": struct_floats(records, "translation", 3), "size": struct_floats(records, "size", 3),
-                         "rotation": struct_floats(records, "rotation", 4),
-                         "num_pts": (np.fromiter(map(attrgetter("num_lidar_pts"), records), dtype=np.int64, count=len(records))
-                                     + np.fromiter(map(attrgetter("num_radar_pts"), records), dtype=np.int64,
-                                                   count=len(records)))})
-        is_rack = (split_sample >= 0) & (kind == _RACK)
-        racks = list(compress(batch, is_rack))
-        rack_parts.append(RackColumns(sample_index=split_sample[is_rack], translation=struct_floats(racks, "translation", 3),
-                                      size=struct_floats(racks, "size", 3), rotation=struct_floats(racks, "rotation", 4)))
-    columns = {key: np.concatenate([p[key] for p in gt_parts]) for key in gt_parts[0]}
+    context = _AnnotationContext(
+        path=str(path), table_row=samples.table_row, split_index=samples.split_index, kinds=_instance_kinds(table_dir),
+        attribute_index={a["token"]: ATTRIBUTE_NAMES.index(a["name"]) if a["name"] in ATTRIBUTE_NAMES else -2
+                         for a in _load_table(table_dir, "attribute")})
+    parts = _annotation_parts(context, workers)
+    timer.add_task_cpu("gt_annotation_ranges", sum(p.cpu_s for p in parts))
+    columns = {key: np.concatenate([p.gt[key] for p in parts]) for key in parts[0].gt}
+    links = {name: [token for p in parts for token in p.links[name]] for name in parts[0].links}
     table_sample = columns.pop("table_sample")
     velocity = _box_velocity(links, columns["translation"], samples.timestamps[table_sample], path)
     boxes = BoxColumns(**columns, velocity=velocity, score=np.full(len(table_sample), -1.0))
-    racks = RackColumns(**{f.name: np.concatenate([getattr(p, f.name) for p in rack_parts]) for f in fields(RackColumns)})
+    racks = RackColumns(**{f.name: np.concatenate([getattr(p.racks, f.name) for p in parts]) for f in fields(RackColumns)})
     return boxes.take(np.argsort(boxes.sample_index, kind="stable")), racks
 
 
-def _attribute_indices(records: list[_Annotation], attribute_index: dict[str, int], path: Path) -> np.ndarray:
+def _annotation_parts(context: _AnnotationContext, workers: int) -> list[_AnnotationPart]:
+    """The table in byte ranges of whole records, decoded by the workers; if msgspec cannot decode a
+    range (a string holding ``},``, a NaN literal), the whole table in this process (:func:`table_batches`)."""
+    path = Path(context.path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = _ARRAY_START.match(handle.read(1 << 10))
+        handle.seek(max(0, size - (1 << 10)))
+        tail_offset = handle.tell()
+        tail = _ARRAY_END.search(handle.read())
+    if head is not None and tail is not None and head.end() <= tail_offset + tail.start():
+        ranges = byte_ranges(path, head.end(), tail_offset + tail.start(), _RECORD_BOUNDARY)
+        parts = list(run_tasks(annotation_range, context, ranges, workers))
+        if all(part is not None for part in parts):
+            return parts
+    return [_annotation_part(context, batch) for batch in table_batches(path, _Annotation)]
+
+
+def annotation_range(context: _AnnotationContext, byte_range: tuple[int, int]) -> _AnnotationPart | None:
+    """The annotations in a byte range of whole records (a worker task); None if msgspec cannot decode it."""
+    started = time.process_time()
+    with open(context.path, "rb") as handle:
+        handle.seek(byte_range[0])
+        data = handle.read(byte_range[1] - byte_range[0])
+    with gc_paused():
+        try:
+            records = _ANNOTATIONS.decode(b"[" + data + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        part = _annotation_part(context, records)
+    part.cpu_s = time.process_time() - started
+    return part
+
+
+def _annotation_part(context: _AnnotationContext, batch: list[_Annotation]) -> _AnnotationPart:
+    n = len(batch)
+    try:
+        table_sample = np.fromiter(map(context.table_row.__getitem__, map(attrgetter("sample_token"), batch)),
+                                   dtype=np.int64, count=n)
+    except KeyError as exc:
+        raise ValueError(f"{context.path}: sample {exc.args[0]!r} of an annotation is not in sample.json") from None
+    split_sample = context.split_index[table_sample]
+    kind = np.fromiter(map(context.kinds.get, map(attrgetter("instance_token"), batch), repeat(-1)), dtype=np.int64,
+                       count=n)
+    is_gt = (split_sample >= 0) & (kind >= 0)
+    records = list(compress(batch, is_gt))
+    num_pts = (np.fromiter(map(attrgetter("num_lidar_pts"), records), dtype=np.int64, count=len(records))
+               + np.fromiter(map(attrgetter("num_radar_pts"), records), dtype=np.int64, count=len(records)))
+    gt = {"sample_index": split_sample[is_gt], "table_sample": table_sample[is_gt], "class_index": kind[is_gt],
+          "attribute_index": _attribute_indices(records, context.attribute_index, context.path),
+          "translation": struct_floats(records, "translation", 3), "size": struct_floats(records, "size", 3),
+          "rotation": struct_floats(records, "rotation", 4), "num_pts": num_pts}
+    is_rack = (split_sample >= 0) & (kind == _RACK)
+    racks = list(compress(batch, is_rack))
+    return _AnnotationPart(gt=gt, links={name: list(map(attrgetter(name), records)) for name in ("token", "prev", "next")},
+                           racks=RackColumns(sample_index=split_sample[is_rack],
+                                             translation=struct_floats(racks, "translation", 3),
+                                             size=struct_floats(racks, "size", 3), rotation=struct_floats(racks, "rotation", 4)))
+
+
+def _attribute_indices(records: list[_Annotation], attribute_index: dict[str, int], path: str) -> np.ndarray:
     """int64 [len(records)]: the attribute of each GT annotation (-1: none); at most one is allowed."""
     attributes = list(map(attrgetter("attribute_tokens"), records))
     index = np.fromiter((attribute_index.get(a[0], -3) if a else -1 for a in attributes), dtype=np.int64,
@@ -369,18 +439,18 @@ def _box_velocity(links: dict[str, list[str]], translation: np.ndarray, timestam
     """
     n = len(links["token"])
     row_of_token = dict(zip(links["token"], range(n)))
+    row_of_token[""] = -1  # no prev / next
     rows = np.arange(n)
     neighbours = []
     for name in ("prev", "next"):
         tokens = links[name]
-        present = np.fromiter(map(bool, tokens), dtype=bool, count=n)
-        row = np.fromiter(map(row_of_token.get, tokens, repeat(-1)), dtype=np.int64, count=n)
-        unknown = np.flatnonzero(present & (row < 0))
+        row = np.fromiter(map(row_of_token.get, tokens, repeat(-2)), dtype=np.int64, count=n)
+        unknown = np.flatnonzero(row == -2)
         if len(unknown):
             raise ValueError(f"{path}: annotation {tokens[unknown[0]]!r} (the {name} of GT annotation "
                              f"{links['token'][unknown[0]]!r} of the split) is not an annotation of the same "
                              "category in a sample of the split")
-        neighbours.append((present, np.where(present, row, rows)))
+        neighbours.append((row >= 0, np.where(row >= 0, row, rows)))
     (has_prev, first), (has_next, last) = neighbours
     pos_diff = translation[last] - translation[first]
     time_diff = 1e-6 * timestamps[last] - 1e-6 * timestamps[first]

@@ -4,8 +4,9 @@ decoded by msgspec straight into columns, in worker processes.
 1. **Layout** (this process): the file must be ``{"meta": {...}, "results": {...}}`` or
    ``{"results": {...}, "meta": {...}}`` (any JSON whitespace; ``meta`` a flat object). Anything else
    is left to the json-module stream reader.
-2. **Chunks**: the members of ``results`` are cut into ranges of about :data:`CHUNK_BYTES` after a
-   sample's list of boxes (``}]`` or ``[]`` followed by ``,``).
+2. **Ranges**: the members of ``results`` are cut into byte ranges of about
+   :data:`~bevperc.evaluation.workers.RANGE_BYTES` after a sample's list of boxes (``}]`` or ``[]``
+   followed by ``,``).
 3. **Decoding** (a worker per range): each member is a JSON key and a list of boxes; the list ends at
    the first ``}]`` and msgspec decodes it into structs (types, lengths, integers and the class and
    attribute names checked; every number it returns is finite). The non-standard ``NaN`` literal (NaN velocities, which the devkit
@@ -32,6 +33,7 @@ import re
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
@@ -57,7 +59,7 @@ from bevperc.evaluation.submission import (
     sample_columns,
 )
 from bevperc.evaluation.timing import StageTimer
-from bevperc.evaluation.workers import default_workers, run_tasks
+from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
 
 _WS = rb"[ \t\n\r]*"
 _META = rb"(\{[^{}]*\})"
@@ -67,14 +69,13 @@ _HEAD_RESULTS_FIRST = re.compile(rb"\A" + _WS + rb"\{" + _WS + rb'"results"' + _
 _TAIL_META_FIRST = re.compile(rb"\}" + _WS + rb"\}" + _WS + rb"\Z")
 _TAIL_RESULTS_FIRST = re.compile(rb"\}" + _WS + rb"," + _WS + rb'"meta"' + _WS + rb":" + _WS + _META + _WS
                                  + rb"\}" + _WS + rb"\Z")
-_BOUNDARY = re.compile(rb"(?:\}" + _WS + rb"\]|\[" + _WS + rb"\])" + _WS + rb",")
+_BOUNDARY = re.compile(rb"(?:\}" + _WS + rb"\]|\[" + _WS + rb"\])(?P<cut>)" + _WS + rb",")  # after a list of boxes
 _KEY = re.compile(_WS + rb'("(?:[^"\\]|\\.)*")' + _WS + rb":" + _WS, re.DOTALL)
 _EMPTY_LIST = re.compile(rb"\[" + _WS + rb"\]")
 _LIST_END = re.compile(rb"\}" + _WS + rb"\]")
 _SEPARATOR = re.compile(_WS + rb",")
 _REST_IS_SPACE = re.compile(_WS + rb"\Z")
 _JSON = json.JSONDecoder()
-CHUNK_BYTES = 1 << 22  # a worker holds ~5x its range while decoding it: 4 MiB ranges keep workers near 80 MiB
 
 
 class _Box(msgspec.Struct, gc=False):
@@ -136,23 +137,6 @@ def _layout(path: Path, window: int = 1 << 16) -> _Layout | None:
     return _Layout(meta=meta, start=head_match.end(), end=tail_offset + tail_match.start())
 
 
-def _chunk_ranges(path: Path, layout: _Layout, chunk_bytes: int, window: int = 1 << 22) -> list[tuple[int, int]]:
-    """Byte ranges of whole members of ``results``, about ``chunk_bytes`` each, in file order."""
-    ranges = []
-    begin = layout.start
-    with open(path, "rb") as handle:
-        while layout.end - begin > 2 * chunk_bytes:
-            target = begin + chunk_bytes
-            handle.seek(target)
-            found = _BOUNDARY.search(handle.read(min(window, layout.end - target)))
-            if found is None:
-                break
-            ranges.append((begin, target + found.start() + found.group(0).index(b"]") + 1))  # up to the list's ]
-            begin = target + found.end()  # after the comma
-    ranges.append((begin, layout.end))
-    return ranges
-
-
 # --------------------------------------------------------------------------- one range (a worker)
 @dataclass
 class _ChunkOptions:
@@ -163,6 +147,11 @@ class _ChunkOptions:
     allow_empty_attribute: bool
     box_filter: BoxFilter | None  # evaluation: filter the boxes and split them by class
     split_tokens: list[str] | None  # with box_filter: the GT's samples (sample_index of the output)
+
+    @cached_property
+    def split_index_of(self) -> dict[str, int]:
+        """token -> index in split_tokens (built once per worker and file)."""
+        return {token: i for i, token in enumerate(self.split_tokens)}
 
 
 @dataclass
@@ -353,8 +342,7 @@ def _chunk_columns(buf: bytes, members: list[_Member], task: _ChunkOptions) -> d
 def _filtered_by_class(columns: dict[str, np.ndarray], tokens: list[str], task: _ChunkOptions) -> dict[int, BoxColumns]:
     """The boxes ``filter_eval_boxes`` keeps, by class; sample_index into ``task.split_tokens`` (boxes
     of samples outside the split are dropped: the sample set check rejects such a file)."""
-    index_of = {token: i for i, token in enumerate(task.split_tokens)}
-    split_index = np.array([index_of.get(t, -1) for t in tokens], dtype=np.int64)
+    split_index = np.array([task.split_index_of.get(t, -1) for t in tokens], dtype=np.int64)
     boxes = BoxColumns(**dict(columns, sample_index=split_index[columns["sample_index"]]))
     known = np.flatnonzero(boxes.sample_index >= 0)
     if len(known) < len(boxes):
@@ -425,7 +413,7 @@ def read_chunked(path: Path, expected_sample_tokens: Iterable[str] | None, max_b
         if layout is None:
             return None
         options = _ChunkOptions(str(path), max_boxes_per_sample, allow_empty_attribute, box_filter, split_tokens)
-        ranges = _chunk_ranges(path, layout, CHUNK_BYTES)
+        ranges = byte_ranges(path, layout.start, layout.end, _BOUNDARY)
     source = str(path)
     out = ChunkedSubmission(sample_tokens=[], meta=layout.meta, columns=[], by_class={})
     seen: set[str] = set()

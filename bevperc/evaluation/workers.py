@@ -1,5 +1,5 @@
 """Worker processes for the evaluation stages that split cleanly into independent tasks (byte ranges
-of a submission file).
+of a submission file or of the annotation table).
 
 Each worker is a fresh interpreter that reads pickled messages on stdin and writes pickled results on
 stdout: it inherits no threads, CUDA state or ``__main__`` of the calling process. A run sends each
@@ -17,12 +17,15 @@ import functools
 import importlib
 import os
 import pickle
+import re
 import resource
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+RANGE_BYTES = 1 << 22  # a worker holds ~5x the byte range it decodes: 4 MiB ranges keep a worker near 80 MiB
 _QUEUED_PER_WORKER = 4  # tasks sent ahead to each worker
 _MAX_TASK_BYTES = 4096  # 4 queued tasks stay far below a pipe's 64 KiB: sending one never blocks
 
@@ -129,6 +132,40 @@ def _collect(pool: list[_Worker], received: int, sent: int) -> None:
         except Exception:  # noqa: BLE001 - the caller already stopped on an error
             pass
     _workers[:] = [worker for worker in _workers if worker.process.poll() is None]
+
+
+def byte_ranges(path: Path, start: int, end: int, boundary: re.Pattern,
+                chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Split bytes [start, end) of a file into ranges of about ``chunk_bytes`` (default
+    :data:`RANGE_BYTES`), in order: each cut is at the first match of ``boundary`` after a multiple of
+    ``chunk_bytes`` (a range ends at the match's empty group ``cut``, the next one starts where the
+    match ends)."""
+    chunk_bytes = chunk_bytes or RANGE_BYTES
+    ranges = []
+    begin = start
+    with open(path, "rb") as handle:
+        while end - begin > 2 * chunk_bytes:
+            target = begin + chunk_bytes
+            found = _first_match(handle, target, end, boundary)
+            if found is None:
+                break
+            ranges.append((begin, target + found.start("cut")))
+            begin = target + found.end()
+    ranges.append((begin, end))
+    return ranges
+
+
+def _first_match(handle: BinaryIO, start: int, end: int, pattern: re.Pattern) -> re.Match | None:
+    """The first match of ``pattern`` in bytes [start, end) of a file (offsets relative to start),
+    reading a window that doubles until a match is found."""
+    window = 1 << 16
+    while True:
+        handle.seek(start)
+        data = handle.read(min(window, end - start))
+        found = pattern.search(data)
+        if found is not None and found.end() < len(data) or start + len(data) >= end:
+            return found  # a match that ends at the window's edge might continue: read more first
+        window *= 2
 
 
 def worker_peak_mib() -> float:
