@@ -178,7 +178,7 @@ def serve() -> None:
     """The worker loop: run tasks from stdin until it closes."""
     messages, results = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a print in a task must not corrupt the result stream
-    function: Callable[[Any], Any] = print
+    function: Callable[[Any], Any] | None = None
     while True:
         try:
             message = pickle.load(messages)
@@ -189,8 +189,15 @@ def serve() -> None:
             function = functools.partial(getattr(importlib.import_module(module), name), shared)
             continue
         try:
-            reply = (True, function(message[1]))
+            reply = pickle.dumps((True, function(message[1]), _peak_mib()), protocol=5)
         except Exception as exc:  # noqa: BLE001 - raised again in the calling process
-            reply = (False, exc)
-        pickle.dump(reply + (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,), results, protocol=5)
+            try:
+                reply = pickle.dumps((False, exc, _peak_mib()), protocol=5)
+            except Exception:  # noqa: BLE001 - an exception that cannot be pickled
+                reply = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"), _peak_mib()), protocol=5)
+        results.write(reply)
         results.flush()
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
