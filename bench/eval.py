@@ -1,14 +1,15 @@
 """Benchmark: the devkit's DetectionEval vs bevperc's fast exact engine, side by side in one run.
 
-    .venv/bin/python bench/eval.py                       # val-sized: 6019 samples, 40 GT + 300 predictions each
-    .venv/bin/python bench/eval.py --samples 600         # a quicker, smaller run
+    .venv/bin/python bench/eval.py --json bench/results/eval.json   # val-sized: 6019 samples, 40 GT + 300 predictions each
+    .venv/bin/python bench/eval.py --samples 1200 --engines fast,fast-cached-gt   # smaller, without the devkit
 
 Setup writes a minimal valid ``v1.0-trainval`` table set (only the tables the devkit's NuScenes class
 loads; the ``val`` scenes; ~40 annotations per sample with tracks, velocities, zero-point boxes,
 bicycle racks, classes at their range limits) and a submission of noisy GT copies + false
 positives (scores quantised so that ties occur, a few NaN velocities). Each engine then runs in its
 own subprocess (so that each peak RSS is its own, read from ``getrusage`` in that process); the
-metrics of the two are compared key by key. Prints a markdown table.
+metrics of the two are compared key by key. Prints markdown tables: the engines, and each stage of
+the fast engine (wall and CPU seconds, from ``EvalResult.timings``); ``--json`` writes all of it.
 """
 
 from __future__ import annotations
@@ -269,28 +270,64 @@ def _pred_box(token: str, name: str, t: np.ndarray, size: np.ndarray, yaw: float
 # --------------------------------------------------------------------------- measurement
 _CHILD = r"""
 import json, resource, sys, time
-engine, results, dataroot, version, split, out = sys.argv[1:7]
+engine, results, dataroot, version, split, out, workers = sys.argv[1:8]
 started = time.perf_counter()
+stages = {}
 if engine == "devkit":
     from bevperc.evaluation.devkit_eval import run_devkit_eval
     summary = run_devkit_eval(results, dataroot, version, split, out, validate=False)
+    worker_peak = 0.0
 else:
     from bevperc.evaluation.fast_eval import FastDetectionEval, to_jsonable, write_metrics
+    from bevperc.evaluation.timing import StageTimer
+    from bevperc.evaluation.workers import shutdown_workers, worker_peak_mib
+    stages["startup"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time(), "task_cpu_s": 0.0}
     cache = out + "_gt_cache" if engine == "fast-cached-gt" else None
-    result = FastDetectionEval(dataroot, version, split, cache_dir=cache).evaluate_file(results)
-    write_metrics(result, out)
+    evaluator = FastDetectionEval(dataroot, version, split, cache_dir=cache, workers=int(workers) or None)
+    result = evaluator.evaluate_file(results)
+    timer = StageTimer()
+    with timer.stage("write"):
+        write_metrics(result, out)
+    stages |= evaluator.load_timings | result.timings | timer.as_dict()
     summary = to_jsonable(result.summary)
+    worker_peak = worker_peak_mib()
+    shutdown_workers()  # so that RUSAGE_CHILDREN includes their CPU time
 seconds = time.perf_counter() - started
-usage = resource.getrusage(resource.RUSAGE_SELF)
-peak_mib = usage.ru_maxrss / 1024
-cpu_seconds = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other jobs on the machine
+usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage)  # all processes; less sensitive than wall time to load
+peak_mib = usage[0].ru_maxrss / 1024 + worker_peak  # main + each worker's own peak: an upper bound
 print("BENCH_RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_mib,
-                                    "summary": summary}))
+                                    "worker_peak_mib": worker_peak, "stages": stages, "summary": summary}))
 """
 
+# Stage names of the fast engine (bevperc.evaluation.timing.StageTimer keys) -> what the bench prints.
+STAGE_LABELS = {
+    "startup": "startup: imports",
+    "gt_cache": "GT: load the .npz cache",
+    "gt_samples": "GT: sample + scene tables",
+    "gt_ego": "GT: ego poses (sample_data, ego_pose)",
+    "gt_annotation_ranges": "GT: sample_annotation decode + columns, per range",
+    "gt_annotations": "GT: sample_annotation -> boxes, velocities (total)",
+    "gt_filter": "GT: filter + split by class",
+    "sub_plan": "submission: layout + byte ranges",
+    "sub_decode": "submission: read + decode (msgspec), per range",
+    "sub_validate": "submission: columns + validation, per range",
+    "pred_filter": "predictions: filter + split by class, per range",
+    "sub_chunks": "submission: all ranges (workers)",
+    "submission": "submission: total",
+    "pred_gather": "predictions: gather each class",
+    "sort": "sort by score",
+    "match": "match",
+    "accumulate": "accumulate (curves, TP errors)",
+    "summarize": "metrics summary",
+    "write": "write metrics JSON",
+}
 
-def run_engine(engine: str, results: Path, dataroot: Path, version: str, split: str, out: Path) -> dict:
-    """Run one engine in a fresh subprocess (honest peak RSS); returns seconds, peak_mib, summary.
+
+def run_engine(engine: str, results: Path, dataroot: Path, version: str, split: str, out: Path,
+               workers: int = 0) -> dict:
+    """Run one engine in a fresh subprocess (honest peak RSS); returns seconds, cpu_seconds, peak_mib,
+    stages and summary. ``workers``: the fast engine's worker processes (0: its default).
 
     ``fast-cached-gt``: the GT .npz cache is built first (not timed), as after the first epoch of training.
     """
@@ -299,8 +336,8 @@ def run_engine(engine: str, results: Path, dataroot: Path, version: str, split: 
         subprocess.run([sys.executable, "-c", "import sys; from bevperc.evaluation.fast_eval import load_ground_truth; "
                         "load_ground_truth(*sys.argv[1:4], cache_dir=sys.argv[4])", str(dataroot), version, split,
                         str(out) + "_gt_cache"], check=True, env=env)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, engine, str(results), str(dataroot), version, split, str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, engine, str(results), str(dataroot), version, split, str(out),
+                           str(workers)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} engine failed:\n{proc.stderr[-4000:]}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")][-1]
@@ -323,13 +360,37 @@ def compare_summaries(a: dict, b: dict, path: str = "") -> float:
     return worst
 
 
+def stage_table(runs: dict[str, dict]) -> list[str]:
+    """Markdown rows: each stage of the fast engines, wall time in the main process and CPU time
+    (main process + tasks; a per-range stage runs in the workers and has CPU time only)."""
+    fast = {engine: run for engine, run in runs.items() if run.get("stages")}
+    names = list(dict.fromkeys(name for run in fast.values() for name in run["stages"]))
+    rows = ["| stage | " + " | ".join(f"{e}: wall (s) | {e}: CPU (s)" for e in fast) + " |",
+            "|---|" + "---|---|" * len(fast)]
+    for name in names:
+        cells = []
+        for run in fast.values():
+            stage = run["stages"].get(name)
+            if stage is None:
+                cells += ["", ""]
+                continue
+            wall = f"{stage['wall_s']:.2f}" if stage["wall_s"] > 0 else "-"
+            cells += [wall, f"{stage['cpu_s'] + stage['task_cpu_s']:.2f}"]
+        rows.append(f"| {STAGE_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=6019, help="samples in the split (val has 6019)")
     parser.add_argument("--gt-per-sample", type=int, default=40)
     parser.add_argument("--preds-per-sample", type=int, default=300)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
-    parser.add_argument("--engines", default="devkit,fast,fast-cached-gt")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the generated data here (reused by later runs with the same workdir)")
+    parser.add_argument("--engines", default="devkit,fast,fast-cached-gt",
+                        help="comma-separated: devkit, fast (reads the GT tables), fast-cached-gt")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes of the fast engine (0: default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs (stages included) here")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bevperc_bench_eval_"))
     dataroot = workdir / "nuscenes"
@@ -346,12 +407,14 @@ def main() -> None:
               f"in {time.perf_counter() - started:.0f} s ({workdir})", file=sys.stderr)
     runs = {}
     for engine in args.engines.split(","):
-        runs[engine] = run_engine(engine, results, dataroot, version, split, workdir / f"out_{engine}")
+        runs[engine] = run_engine(engine, results, dataroot, version, split, workdir / f"out_{engine}", args.workers)
         print(f"{engine}: {runs[engine]['seconds']:.1f} s, peak {runs[engine]['peak_mib']:.0f} MiB", file=sys.stderr)
     n_gt = open(dataroot / version / "sample_annotation.json").read().count('"instance_token"')
     n_samples = open(dataroot / version / "sample.json").read().count('"scene_token"')
-    print(f"\nSynthetic {version}/{split}: {n_samples} samples, {n_gt} annotations, "
-          f"{args.preds_per_sample} predictions per sample; on this 2-core CPU, each engine in its own process.\n")
+    setting = (f"Synthetic {version}/{split}: {n_samples} samples, {n_gt} annotations, {args.preds_per_sample} "
+               f"predictions per sample ({results.stat().st_size / 2**20:.0f} MiB); {os.cpu_count()} CPUs, each "
+               "engine in its own process.")
+    print(f"\n{setting}\n")
     ref = runs.get("devkit")
     print("| engine | wall (s) | CPU (s) | peak RSS (MiB) | speed-up wall / CPU | memory vs devkit | mAP | NDS | "
           "max metric diff vs devkit |")
@@ -360,10 +423,19 @@ def main() -> None:
         ratio = (f"{ref['seconds'] / run['seconds']:.1f}x / {ref['cpu_seconds'] / run['cpu_seconds']:.1f}x"
                  if ref else "-")
         memory = f"{run['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
-        diff = f"{compare_summaries(ref['summary'], run['summary']):.1e}" if ref else "-"
+        diff = compare_summaries(ref["summary"], run["summary"]) if ref else None
+        run["max_metric_diff_vs_devkit"] = diff
         print(f"| {engine} | {run['seconds']:.1f} | {run['cpu_seconds']:.1f} | {run['peak_mib']:.0f} | {ratio} | "
-              f"{memory} | {run['summary']['mean_ap']:.6f} | {run['summary']['nd_score']:.6f} | {diff} |")
-    print(f"\nload average during the run (1/5/15 min): {os.getloadavg()}")
+              f"{memory} | {run['summary']['mean_ap']:.6f} | {run['summary']['nd_score']:.6f} | "
+              f"{'-' if diff is None else f'{diff:.1e}'} |")
+    print("\nStages of the fast engine (wall: main process; CPU: main process + worker tasks):\n")
+    print("\n".join(stage_table(runs)))
+    load = os.getloadavg()
+    print(f"\nload average during the run (1/5/15 min): {load}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"setting": setting, "command": " ".join(sys.argv), "load_average": load,
+                                         "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

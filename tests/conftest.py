@@ -6,8 +6,10 @@ that modify data copy what they need into their own tmp_path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -47,6 +49,15 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
     close_logger()
+
+
+@pytest.fixture(scope="session")
+def eval_bench() -> ModuleType:
+    """``bench/eval.py`` as a module: its synthetic nuScenes tables and submissions for evaluation tests."""
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO_ROOT / "bench" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -371,9 +371,12 @@ KINDS = [
     Kind("NaN box translation", "eval", "error naming sample, box and field",
          lambda w, t: _eval(w, t, _submission(w, t, _first_box("translation", [math.nan, 0.0, 0.0]))),
          r"results\['\w+'\]\[0\]: field 'translation' must be finite"),
-    Kind("quaternion norm overflowing", "eval", "error naming sample, box and field",
-         lambda w, t: _eval(w, t, _submission(w, t, _first_box("rotation", lambda q: [v * 1e160 for v in q]))),
-         r"\[0\]: field 'rotation' must be a quaternion .* finite, non-zero norm"),
+    # A quaternion whose squared norm overflows (scaled by 1e160) is no longer a bad input: the devkit
+    # accepts it and its normalisation gives yaw 0, and the fast engine scores it the same (#17;
+    # tests/test_eval_values.py). The kind kept here is the other end: a squared norm that underflows to 0.
+    Kind("quaternion norm underflowing to 0", "eval", "error naming sample, box and field",
+         lambda w, t: _eval(w, t, _submission(w, t, _first_box("rotation", lambda q: [v * 1e-170 for v in q]))),
+         r"\[0\]: field 'rotation' must be a quaternion \(w, x, y, z\) with non-zero norm"),
     Kind("num_pts beyond 64 bits", "eval", "error naming sample, box and field",
          lambda w, t: _eval(w, t, _submission(w, t, _first_box("num_pts", 10 ** 20))),
          r"\[0\]: optional field 'num_pts' must be an integer in \[-2\*\*63, 2\*\*63\)"),

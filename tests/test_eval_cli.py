@@ -25,16 +25,9 @@ from bevperc.evaluation.submission import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    bench = _bench_module()
+def mini(tmp_path_factory, eval_bench):
+    bench = eval_bench
     root = tmp_path_factory.mktemp("nuscenes")
     tokens = bench.write_synthetic_nuscenes(root, "v1.0-mini", "mini_val", samples_per_scene=10, gt_per_sample=20,
                                             seed=7)

@@ -7,7 +7,8 @@ Each case writes a submission file and scores it with both engines through
 * a finite velocity equal to the streaming reader's NaN stand-in (-1.2345678901234567e+308) is a
   number, not NaN;
 * quaternions scaled by 1e-160 (their squared norm is subnormal) give the yaw of the unit quaternion;
-  scaled by 1e160 (squared norm overflows: the devkit's normalisation fails) they are a clear error;
+  scaled by 1e160 (squared norm overflows) they are scored as the devkit scores them: pyquaternion
+  divides by the infinite norm, so the quaternion becomes 0 and its yaw 0;
 * ``num_pts`` beyond 64 bits is a submission error, not an ``OverflowError``.
 """
 
@@ -100,14 +101,23 @@ def test_tiny_quaternions_give_the_unit_quaternion_yaw(world, tmp_path):
                                                                       abs=1e-12)
 
 
-def test_quaternions_whose_norm_overflows_are_a_clear_error(world, tmp_path):
+def test_quaternions_whose_norm_overflows_have_yaw_0_as_in_the_devkit(world, tmp_path):
+    """#16 item 10 made these a submission error; #17 scores them as the devkit does, and the merge keeps
+    #17: the devkit itself accepts them (no check on the norm) and its normalisation (pyquaternion:
+    q / sqrt(q . q) = q / inf = 0) gives yaw 0, so rejecting them would disagree with the reference."""
+    from nuscenes.eval.common.utils import quaternion_yaw
+    from pyquaternion import Quaternion
+
     huge = _with_boxes(world[2], lambda box: box.__setitem__("rotation", [v * 1e160 for v in box["rotation"]]))
-    path = tmp_path / "huge.json"
-    path.write_text(json.dumps(huge))
+    assert all(quaternion_yaw(Quaternion(box["rotation"])) == 0.0 for boxes in huge["results"].values()
+               for box in boxes)
+    scores = _scores(world, huge, tmp_path, "huge")
+    _assert_same_metrics(scores["fast"], scores["devkit"])
+    yaw_0 = _with_boxes(world[2], lambda box: box.__setitem__("rotation", [1.0, 0.0, 0.0, 0.0]))
+    unit = _scores(world, yaw_0, tmp_path, "yaw_0")
     for engine in ("fast", "devkit"):
-        with pytest.raises(SubmissionError, match=r"field 'rotation' must be a quaternion .* finite, non-zero norm"):
-            evaluate_submission(path, world[0], "v1.0-mini", "mini_val", out_dir=tmp_path / engine, engine=engine)
-    assert not (tmp_path / "fast" / "metrics_summary.json").exists()
+        assert scores[engine]["tp_errors"]["orient_err"] == pytest.approx(unit[engine]["tp_errors"]["orient_err"],
+                                                                          abs=1e-12)
 
 
 @pytest.mark.parametrize("value", [10 ** 20, -(10 ** 19), 2 ** 63])

@@ -7,11 +7,10 @@ filter comparison with the real ``NuScenes`` class and ``filter_eval_boxes``, an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,15 +41,7 @@ from nuscenes.eval.detection.data_classes import DetectionBox
 from nuscenes.eval.detection.evaluate import DetectionEval
 
 ATOL = 1e-9
-REPO = Path(__file__).resolve().parents[1]
 CURVE_FIELDS = ("recall", "precision", "confidence", "trans_err", "vel_err", "scale_err", "orient_err", "attr_err")
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_close(a, b, where: str = "") -> None:
@@ -261,9 +252,9 @@ def test_no_predictions_at_all():
 
 # --------------------------------------------------------------------------- with real tables
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
+def mini_root(tmp_path_factory, eval_bench):
     """A generated v1.0-mini root (mini_val: 2 scenes x 20 samples) and a submission for it."""
-    bench = _bench_module()
+    bench = eval_bench
     root = tmp_path_factory.mktemp("nuscenes")
     tokens = bench.write_synthetic_nuscenes(root, "v1.0-mini", "mini_val", samples_per_scene=20, gt_per_sample=30,
                                             seed=3)
@@ -397,13 +388,31 @@ def test_split_version_mismatch_is_a_clear_error(mini_root):
         load_ground_truth(mini_root[0], "v1.0-mini", "val")
 
 
+class _TableRecord(msgspec.Struct):
+    token: str
+    translation: tuple[float, float, float]
+    attribute_tokens: list[str]
+
+
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 24])
-def test_iter_table_yields_the_records_of_json_load(tmp_path, chunk_bytes):
-    records = [{"token": f"t{i}", "translation": [i, 0.5, -1.0], "name": "a},b" if i == 7 else "x",
-                "attribute_tokens": [] if i % 2 else ["q"]} for i in range(40)]
+def test_table_batches_yield_the_records_of_json_load(tmp_path, chunk_bytes):
+    """msgspec chunks, and the json module from the first chunk msgspec cannot take: a string holding
+    the '},' the chunks are cut at, or a NaN literal (which the json module reads)."""
+    records = [{"token": f"t{i}", "translation": [i, 0.5, math.nan if i == 30 else -1.0],
+                "name": "a},b" if i == 7 else "x", "attribute_tokens": [] if i % 2 else ["q"]} for i in range(40)]
+    expected = [(r["token"], tuple(r["translation"]), r["attribute_tokens"]) for r in records]
     for indent in (None, 2):
         path = tmp_path / f"table_{indent}.json"
         path.write_text(json.dumps(records, indent=indent))
-        assert list(fast_eval.iter_table(path, chunk_bytes=chunk_bytes)) == records
+        got = [(r.token, r.translation, r.attribute_tokens)
+               for batch in fast_eval.table_batches(path, _TableRecord, chunk_bytes=chunk_bytes) for r in batch]
+        assert len(got) == len(expected)
+        for (token, translation, attributes), (token_e, translation_e, attributes_e) in zip(got, expected):
+            assert (token, attributes) == (token_e, attributes_e)
+            np.testing.assert_array_equal(translation, translation_e)  # NaN == NaN here
     (tmp_path / "empty.json").write_text("[]")
-    assert list(fast_eval.iter_table(tmp_path / "empty.json", chunk_bytes=chunk_bytes)) == []
+    assert [r for b in fast_eval.table_batches(tmp_path / "empty.json", _TableRecord, chunk_bytes=chunk_bytes)
+            for r in b] == []
+    (tmp_path / "bad.json").write_text(json.dumps([{"token": "a", "translation": [1, 2], "attribute_tokens": []}]))
+    with pytest.raises(ValueError, match=r"bad.json: .*not as in the nuScenes schema"):
+        [r for b in fast_eval.table_batches(tmp_path / "bad.json", _TableRecord, chunk_bytes=chunk_bytes) for r in b]

@@ -52,12 +52,14 @@ def evaluate_submission(submission: dict | str | Path, dataroot: str | Path, ver
     (a dict submission is first written to ``out_dir/results_<split>.json``).
     """
     if engine == "fast":
-        from bevperc.evaluation.fast_eval import _table_fingerprint
+        from bevperc.evaluation.ground_truth import table_fingerprint
 
-        key = (str(Path(dataroot).resolve()), version, split, _table_fingerprint(Path(dataroot) / version))
+        key = (str(Path(dataroot).resolve()), version, split, table_fingerprint(Path(dataroot) / version))
         evaluator = _EVALUATORS.get(key)
         if evaluator is None:
-            evaluator = _EVALUATORS[key] = FastDetectionEval(dataroot, version, split)
+            # a dict needs no worker processes (they decode files); a cached evaluator keeps its choice
+            workers = 1 if isinstance(submission, dict) else None
+            evaluator = _EVALUATORS[key] = FastDetectionEval(dataroot, version, split, workers=workers)
         if isinstance(submission, dict):
             result = evaluator.evaluate_dict(submission, allow_empty_attribute)
         else:

@@ -7,7 +7,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from bevperc.evaluation.fast_eval import _check_split, to_jsonable
+from bevperc.evaluation.fast_eval import to_jsonable
+from bevperc.evaluation.ground_truth import _check_split
 from bevperc.evaluation.submission import read_submission
 from bevperc.utils.io import atomic_write_json
 

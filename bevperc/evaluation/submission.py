@@ -1,4 +1,4 @@
-"""nuScenes detection submissions: streaming reader and strict validation.
+"""nuScenes detection submissions: strict validation, and the reader for files and dicts.
 
 A submission is the devkit's JSON format::
 
@@ -16,15 +16,22 @@ failure names the sample token, the box index, the field, what was found and wha
 * at most ``max_boxes_per_sample`` (500) boxes per sample;
 * each box has every field; its ``sample_token`` equals the sample it is listed under;
 * ``translation`` 3 finite numbers, ``size`` 3 finite numbers > 0, ``rotation`` 4 finite numbers
-  with a finite, non-zero norm (a quaternion; normalised by the devkit, which fails when the squared
-  norm overflows), ``velocity`` 2 numbers (finite or NaN: the devkit allows NaN velocities);
+  with a non-zero norm (a quaternion; normalised by the devkit, which accepts any size: one whose
+  squared norm overflows becomes 0 there and has yaw 0, in the fast engine too), ``velocity`` 2 numbers
+  (finite or NaN: the devkit allows NaN velocities);
 * ``detection_name`` one of the 10 detection classes; ``detection_score`` a finite number in [0, 1];
 * ``attribute_name`` one of the attributes of that class (``""`` for barrier and traffic_cone; ``""``
   for other classes only with ``allow_empty_attribute=True``);
-* optional devkit fields ``num_pts`` (a 64-bit int) and ``ego_translation`` (3 finite numbers) are checked too.
+* optional devkit fields ``num_pts`` (an integer in [-2**63, 2**63): a 64-bit int) and
+  ``ego_translation`` (3 finite numbers) are checked too.
 
-The reader streams the file (one sample's list of boxes decoded at a time) and turns the boxes into
-columns (:class:`PredictionBoxes`), so a 1.8-million-box file never exists as 1.8 million Python dicts.
+:func:`read_submission` turns the boxes into columns (:class:`PredictionBoxes`), so a
+1.8-million-box file never exists as 1.8 million Python dicts: the fast path
+(:mod:`bevperc.evaluation.submission_chunks`) decodes byte ranges of the file with msgspec in worker
+processes; files it does not take (other layouts, invalid JSON) are streamed here with the json module,
+one sample's list of boxes at a time. Both validate a batch of boxes with array operations and, when a
+batch is invalid, check its samples one by one in file order, so the error names the first bad sample,
+box and field either way.
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -69,13 +76,14 @@ BOX_FIELDS: tuple[str, ...] = (
     "detection_name", "detection_score", "attribute_name",
 )
 MAX_BOXES_PER_SAMPLE = 500
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 NAME_INDEX = {name: i for i, name in enumerate(DETECTION_NAMES)}
 ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTE_NAMES)}
 ATTRIBUTE_INDEX[""] = -1
 
 
-def _attribute_table(allow_empty_attribute: bool) -> np.ndarray:
+def attribute_table(allow_empty_attribute: bool) -> np.ndarray:
     """bool [n_classes, n_attributes + 1]: column a+1 says whether attribute index a (-1 = "") is valid."""
     table = np.zeros((len(DETECTION_NAMES), len(ATTRIBUTE_NAMES) + 1), dtype=bool)
     for c, name in enumerate(DETECTION_NAMES):
@@ -86,8 +94,8 @@ def _attribute_table(allow_empty_attribute: bool) -> np.ndarray:
     return table
 
 
-_COLUMN_NAMES = ("sample_index", "translation", "size", "rotation", "velocity",
-                 "class_index", "attribute_index", "score", "num_pts")
+COLUMN_NAMES = ("sample_index", "translation", "size", "rotation", "velocity",
+                "class_index", "attribute_index", "score", "num_pts")
 
 
 class SubmissionError(ValueError):
@@ -96,8 +104,6 @@ class SubmissionError(ValueError):
 
 # --------------------------------------------------------------------------- streaming JSON
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-_EMPTY_LIST = re.compile(r"\[[ \t\n\r]*\]")
-_LIST_END = re.compile(r"\}[ \t\n\r]*\]")
 
 
 class JsonStream:
@@ -169,9 +175,9 @@ class JsonStream:
             self._fill(want)
             try:
                 value, end = self._decoder.raw_decode(self._buf, self._pos)
-            except json.JSONDecodeError as exc:
+            except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
                 if self._eof:
-                    raise self.error(f"invalid JSON: {exc.msg}") from None
+                    raise self.error(f"invalid JSON: {getattr(exc, 'msg', exc)}") from None
                 want = 2 * max(want, len(self._buf) - self._pos)
                 continue
             if end == len(self._buf) and not self._eof:  # a number may continue in the next chunk
@@ -179,33 +185,6 @@ class JsonStream:
                 continue
             self._pos = end
             return value
-
-    def raw_list(self) -> tuple[int, str] | None:
-        """(start, text) of the list of objects starting here, found by its closing ``}]`` (or ``[]``),
-        without decoding it; None if the next value is not such a list. The caller decodes the text and
-        may :meth:`rewind` to ``start`` to decode it with :meth:`value` instead."""
-        if self.peek() != "[":
-            return None
-        start = self._pos
-        want = 1 << 20
-        while True:
-            self._fill(want)
-            start = self._pos  # _fill may move the buffer
-            empty = _EMPTY_LIST.match(self._buf, start)
-            end = empty.end() if empty else None
-            if end is None:
-                found = _LIST_END.search(self._buf, start)
-                end = found.end() if found else None
-            if end is not None:
-                self._pos = end
-                return start, self._buf[start:end]
-            if self._eof:
-                return None
-            want = 2 * max(want, len(self._buf) - self._pos)
-
-    def rewind(self, start: int) -> None:
-        """Go back to a position returned by :meth:`raw_list` (before any other call)."""
-        self._pos = start
 
     def object_items(self) -> Iterator[str]:
         """Iterate the keys of the JSON object starting here; the caller consumes each value."""
@@ -253,71 +232,6 @@ def iter_json_array(path: str | Path) -> Iterator[dict]:
             raise stream.error("unexpected data after the top-level array")
 
 
-# --------------------------------------------------------------------------- optional msgspec decoding
-# msgspec (optional) decodes a sample's boxes ~5x faster than the json module, into typed structs.
-# It rejects the non-standard NaN literal that Python writes for NaN velocities, so NaN is swapped for a
-# sentinel number first and swapped back in the velocity column (anywhere else it is an error).
-_NAN_SENTINEL_TEXT = "-1.2345678901234567e+308"
-_NAN_SENTINEL = float(_NAN_SENTINEL_TEXT)
-
-
-def _make_box_decoder() -> Any:
-    try:
-        import msgspec
-    except ImportError:
-        return None
-
-    class _Box(msgspec.Struct, gc=False):
-        sample_token: str
-        translation: tuple[float, float, float]
-        size: tuple[float, float, float]
-        rotation: tuple[float, float, float, float]
-        velocity: tuple[float, float]
-        detection_name: str
-        detection_score: float
-        attribute_name: str
-        num_pts: int = -1
-        ego_translation: Optional[tuple[float, float, float]] = None
-
-    decoder = msgspec.json.Decoder(list[_Box])
-
-    def decode(text: str) -> list | None:
-        """The boxes of one sample as structs, or None (then the json module decodes it).
-
-        NaN is swapped for the sentinel and swapped back in the velocities; the sample goes to the
-        json module unless every sentinel found is one of the swapped NaNs in a velocity (a number
-        that happens to equal the sentinel, or "NaN" inside a string or another field)."""
-        nans = text.count("NaN")
-        if nans:
-            text = text.replace("NaN", _NAN_SENTINEL_TEXT)
-        try:
-            boxes = decoder.decode(text)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        if nans and not _restore_nan_velocities(boxes, nans):
-            return None
-        return boxes
-
-    return decode
-
-
-def _restore_nan_velocities(boxes: list, nans: int) -> bool:
-    """Turn the sentinel back into NaN in the velocities of msgspec boxes; False (boxes unusable) unless
-    exactly ``nans`` sentinels were found, all in velocities."""
-    found = 0
-    for box in boxes:
-        values = (*box.translation, *box.size, *box.rotation, box.detection_score, *(box.ego_translation or ()))
-        if _NAN_SENTINEL in values:
-            return False
-        if _NAN_SENTINEL in box.velocity:
-            found += box.velocity.count(_NAN_SENTINEL)
-            box.velocity = tuple(math.nan if v == _NAN_SENTINEL else v for v in box.velocity)
-    return found == nans
-
-
-_decode_boxes = _make_box_decoder()
-
-
 # --------------------------------------------------------------------------- columns
 @dataclass
 class PredictionBoxes:
@@ -331,7 +245,7 @@ class PredictionBoxes:
     sample_index: np.ndarray  # int64 [N]
     translation: np.ndarray  # float64 [N, 3] global frame, box centre
     size: np.ndarray  # float64 [N, 3] w, l, h
-    rotation: np.ndarray  # float64 [N, 4] quaternion w, x, y, z, scaled by a power of two (largest in [0.5, 1))
+    rotation: np.ndarray  # float64 [N, 4] quaternion w, x, y, z
     velocity: np.ndarray  # float64 [N, 2] vx, vy (may be NaN)
     class_index: np.ndarray  # int64 [N] index into DETECTION_NAMES (devkit order)
     attribute_index: np.ndarray  # int64 [N] index into ATTRIBUTE_NAMES, -1 for ""
@@ -344,10 +258,9 @@ class PredictionBoxes:
 
     @staticmethod
     def concatenate(sample_tokens: list[str], parts: Sequence[dict[str, np.ndarray]], meta: dict) -> "PredictionBoxes":
-        names = _COLUMN_NAMES
         shapes = {"translation": (0, 3), "size": (0, 3), "rotation": (0, 4), "velocity": (0, 2)}
         columns = {}
-        for name in names:
+        for name in COLUMN_NAMES:
             if parts:
                 columns[name] = np.concatenate([p[name] for p in parts])
             else:
@@ -361,23 +274,25 @@ def _is_number(x: Any) -> bool:
 
 
 def _is_int64(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and -2 ** 63 <= x < 2 ** 63
+    """An int (not a bool) that fits in 64 bits, as the devkit's ``num_pts`` column needs."""
+    return isinstance(x, int) and not isinstance(x, bool) and INT64_MIN <= x <= INT64_MAX
 
 
-def _int64_column(values: list) -> np.ndarray | None:
-    """int64 [n] of ``values``, or None if one is outside the int64 range."""
-    if not all(-2 ** 63 <= v < 2 ** 63 for v in values):
-        return None
-    return np.array(values, dtype=np.int64)
+def _isfinite(x: int | float) -> bool:
+    """math.isfinite, with integers too large for a float counted as not finite."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _check_vector(where: str, name: str, value: Any, length: int, *, finite: bool = True,
                   positive: bool = False) -> None:
     if not isinstance(value, (list, tuple)) or len(value) != length or not all(_is_number(v) for v in value):
         raise SubmissionError(f"{where}: field {name!r} must be a list of {length} numbers, got {value!r}")
-    if finite and not all(math.isfinite(v) for v in value):
+    if finite and not all(_isfinite(v) for v in value):
         raise SubmissionError(f"{where}: field {name!r} must be finite, got {value!r}")
-    if not finite and any(math.isinf(v) for v in value):
+    if not finite and not all(_isfinite(v) or (isinstance(v, float) and math.isnan(v)) for v in value):
         raise SubmissionError(f"{where}: field {name!r} must be finite or NaN, got {value!r}")
     if positive and not all(v > 0 for v in value):
         raise SubmissionError(f"{where}: field {name!r} must be > 0 (w, l, h in metres), got {value!r}")
@@ -397,16 +312,15 @@ def check_box(sample_token: str, index: int, box: Any, allow_empty_attribute: bo
     _check_vector(where, "translation", box["translation"], 3)
     _check_vector(where, "size", box["size"], 3, positive=True)
     _check_vector(where, "rotation", box["rotation"], 4)
-    norm2 = math.fsum(v * v for v in box["rotation"])
-    if not 0.0 < norm2 < math.inf:
-        raise SubmissionError(f"{where}: field 'rotation' must be a quaternion (w, x, y, z) with a finite, non-zero "
-                              f"norm (the devkit normalises it), got {box['rotation']!r}")
+    if not any(v * v > 0.0 for v in box["rotation"]):  # the sum of squares is 0 (also after underflow)
+        raise SubmissionError(f"{where}: field 'rotation' must be a quaternion (w, x, y, z) with non-zero norm, "
+                              f"got {box['rotation']!r}")
     _check_vector(where, "velocity", box["velocity"], 2, finite=False)
     name = box["detection_name"]
     if not isinstance(name, str) or name not in NAME_INDEX:
         raise SubmissionError(f"{where}: field 'detection_name' is {name!r}; expected one of {list(DETECTION_NAMES)}")
     score = box["detection_score"]
-    if not _is_number(score) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+    if not _is_number(score) or not _isfinite(score) or not 0.0 <= score <= 1.0:
         raise SubmissionError(f"{where}: field 'detection_score' must be a number in [0, 1], got {score!r}")
     attr = box["attribute_name"]
     valid = list(CLASS_ATTRIBUTES[name])
@@ -423,10 +337,15 @@ def check_box(sample_token: str, index: int, box: Any, allow_empty_attribute: bo
 
 
 def _numeric(values: list, width: int) -> np.ndarray | None:
-    """float64 [n, width] from nested lists, or None if they are not all lists of ``width`` numbers."""
+    """float64 [n, width] from nested lists, or None if they are not all lists of ``width`` numbers
+    (within float range)."""
     try:
         array = np.array(values)
-    except (ValueError, TypeError):
+        if array.dtype == object and array.shape == (len(values), width):  # integers beyond int64
+            if not all(_is_number(v) for row in values for v in row):
+                return None
+            array = np.array(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
         return None
     if array.dtype.kind not in "fi" or array.shape != (len(values), width):
         return None
@@ -453,119 +372,82 @@ def _dict_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | No
         if max(map(len, boxes)) > len(BOX_FIELDS):  # optional devkit fields: num_pts, ego_translation
             for i, b in enumerate(boxes):
                 if "num_pts" in b:
-                    if not _is_int64(b["num_pts"]):
+                    value = b["num_pts"]
+                    if not _is_int64(value):
                         return None
-                    fields["num_pts"][i] = b["num_pts"]
+                    fields["num_pts"][i] = value
                 if "ego_translation" in b:
                     ego = _numeric([b["ego_translation"]], 3)
                     if ego is None or not np.isfinite(ego).all():
                         return None
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, OverflowError):
         return None
     return fields
 
 
-def _struct_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | None:
-    """Raw columns of msgspec-decoded boxes (types and lengths already checked by msgspec)."""
-    if [b.sample_token for b in boxes] != expected_tokens:
-        return None
-    if any(b.ego_translation is not None and not all(map(math.isfinite, b.ego_translation)) for b in boxes):
-        return None
-    n = len(boxes)
-
-    def floats(values: list, width: int) -> np.ndarray:
-        return np.fromiter(chain.from_iterable(values), dtype=np.float64, count=n * width).reshape(n, width)
-
-    fields = dict(translation=floats([b.translation for b in boxes], 3),
-                  size=floats([b.size for b in boxes], 3),
-                  rotation=floats([b.rotation for b in boxes], 4),
-                  velocity=floats([b.velocity for b in boxes], 2),
-                  score=np.fromiter([b.detection_score for b in boxes], dtype=np.float64, count=n),
-                  class_index=np.array([NAME_INDEX.get(b.detection_name, -1) for b in boxes], dtype=np.int64),
-                  attribute_index=np.array([ATTRIBUTE_INDEX.get(b.attribute_name, -2) for b in boxes], dtype=np.int64),
-                  num_pts=_int64_column([b.num_pts for b in boxes]))
-    if fields["num_pts"] is None:
-        return None
-    return fields
-
-
-def sample_columns(samples: Sequence[tuple[int, str, Any]], max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
-                   allow_empty_attribute: bool = False, attribute_table: np.ndarray | None = None,
-                   raw_json: Sequence[str] | None = None, _structs: bool = False) -> dict[str, np.ndarray]:
-    """Validate the boxes of several samples and return them as columns.
-
-    ``samples``: (sample_index, sample_token, boxes) triples; boxes are JSON dicts, or msgspec structs
-    when ``raw_json`` (each sample's JSON text) is given. The common case (valid) is checked with
-    array operations; on any failure each box is checked one by one to name the culprit.
-    """
-    if attribute_table is None:
-        attribute_table = _attribute_table(allow_empty_attribute)
-    boxes: list = []
-    counts: list[int] = []
-    expected_tokens: list[str] = []
-    for _, token, sample_boxes in samples:
-        if not isinstance(sample_boxes, list):
-            raise SubmissionError(f"results[{token!r}]: must be a list of boxes, got {type(sample_boxes).__name__}")
-        if len(sample_boxes) > max_boxes_per_sample:
-            raise SubmissionError(f"results[{token!r}]: {len(sample_boxes)} boxes; at most {max_boxes_per_sample} "
-                                  "boxes per sample are allowed")
-        boxes.extend(sample_boxes)
-        counts.append(len(sample_boxes))
-        expected_tokens.extend([token] * len(sample_boxes))
-
-    def diagnose() -> SubmissionError:
-        for k, (_, token, sample_boxes) in enumerate(samples):
-            if raw_json is not None:
-                sample_boxes = json.loads(raw_json[k])
-            for i, box in enumerate(sample_boxes):
-                check_box(token, i, box, allow_empty_attribute)
-        return SubmissionError("invalid boxes in samples " + str([t for _, t, _ in samples][:5]))
-
-    if raw_json is not None:
-        try:
-            return sample_columns(samples, max_boxes_per_sample, allow_empty_attribute, attribute_table,
-                                  raw_json=None, _structs=True)
-        except SubmissionError:
-            # Redo the batch with the json module: it names the invalid box, or (for a string that
-            # held "NaN") finds none and converts the batch exactly.
-            decoded = [(s, t, json.loads(raw)) for (s, t, _), raw in zip(samples, raw_json)]
-            return sample_columns(decoded, max_boxes_per_sample, allow_empty_attribute, attribute_table)
-
-    n = len(boxes)
-    sample_index = np.repeat(np.array([s for s, _, _ in samples], dtype=np.int64), counts)
-    if n == 0:
-        empty = PredictionBoxes.concatenate([], [], {})
-        return {name: getattr(empty, name) for name in _COLUMN_NAMES}
-    columns = (_struct_fields if _structs else _dict_fields)(boxes, expected_tokens)
+def columns_valid(columns: dict[str, Any] | None, n: int, attributes: np.ndarray) -> bool:
+    """Whether raw columns of n boxes (from :func:`_dict_fields` or the msgspec path) pass every check
+    of :func:`check_box` that their types have not already passed; ``attributes``: :func:`attribute_table`."""
     if columns is None or any(columns[k] is None for k in ("translation", "size", "rotation", "velocity")):
-        raise diagnose()
+        return False
     score = columns["score"]
     if score.dtype.kind not in "fi" or score.shape != (n,):
-        raise diagnose()
+        return False
     columns["score"] = score = score.astype(np.float64, copy=False)
     translation, size, rotation, velocity = (columns[k] for k in ("translation", "size", "rotation", "velocity"))
     class_index, attribute_index = columns["class_index"], columns["attribute_index"]
     with np.errstate(invalid="ignore", over="ignore"):
-        norm2 = (rotation * rotation).sum(1)
         ok = (np.isfinite(translation).all()
               and np.isfinite(size).all() and (size > 0).all()
-              and np.isfinite(rotation).all() and ((norm2 > 0) & (norm2 < np.inf)).all()
+              and np.isfinite(rotation).all() and ((rotation * rotation).sum(1) > 0).all()
               and not np.isinf(velocity).any()
               and np.isfinite(score).all() and ((score >= 0) & (score <= 1)).all()
               and (class_index >= 0).all() and (attribute_index >= -1).all())
-    if not ok or not attribute_table[class_index, attribute_index + 1].all():
-        raise diagnose()
-    columns["rotation"] = _power_of_two_scaled(rotation)
-    columns["sample_index"] = sample_index
+    return bool(ok and attributes[class_index, attribute_index + 1].all())
+
+
+def first_error(samples: Sequence[tuple[int, str, Any]], max_boxes_per_sample: int,
+                allow_empty_attribute: bool) -> SubmissionError:
+    """The error of the first invalid sample (JSON-decoded boxes), checked one by one in order."""
+    for _, token, boxes in samples:
+        if not isinstance(boxes, list):
+            return SubmissionError(f"results[{token!r}]: must be a list of boxes, got {type(boxes).__name__}")
+        if len(boxes) > max_boxes_per_sample:
+            return SubmissionError(f"results[{token!r}]: {len(boxes)} boxes; at most {max_boxes_per_sample} "
+                                   "boxes per sample are allowed")
+        for i, box in enumerate(boxes):
+            check_box(token, i, box, allow_empty_attribute)
+    return SubmissionError("invalid boxes in samples " + str([t for _, t, _ in samples][:5]))
+
+
+def sample_columns(samples: Sequence[tuple[int, str, Any]], max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
+                   allow_empty_attribute: bool = False, attributes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Validate the boxes (JSON-decoded) of several samples and return them as columns.
+
+    ``samples``: (sample_index, sample_token, boxes) triples. The common case (valid) is checked with
+    array operations; otherwise :func:`first_error` names the first problem.
+    """
+    if attributes is None:
+        attributes = attribute_table(allow_empty_attribute)
+    columns = None
+    if all(isinstance(b, list) and len(b) <= max_boxes_per_sample for _, _, b in samples):
+        boxes = list(chain.from_iterable(b for _, _, b in samples))
+        if not boxes:
+            return empty_columns()
+        expected = list(chain.from_iterable([t] * len(b) for _, t, b in samples))
+        columns = _dict_fields(boxes, expected)
+        if not columns_valid(columns, len(boxes), attributes):
+            columns = None
+    if columns is None:
+        raise first_error(samples, max_boxes_per_sample, allow_empty_attribute)
+    columns["sample_index"] = np.repeat(np.array([s for s, _, _ in samples], dtype=np.int64),
+                                        [len(b) for _, _, b in samples])
     return columns
 
 
-def _power_of_two_scaled(rotation: np.ndarray) -> np.ndarray:
-    """Quaternions [N, 4] times the power of two that brings the largest component into [0.5, 1): the
-    same rotation, scaled exactly, so that the yaw (which squares the components) neither under- nor
-    overflows for a quaternion far from unit norm, as the devkit's normalisation does not."""
-    exponent = np.frexp(np.abs(rotation).max(1))[1]
-    return np.ldexp(rotation, -exponent[:, None])
+def empty_columns() -> dict[str, np.ndarray]:
+    empty = PredictionBoxes.concatenate([], [], {})
+    return {name: getattr(empty, name) for name in COLUMN_NAMES}
 
 
 def check_meta(meta: Any, where: str = "meta") -> dict:
@@ -579,7 +461,7 @@ def check_meta(meta: Any, where: str = "meta") -> dict:
     return meta
 
 
-def _check_sample_set(seen: Sequence[str], expected: Iterable[str] | None, source: str) -> None:
+def check_sample_set(seen: Sequence[str], expected: Iterable[str] | None, source: str) -> None:
     if expected is None:
         return
     expected_set = set(expected)
@@ -595,6 +477,10 @@ def _check_sample_set(seen: Sequence[str], expected: Iterable[str] | None, sourc
                               f"e.g. {extra[:5]}")
 
 
+def duplicate_error(token: str, source: str) -> SubmissionError:
+    return SubmissionError(f"{source}: sample {token!r} is listed twice in 'results'")
+
+
 class _ColumnBuilder:
     """Collects (sample, boxes) pairs and validates them in batches of about ``batch_boxes`` boxes."""
 
@@ -603,22 +489,16 @@ class _ColumnBuilder:
         self.token_set: set[str] = set()
         self.parts: list[dict[str, np.ndarray]] = []
         self.pending: list[tuple[int, str, Any]] = []
-        self.pending_raw: list[str] | None = None  # JSON text of each pending sample (msgspec structs)
         self.pending_boxes = 0
         self.max_boxes = max_boxes_per_sample
         self.allow_empty = allow_empty_attribute
-        self.table = _attribute_table(allow_empty_attribute)
+        self.attributes = attribute_table(allow_empty_attribute)
         self.batch_boxes = batch_boxes
 
-    def add(self, token: str, boxes: Any, source: str, raw_json: str | None = None) -> None:
+    def add(self, token: str, boxes: Any, source: str) -> None:
         if token in self.token_set:
-            raise SubmissionError(f"{source}: sample {token!r} is listed twice in 'results'")
-        if self.pending and (raw_json is None) != (self.pending_raw is None):
-            self.flush()  # dicts and structs are validated in separate batches
-        if raw_json is not None:
-            if self.pending_raw is None:
-                self.pending_raw = []
-            self.pending_raw.append(raw_json)
+            self.flush()  # an invalid box listed before the repeated sample is the first problem
+            raise duplicate_error(token, source)
         self.token_set.add(token)
         self.pending.append((len(self.tokens), token, boxes))
         self.tokens.append(token)
@@ -628,27 +508,47 @@ class _ColumnBuilder:
 
     def flush(self) -> None:
         if self.pending:
-            self.parts.append(sample_columns(self.pending, self.max_boxes, self.allow_empty, self.table,
-                                             self.pending_raw))
+            self.parts.append(sample_columns(self.pending, self.max_boxes, self.allow_empty, self.attributes))
         self.pending = []
-        self.pending_raw = None
         self.pending_boxes = 0
+
+
+def existing_results_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: the results file does not exist")
+    return path
 
 
 def read_submission(path: str | Path, expected_sample_tokens: Iterable[str] | None = None,
                     max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
-                    allow_empty_attribute: bool = False, use_msgspec: bool = True) -> PredictionBoxes:
-    """Stream, validate and convert a submission file.
+                    allow_empty_attribute: bool = False, use_msgspec: bool = True,
+                    workers: int | None = None) -> PredictionBoxes:
+    """Read, validate and convert a submission file.
 
-    ``use_msgspec``: decode each sample's boxes with msgspec when it is installed (faster; the json
-    module is used for any sample msgspec does not take, and to name the error of an invalid box).
+    ``use_msgspec``: take the fast path (:func:`bevperc.evaluation.submission_chunks.read_chunked`:
+    msgspec, byte ranges decoded by ``workers`` processes, default :func:`~bevperc.evaluation.workers.default_workers`)
+    when the file's layout allows it; otherwise, and with ``use_msgspec=False``, the file is streamed
+    with the json module. Both give the same columns and the same errors.
 
     ``expected_sample_tokens``: the samples of the evaluated split (all must be present, no others);
     None skips that check. Raises :class:`SubmissionError` with the sample, box index and field.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SubmissionError(f"{path}: the results file does not exist")
+    path = existing_results_file(path)
+    if use_msgspec:
+        from bevperc.evaluation.submission_chunks import read_chunked
+
+        parts = read_chunked(path, expected_sample_tokens, max_boxes_per_sample, allow_empty_attribute, workers)
+        if parts is not None:
+            return PredictionBoxes.concatenate(parts.sample_tokens, parts.columns, parts.meta)
+    return read_submission_stream(path, expected_sample_tokens, max_boxes_per_sample, allow_empty_attribute)
+
+
+def read_submission_stream(path: Path, expected_sample_tokens: Iterable[str] | None = None,
+                           max_boxes_per_sample: int = MAX_BOXES_PER_SAMPLE,
+                           allow_empty_attribute: bool = False) -> PredictionBoxes:
+    """:func:`read_submission` with the json module, streaming one sample's boxes at a time (any
+    layout of the top-level object; the reference for what the fast path accepts and raises)."""
     source = str(path)
     builder = _ColumnBuilder(max_boxes_per_sample, allow_empty_attribute)
     meta: Any = None
@@ -662,13 +562,6 @@ def read_submission(path: str | Path, expected_sample_tokens: Iterable[str] | No
                     raise stream.error("'results' must be an object mapping sample tokens to lists of boxes")
                 seen_results = True
                 for token in stream.object_items():
-                    raw = stream.raw_list() if _decode_boxes is not None and use_msgspec else None
-                    boxes = _decode_boxes(raw[1]) if raw is not None else None
-                    if boxes is not None:
-                        builder.add(token, boxes, source, raw_json=raw[1])
-                        continue
-                    if raw is not None:
-                        stream.rewind(raw[0])
                     builder.add(token, stream.value(), source)
             elif key == "meta":
                 meta = stream.value()
@@ -676,13 +569,13 @@ def read_submission(path: str | Path, expected_sample_tokens: Iterable[str] | No
                 stream.value()  # the devkit ignores other top-level fields
         if not stream.at_end():
             raise stream.error("unexpected data after the top-level object")
+    builder.flush()
     if not seen_results:
         raise SubmissionError(f"{source}: no field 'results' (the nuScenes result format needs 'meta' and 'results')")
     if meta is None:
         raise SubmissionError(f"{source}: no field 'meta'; expected booleans {list(META_FIELDS)}")
     check_meta(meta, f"{source}: meta")
-    builder.flush()
-    _check_sample_set(builder.tokens, expected_sample_tokens, source)
+    check_sample_set(builder.tokens, expected_sample_tokens, source)
     return PredictionBoxes.concatenate(builder.tokens, builder.parts, meta)
 
 
@@ -704,7 +597,7 @@ def submission_from_dict(submission: dict, expected_sample_tokens: Iterable[str]
     for token, boxes in results.items():
         builder.add(token, boxes, source)
     builder.flush()
-    _check_sample_set(builder.tokens, expected_sample_tokens, source)
+    check_sample_set(builder.tokens, expected_sample_tokens, source)
     return PredictionBoxes.concatenate(builder.tokens, builder.parts, submission["meta"])
 
 

@@ -1,0 +1,96 @@
+"""Box sets as NumPy columns: the one data layout of the fast evaluator (GT, predictions, racks).
+
+Box columns use the devkit class order ``DETECTION_NAMES`` (car, truck, bus, trailer,
+construction_vehicle, pedestrian, motorcycle, bicycle, traffic_cone, barrier) for ``class_index``.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from itertools import chain
+from operator import attrgetter
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from bevperc.evaluation.submission import DETECTION_NAMES
+
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(DETECTION_NAMES)}
+
+
+@dataclass
+class BoxColumns:
+    """Boxes of one evaluation as columns (GT or predictions), in the devkit's list order.
+
+    ``sample_index`` indexes :attr:`GroundTruth.sample_tokens`. ``attribute_index`` is -1 for "".
+    """
+
+    sample_index: np.ndarray  # int64 [N]
+    translation: np.ndarray  # float64 [N, 3] global
+    size: np.ndarray  # float64 [N, 3] w, l, h
+    rotation: np.ndarray  # float64 [N, 4] w, x, y, z
+    velocity: np.ndarray  # float64 [N, 2]
+    class_index: np.ndarray  # int64 [N] into DETECTION_NAMES
+    attribute_index: np.ndarray  # int64 [N] into ATTRIBUTE_NAMES, -1 = ""
+    score: np.ndarray  # float64 [N] (-1 for GT)
+    num_pts: np.ndarray  # int64 [N] (-1 for predictions)
+
+    def __len__(self) -> int:
+        return int(self.sample_index.shape[0])
+
+    def take(self, index: np.ndarray) -> "BoxColumns":
+        return BoxColumns(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @staticmethod
+    def concatenate(parts: Sequence["BoxColumns"]) -> "BoxColumns":
+        """The parts one after the other (at least one part)."""
+        if len(parts) == 1:
+            return parts[0]
+        return BoxColumns(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(BoxColumns)})
+
+    @staticmethod
+    def empty() -> "BoxColumns":
+        return BoxColumns(sample_index=np.zeros(0, dtype=np.int64), translation=np.zeros((0, 3)), size=np.zeros((0, 3)),
+                          rotation=np.zeros((0, 4)), velocity=np.zeros((0, 2)), class_index=np.zeros(0, dtype=np.int64),
+                          attribute_index=np.zeros(0, dtype=np.int64), score=np.zeros(0),
+                          num_pts=np.zeros(0, dtype=np.int64))
+
+    def split_by_class(self, keep: np.ndarray | None = None) -> dict[int, "BoxColumns"]:
+        """class index -> the boxes of that class (among the indices ``keep``, default all), in list
+        order; one gather, the classes are views of it."""
+        index = np.arange(len(self)) if keep is None else keep
+        grouped = self.take(index[np.argsort(self.class_index[index], kind="stable")])
+        classes, starts = np.unique(grouped.class_index, return_index=True)
+        ends = np.append(starts[1:], len(grouped)).astype(np.int64)
+        return {int(c): grouped.take(slice(int(s), int(e))) for c, s, e in zip(classes, starts, ends)}
+
+
+@dataclass
+class RackColumns:
+    """``static_object.bicycle_rack`` annotations of the split (for the bike-rack filter)."""
+
+    sample_index: np.ndarray  # int64 [R]
+    translation: np.ndarray  # float64 [R, 3]
+    size: np.ndarray  # float64 [R, 3]
+    rotation: np.ndarray  # float64 [R, 4]
+
+
+def struct_floats(records: Sequence, name: str, width: int) -> np.ndarray:
+    """float64 [len(records), width] from a tuple field of decoded structs (one copy, no lists)."""
+    values = chain.from_iterable(map(attrgetter(name), records))
+    return np.fromiter(values, dtype=np.float64, count=width * len(records)).reshape(-1, width)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: decoding creates ~10^5 objects per chunk, none in cycles,
+    and the collections they trigger would only cost time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
