@@ -2,7 +2,8 @@
 
 A small, readable form of BEVDet's ``CustomResNet`` + ``FPN_LSS``: the stride-4 map is
 upsampled to stride 2 and concatenated with the stride-2 map, two 3x3 convs fuse them and
-a final x2 upsampling (+ 3x3 conv) returns to the BEV grid resolution the head predicts on.
+a final x2 upsampling (+ 3x3 conv, optionally also reading the input map) returns to the BEV grid
+resolution the head predicts on.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class BEVEncoder(nn.Module):
         self.up_stride4 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.fuse = nn.Sequential(_conv_bn_relu(low + high, cfg.out_channels), _conv_bn_relu(cfg.out_channels, cfg.out_channels))
         self.up_full = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.refine = _conv_bn_relu(cfg.out_channels, cfg.out_channels)  # smooth the upsampled map
+        self.full_resolution_skip = cfg.full_resolution_skip
+        refine_in = cfg.out_channels + (in_channels if cfg.full_resolution_skip else 0)
+        self.refine = _conv_bn_relu(refine_in, cfg.out_channels)  # smooth the upsampled map (+ the input's detail)
         self.out_channels = cfg.out_channels
 
     def forward(self, bev: torch.Tensor) -> torch.Tensor:
@@ -51,5 +54,5 @@ class BEVEncoder(nn.Module):
             raise ValueError(f"BEVEncoder: BEV grid {tuple(bev.shape[-2:])} must be divisible by 4")
         stride2 = self.stage1(bev)
         stride4 = self.stage2(stride2)
-        fused = self.fuse(torch.cat([stride2, self.up_stride4(stride4)], dim=1))
-        return self.refine(self.up_full(fused))
+        fused = self.up_full(self.fuse(torch.cat([stride2, self.up_stride4(stride4)], dim=1)))
+        return self.refine(torch.cat([fused, bev], dim=1) if self.full_resolution_skip else fused)

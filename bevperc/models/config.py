@@ -163,6 +163,9 @@ class BEVEncoderConfig:
     stage_channels: tuple[int, int] = (128, 256)
     blocks_per_stage: int = 2
     out_channels: int = 256
+    full_resolution_skip: bool = False
+    """Also feed the input BEV map to the last conv: detail at the grid's own resolution (otherwise
+    the output is upsampled from stride-2 features, as in BEVDet, which blurs objects smaller than 2 cells)."""
 
 
 @dataclass
@@ -209,6 +212,9 @@ class ImageHeadConfig:
     min_radius: int = 1
     weight: float = 1.0
     """Fixed weight of the ``image_heatmap`` task."""
+    lift_scores: bool = False
+    """Lift the head's class probabilities with the context features: the BEV then receives explicit
+    class evidence where the depth net puts each pixel (the head also runs at inference)."""
 
 
 @dataclass

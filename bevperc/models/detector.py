@@ -21,8 +21,8 @@ class BEVDetector(nn.Module):
     """images -> backbone -> neck -> LSS lift/splat -> BEV encoder -> CenterPoint head.
 
     ``forward(batch)`` returns the raw head outputs ``{"group.branch": [B, c, ny, nx]}`` plus
-    ``"depth"``: depth logits ``[B, N, D, h, w]``, and in training mode with an image head
-    ``"image_heatmap"``: ``[B * N, classes, h, w]`` logits. ``loss`` and ``decode`` take those outputs
+    ``"depth"``: depth logits ``[B, N, D, h, w]``, and, where the view transformer ran its image
+    head, ``"image_heatmap"``: ``[B * N, classes, h, w]`` logits. ``loss`` and ``decode`` take those outputs
     and the same batch.
     """
 
@@ -34,13 +34,11 @@ class BEVDetector(nn.Module):
         bev_encoder: BEVEncoder,
         head: CenterPointHead,
         decode_cfg: DecodeConfig | None = None,
-        image_head: ImageHeatmapHead | None = None,
     ):
         super().__init__()
         self.backbone, self.neck = backbone, neck
         self.view_transformer, self.bev_encoder, self.head = view_transformer, bev_encoder, head
         self.decode_cfg = decode_cfg
-        self.image_head = image_head
 
     def _check_batch(self, batch: dict) -> None:
         missing = [key for key in ("images", *GEOMETRY_KEYS) if key not in batch]
@@ -58,25 +56,19 @@ class BEVDetector(nn.Module):
         images = batch["images"]
         batch_size, cams = images.shape[:2]
         features = self.neck(self.backbone(images.flatten(0, 1)))  # [B*N, C, h, w]
-        bev, depth_logits = self.view_transformer(features, batch)
+        bev, depth_logits, image_logits = self.view_transformer(features, batch)
         outputs = self.head(self.bev_encoder(bev))
         outputs["depth"] = depth_logits
-        if self.image_head is not None and self.training:
-            outputs["image_heatmap"] = self.image_head(features)
+        if image_logits is not None:
+            outputs["image_heatmap"] = image_logits
         return outputs
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(task_losses {name: scalar}, per_sample {name: [B]})``: the head's tasks
         (``CenterPointHead.loss``), then the view transformer's ``depth`` task when it has one."""
         task_losses, per_sample = self.head.loss(outputs, batch)
-        depth_losses, depth_per_sample = self.view_transformer.loss(outputs["depth"], batch)
-        task_losses, per_sample = task_losses | depth_losses, per_sample | depth_per_sample
-        if self.image_head is not None:
-            if "image_heatmap" not in outputs:
-                raise ValueError("BEVDetector.loss: outputs of a training-mode forward are needed (image_heatmap)")
-            image_losses, image_per_sample = self.image_head.loss(outputs["image_heatmap"], batch)
-            task_losses, per_sample = task_losses | image_losses, per_sample | image_per_sample
-        return task_losses, per_sample
+        view_losses, view_per_sample = self.view_transformer.loss(outputs, batch)
+        return task_losses | view_losses, per_sample | view_per_sample
 
     @torch.no_grad()
     def decode(self, outputs: dict[str, torch.Tensor], batch: dict) -> list[dict[str, torch.Tensor]]:
@@ -90,9 +82,9 @@ def build_detector(cfg: ModelConfig) -> BEVDetector:
     """Build every part from the dataclass config."""
     backbone = build_backbone(cfg.backbone, cfg.view.feature_stride)
     neck = FPNNeck(backbone.out_channels, cfg.neck.out_channels)
-    view_transformer = LSSViewTransformer(cfg.neck.out_channels, cfg.view, cfg.grid)
-    bev_encoder = BEVEncoder(cfg.view.context_channels, cfg.bev_encoder)
-    head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid)
     image_head = ImageHeatmapHead(cfg.neck.out_channels, cfg.image_head.channels, cfg.view,
                                   cfg.image_head.min_radius) if cfg.image_head.enabled else None
-    return BEVDetector(backbone, neck, view_transformer, bev_encoder, head, cfg.decode, image_head)
+    view_transformer = LSSViewTransformer(cfg.neck.out_channels, cfg.view, cfg.grid, image_head, cfg.image_head.lift_scores)
+    bev_encoder = BEVEncoder(view_transformer.out_channels, cfg.bev_encoder)
+    head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid)
+    return BEVDetector(backbone, neck, view_transformer, bev_encoder, head, cfg.decode)

@@ -86,7 +86,7 @@ class ExportableBEVDetector(nn.Module):
         """``BEVDetector.forward``'s keys in its order, found by running the head on a zero BEV map."""
         view, encoder = self.model.view_transformer, self.model.bev_encoder
         grid = view.grid_cfg
-        bev = torch.zeros(1, view.context_channels, grid.num_y, grid.num_x, device=self.point_ids.device)
+        bev = torch.zeros(1, view.out_channels, grid.num_y, grid.num_x, device=self.point_ids.device)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -110,7 +110,7 @@ class ExportableBEVDetector(nn.Module):
         cams = self.cameras
         features = model.neck(model.backbone(images.flatten(0, 1)))  # [B*N, C, h, w]
         point_ids, ray_ids, cell_ids, rays = self._geometry_for(images.shape[0], intrinsics, ego_from_camera, image_aug)
-        depth_logits, depth_probs, context = model.view_transformer.lift(features, cams, rays)
+        depth_logits, depth_probs, context, _ = model.view_transformer.lift(features, cams, rays)
         grid = model.view_transformer.grid_cfg
         bev = bev_pool_onnx(depth_probs, context, point_ids, ray_ids, cell_ids, grid.num_y, grid.num_x)
         outputs = model.head(model.bev_encoder(bev))

@@ -6,7 +6,8 @@ where the objects are: per camera, one Gaussian per GT box at the feature cell i
 projects to (radius from the projected box's extent, CenterNet's 2D rule), one channel per
 detection class, Gaussian focal loss (task ``image_heatmap``). It needs nothing beyond the GT
 boxes and the camera geometry every batch carries, so it works on real nuScenes as on the
-synthetic world. It is not part of inference or export.
+synthetic world. It runs at inference only where its class probabilities are lifted into the BEV
+(``image_head.lift_scores``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class ImageHeatmapHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, view: ViewTransformerConfig, min_radius: int = 1):
         super().__init__()
         self.view_cfg, self.min_radius = view, min_radius
-        final = nn.Conv2d(channels, len(DETECTION_CLASSES), kernel_size=1)
+        self.num_classes = len(DETECTION_CLASSES)
+        final = nn.Conv2d(channels, self.num_classes, kernel_size=1)
         nn.init.constant_(final.bias, HEATMAP_INIT_BIAS)
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),

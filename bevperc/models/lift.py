@@ -18,6 +18,7 @@ from torch import nn
 
 from bevperc.models.bev_pool import PoolPlanCache, bev_pool, make_pool_plan
 from bevperc.models.config import BEVGridConfig, ViewTransformerConfig
+from bevperc.models.image_head import ImageHeatmapHead
 
 
 def depth_bin_centres(cfg: ViewTransformerConfig) -> torch.Tensor:
@@ -213,15 +214,23 @@ class LSSViewTransformer(nn.Module):
     The depth net predicts ``D`` depth logits and ``C`` context channels per feature cell: one
     1x1 conv (BEVDet, ``view.depth_net: linear``) or two 3x3 conv-BN-ReLU layers and the 1x1
     conv (``conv``). With ``view.ray_features`` it also reads :func:`ray_features` (embedded by a
-    1x1 conv and added to the image features). softmax(depth) x context is splatted into the BEV
-    grid with ``bev_pool``; the pooling plan is cached while the geometry inputs are unchanged.
+    1x1 conv and added to the image features). An optional :class:`ImageHeatmapHead` predicts class
+    heatmaps from the same features (perspective supervision); with ``lift_scores`` their
+    probabilities join the context. softmax(depth) x context is splatted into the BEV grid with
+    ``bev_pool``; the pooling plan is cached while the geometry inputs are unchanged.
     """
 
-    def __init__(self, in_channels: int, view: ViewTransformerConfig, grid: BEVGridConfig):
+    def __init__(self, in_channels: int, view: ViewTransformerConfig, grid: BEVGridConfig,
+                 image_head: ImageHeatmapHead | None = None, lift_scores: bool = False):
         super().__init__()
+        if lift_scores and image_head is None:
+            raise ValueError("LSSViewTransformer: lift_scores needs an image head")
         self.view_cfg, self.grid_cfg = view, grid
+        self.image_head, self.lift_scores = image_head, lift_scores
         self.num_depth_bins = view.num_depth_bins
         self.context_channels = view.context_channels
+        self.out_channels = view.context_channels + (image_head.num_classes if lift_scores else 0)
+        """Channels of the BEV map: the context, plus the lifted class probabilities."""
         self.ray_embedding = nn.Conv2d(RAY_FEATURES, in_channels, kernel_size=1) if view.ray_features else None
         layers = [_conv_bn_relu(in_channels, in_channels), _conv_bn_relu(in_channels, in_channels)] \
             if view.depth_net == "conv" else []
@@ -242,13 +251,14 @@ class LSSViewTransformer(nn.Module):
         return self.plan_cache.get(self._geometry_inputs(batch),
                                    lambda: make_pool_plan(self.geometry(batch), self.grid_cfg))
 
-    def forward(self, features: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
             features: ``[B * N, C_in, h, w]`` image features at ``view.feature_stride``.
             batch: contract batch with ``intrinsics``, ``ego_from_camera``, ``image_aug``, ``bev_aug``.
         Returns:
-            bev: ``[B, C, ny, nx]``; depth_logits: ``[B, N, D, h, w]``.
+            bev: ``[B, out_channels, ny, nx]``; depth_logits: ``[B, N, D, h, w]``; the image head's
+            logits ``[B * N, classes, h, w]`` (None without a head, or in eval mode unless lifted).
         """
         batch_size, cams = batch["intrinsics"].shape[:2]
         height, width = self.view_cfg.feature_size
@@ -257,9 +267,9 @@ class LSSViewTransformer(nn.Module):
                 f"LSSViewTransformer: features {tuple(features.shape)} do not match "
                 f"B*N={batch_size * cams} cameras at feature size {(height, width)}"
             )
-        depth_logits, depth_probs, context = self.lift(features, cams, self.ray_inputs(batch))
+        depth_logits, depth_probs, context, image_logits = self.lift(features, cams, self.ray_inputs(batch))
         bev = bev_pool(depth_probs, context, self.pool_plan(batch))
-        return bev, depth_logits
+        return bev, depth_logits, image_logits
 
     def ray_inputs(self, geometry: dict) -> torch.Tensor | None:
         """:func:`ray_features` ``[B * N, RAY_FEATURES, h, w]`` for the geometry keys of a batch
@@ -270,24 +280,37 @@ class LSSViewTransformer(nn.Module):
         return ray_features(origins, directions).flatten(0, 1)
 
     def lift(self, features: torch.Tensor, cams: int, rays: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``[B * N, C_in, h, w]`` (+ ``ray_inputs``) -> depth logits and probabilities ``[B, N, D, h, w]``,
-        context ``[B, N, h, w, C]``."""
+        context ``[B, N, h, w, out_channels]``, image-head logits ``[B * N, classes, h, w]`` or None."""
         height, width = features.shape[-2:]
+        image_logits = None
+        if self.image_head is not None and (self.training or self.lift_scores):
+            image_logits = self.image_head(features)
         if self.ray_embedding is not None:
             if rays is None:
                 raise ValueError("LSSViewTransformer.lift: view.ray_features is on, give the ray_inputs of the batch")
             features = features + self.ray_embedding(rays.to(features))
         out = self.depth_net(features)
         depth_logits = out[:, : self.num_depth_bins].reshape(-1, cams, self.num_depth_bins, height, width)
-        context = out[:, self.num_depth_bins :].reshape(-1, cams, self.context_channels, height, width)
-        return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2)
+        context = out[:, self.num_depth_bins :]
+        if self.lift_scores:
+            context = torch.cat([context, torch.sigmoid(image_logits)], dim=1)
+        context = context.reshape(-1, cams, self.out_channels, height, width)
+        return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
 
-    def loss(self, depth_logits: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The ``depth`` task (scalar, and ``[B]`` per sample) with ``view.depth_supervision``, else nothing."""
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Its tasks (scalar, and ``[B]`` per sample): ``depth`` with ``view.depth_supervision``, and the
+        image head's ``image_heatmap``; ``outputs`` from a training-mode forward of the detector."""
+        task_losses, per_sample = {}, {}
+        if self.image_head is not None:
+            if outputs.get("image_heatmap") is None:
+                raise ValueError("LSSViewTransformer.loss: needs outputs['image_heatmap'] of a training-mode forward")
+            task_losses, per_sample = self.image_head.loss(outputs["image_heatmap"], batch)
         if not self.view_cfg.depth_supervision:
-            return {}, {}
+            return task_losses, per_sample
         if "depth_maps" not in batch:
             raise KeyError("batch['depth_maps'] is required when view.depth_supervision is on (set data.load_depth: true)")
-        total, per_sample = depth_loss(depth_logits, batch["depth_maps"], self.view_cfg, batch.get("object_depth_maps"))
-        return {"depth": total}, {"depth": per_sample}
+        total, depth_per_sample = depth_loss(outputs["depth"], batch["depth_maps"], self.view_cfg,
+                                             batch.get("object_depth_maps"))
+        return {"depth": total, **task_losses}, {"depth": depth_per_sample, **per_sample}

@@ -1,0 +1,116 @@
+"""Training-step throughput of detector variants, measured side by side.
+
+Every variant is a set of config overrides on one run config. Each measurement is a fresh
+process (``--threads`` torch threads) that builds the variant's detector, loads one batch of the
+train split through the real data pipeline, and times ``--steps`` full training steps (forward,
+losses, backward, AdamW) on it after ``--warmup`` steps: model compute only, data loading
+excluded (``bench/data_loading.py`` measures that). Variants run in turn, round after round
+(A B C A B C ...), so a change in the machine's speed hits all of them alike; the table gives
+each variant's median samples/s over the rounds and its median ratio to the first variant
+within the same round.
+
+    python bench/train_speed.py --config configs/demo_cpu.yaml --rounds 3 \\
+        --variant today "model.backbone.name=resnet model.view.feature_stride=16" --variant recipe ""
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
+    """One process: samples/s of training steps of the variant on one real batch."""
+    import torch
+
+    from bevperc.config import load_run_config
+    from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
+    from bevperc.models.centerpoint_head import default_task_weights
+    from bevperc.models.detector import build_detector
+
+    cfg = load_run_config(config, overrides)
+    dataset = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True)
+    batch = collate_bev([dataset[i] for i in range(cfg.train.batch_size)])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model).train()
+    weights = default_task_weights(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        task_losses, _ = model.loss(model(batch), batch)
+        sum(weights[name] * value for name, value in task_losses.items()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    wall = time.perf_counter() - start
+    return {"samples_per_s": steps * cfg.train.batch_size / wall,
+            "cpu_s_per_sample": (time.process_time() - cpu) / (steps * cfg.train.batch_size),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rounds and the table here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, printed as JSON
+    parser.add_argument("overrides", nargs="*", help="overrides common to every variant")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(measure(args.config, [*args.overrides, *shlex.split(args.worker)], args.steps, args.warmup)))
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    rounds: list[dict[str, dict[str, float]]] = []
+    for _ in range(args.rounds):
+        results = {}
+        for name, overrides in args.variant:
+            command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--warmup",
+                       str(args.warmup), "--worker", overrides, *args.overrides]
+            output = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            results[name] = json.loads(output.strip().splitlines()[-1])
+        rounds.append(results)
+    reference = args.variant[0][0]
+    table = []
+    print(f"| variant | samples/s (median of {args.rounds}) | × {reference} (paired) | CPU s / sample | parameters |")
+    print("|---|---|---|---|---|")
+    for name, _ in args.variant:
+        rates = [r[name]["samples_per_s"] for r in rounds]
+        ratio = statistics.median(r[name]["samples_per_s"] / r[reference]["samples_per_s"] for r in rounds)
+        cpu = statistics.median(r[name]["cpu_s_per_sample"] for r in rounds)
+        row = {"variant": name, "samples_per_s": statistics.median(rates), "ratio": ratio, "cpu_s_per_sample": cpu,
+               "parameters": rounds[0][name]["parameters"], "min": min(rates), "max": max(rates)}
+        table.append(row)
+        print(f"| {name} | {row['samples_per_s']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | {ratio:.2f} | {cpu:.3f} | "
+              f"{row['parameters'] / 1e6:.2f} M |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "threads": args.threads, "steps": args.steps,
+                                               "variants": dict(map(tuple, args.variant)), "rounds": rounds,
+                                               "table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
