@@ -229,8 +229,12 @@ class LSSViewTransformer(nn.Module):
         self.image_head, self.lift_scores = image_head, lift_scores
         self.num_depth_bins = view.num_depth_bins
         self.context_channels = view.context_channels
-        self.out_channels = view.context_channels + (image_head.num_classes if lift_scores else 0)
-        """Channels of the BEV map: the context, plus the lifted class probabilities."""
+        self.lifted_channels = view.context_channels + (image_head.num_classes if lift_scores else 0)
+        """Channels lifted per pixel: the context, plus the class probabilities (``lift_scores``), plus a
+        constant 1 with ``view.pooling: mean`` (pooled, it is the cell's depth-probability mass)."""
+        self.lifted_channels += 1 if view.pooling == "mean" else 0
+        self.out_channels = self.lifted_channels
+        """Channels of the BEV map (:meth:`finish_pooling`)."""
         self.ray_embedding = nn.Conv2d(RAY_FEATURES, in_channels, kernel_size=1) if view.ray_features else None
         layers = [_conv_bn_relu(in_channels, in_channels), _conv_bn_relu(in_channels, in_channels)] \
             if view.depth_net == "conv" else []
@@ -268,8 +272,15 @@ class LSSViewTransformer(nn.Module):
                 f"B*N={batch_size * cams} cameras at feature size {(height, width)}"
             )
         depth_logits, depth_probs, context, image_logits = self.lift(features, cams, self.ray_inputs(batch))
-        bev = bev_pool(depth_probs, context, self.pool_plan(batch))
+        bev = self.finish_pooling(bev_pool(depth_probs, context, self.pool_plan(batch)))
         return bev, depth_logits, image_logits
+
+    def finish_pooling(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled sums ``[B, lifted_channels, ny, nx]`` -> the BEV map (``view.pooling``)."""
+        if self.view_cfg.pooling == "sum":
+            return pooled
+        mass = pooled[:, -1:]
+        return torch.cat([pooled[:, :-1] / mass.clamp(min=1.0), torch.log1p(mass.clamp(min=0.0))], dim=1)
 
     def ray_inputs(self, geometry: dict) -> torch.Tensor | None:
         """:func:`ray_features` ``[B * N, RAY_FEATURES, h, w]`` for the geometry keys of a batch
@@ -282,7 +293,7 @@ class LSSViewTransformer(nn.Module):
     def lift(self, features: torch.Tensor, cams: int, rays: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``[B * N, C_in, h, w]`` (+ ``ray_inputs``) -> depth logits and probabilities ``[B, N, D, h, w]``,
-        context ``[B, N, h, w, out_channels]``, image-head logits ``[B * N, classes, h, w]`` or None."""
+        context ``[B, N, h, w, lifted_channels]``, image-head logits ``[B * N, classes, h, w]`` or None."""
         height, width = features.shape[-2:]
         image_logits = None
         if self.image_head is not None and (self.training or self.lift_scores):
@@ -293,10 +304,12 @@ class LSSViewTransformer(nn.Module):
             features = features + self.ray_embedding(rays.to(features))
         out = self.depth_net(features)
         depth_logits = out[:, : self.num_depth_bins].reshape(-1, cams, self.num_depth_bins, height, width)
-        context = out[:, self.num_depth_bins :]
+        context = [out[:, self.num_depth_bins :]]
         if self.lift_scores:
-            context = torch.cat([context, torch.sigmoid(image_logits)], dim=1)
-        context = context.reshape(-1, cams, self.out_channels, height, width)
+            context.append(torch.sigmoid(image_logits))
+        if self.view_cfg.pooling == "mean":
+            context.append(torch.ones_like(out[:, :1]))
+        context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
         return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
