@@ -213,17 +213,26 @@ def box_corners(boxes: Array) -> Array:
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Boolean mask ``(N_boxes, N_points)``: which points ``(P, 3)`` lie inside each box."""
+    """Boolean mask ``(N_boxes, N_points)``: which points ``(P, 3)`` lie inside each box.
+
+    The points are sorted by x once; each box tests only the slice of points within the x-range of
+    its footprint's bounding circle (two binary searches), so the cost is ~P log P plus the points
+    near the boxes rather than P per box.
+    """
     points = np.asarray(points, dtype=np.float64)[:, :3]
+    boxes = np.asarray(boxes, dtype=np.float64)
     masks = np.zeros((len(boxes), len(points)), dtype=bool)
-    for i, box in enumerate(np.asarray(boxes, dtype=np.float64)):
-        local = points - box[:3]
+    order = np.argsort(points[:, 0], kind="stable")
+    xs, ys, zs = (np.ascontiguousarray(points[order, k]) for k in range(3))
+    for i, box in enumerate(boxes):
+        reach = 0.5 * math.hypot(box[3], box[4])  # half-diagonal of the footprint
+        first = int(np.searchsorted(xs, box[0] - reach, side="left"))
+        last = int(np.searchsorted(xs, box[0] + reach, side="right"))
+        dx, dy, dz = xs[first:last] - box[0], ys[first:last] - box[1], zs[first:last] - box[2]
         cos, sin = math.cos(box[6]), math.sin(box[6])
-        along = local[:, 0] * cos + local[:, 1] * sin
-        across = -local[:, 0] * sin + local[:, 1] * cos
-        masks[i] = (
-            (np.abs(along) <= box[4] / 2) & (np.abs(across) <= box[3] / 2) & (np.abs(local[:, 2]) <= box[5] / 2)
-        )
+        inside = (np.abs(dx * cos + dy * sin) <= box[4] / 2) & (np.abs(-dx * sin + dy * cos) <= box[3] / 2) \
+            & (np.abs(dz) <= box[5] / 2)
+        masks[i, order[first:last][inside]] = True
     return masks
 
 

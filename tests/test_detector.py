@@ -319,6 +319,58 @@ def test_ray_features_locate_the_ground_and_follow_the_augmentation():
                                atol=5e-3, rtol=0)
 
 
+def test_image_heatmap_targets_peak_where_each_box_centre_projects():
+    from bevperc.models.image_head import image_heatmap_targets
+
+    cfg = tiny_config(depth_supervision=False)
+    batch = synthetic_ring_batch(cfg, batch_size=2)
+    targets = image_heatmap_targets(batch, cfg.view)  # [B, N, classes, h, w]
+    height, width = cfg.view.feature_size
+    assert targets.shape == (2, 6, 10, height, width)
+    expected = torch.zeros_like(targets, dtype=torch.bool)
+    for b, (boxes, labels) in enumerate(zip(batch["gt_boxes"], batch["gt_labels"])):
+        ego = transform_boxes(invert_transform(batch["bev_aug"][b].double()), boxes.double())  # back to the ego frame
+        for n in range(6):
+            camera = invert_transform(batch["ego_from_camera"][b, n].double())
+            centre = camera[:3, :3] @ ego[:, :3].T + camera[:3, 3:4]  # [3, M]
+            pixels = batch["image_aug"][b, n].double() @ batch["intrinsics"][b, n].double() @ (centre / centre[2])
+            cells = torch.floor(pixels[:2] / cfg.view.feature_stride).long()
+            for m in range(len(boxes)):
+                x, y = cells[:, m].tolist()
+                if centre[2, m] > 1.0 and 0 <= x < width and 0 <= y < height:
+                    expected[b, n, labels[m], y, x] = True
+    assert expected.sum() >= 3  # several boxes are seen by some camera
+    assert torch.equal(targets == 1, expected)
+
+
+def test_lifted_class_scores_and_mean_pooling_reach_the_bev():
+    """lift_scores appends the image head's class probabilities to the lifted context; mean pooling divides
+    each cell by its depth-probability mass and adds log(1 + mass); the full-resolution skip reads the input."""
+    torch.manual_seed(0)
+    cfg = tiny_config(depth_supervision=True)
+    cfg.image_head = dataclasses.replace(cfg.image_head, enabled=True, lift_scores=True)
+    cfg.view.pooling = "mean"
+    cfg.bev_encoder.full_resolution_skip = True
+    model = build_detector(cfg).train()
+    view = model.view_transformer
+    assert view.out_channels == cfg.view.context_channels + 10 + 1
+    batch = synthetic_ring_batch(cfg, batch_size=1)
+    outputs = model(batch)
+    task_losses, _ = model.loss(outputs, batch)
+    assert {"image_heatmap", "depth"} <= set(task_losses) and list(task_losses) == task_names(cfg)
+    (grad,) = torch.autograd.grad(task_losses["car+truck.heatmap"], view.image_head.layers[-1].weight)
+    assert grad.abs().sum() > 0, "the BEV heatmap loss reaches the image head through the lifted scores"
+    pooled = torch.zeros(1, view.lifted_channels, 2, 2)
+    pooled[0, :, 0, 0], pooled[0, -1, 0, 0] = 6.0, 3.0  # mass 3: the mean is 2
+    pooled[0, :, 1, 1], pooled[0, -1, 1, 1] = 0.5, 0.5  # mass below 1: kept as is
+    bev = view.finish_pooling(pooled)
+    assert bev[0, 0, 0, 0] == 2.0 and bev[0, 0, 1, 1] == 0.5
+    assert bev[0, -1, 0, 0] == pytest.approx(math.log(4.0)) and bev[0, -1, 0, 1] == 0.0
+    model.eval()
+    with torch.no_grad():
+        assert "image_heatmap" in model(batch)  # lifted scores: the image head also runs at inference
+
+
 # --------------------------------------------------------------------------- config + backbone
 def tiny_config(depth_supervision: bool = True) -> ModelConfig:
     cfg = ModelConfig(backbone=BackboneConfig(depth=18), grid=BEVGridConfig(cell_size=1.6), decode=DecodeConfig(top_k=200))

@@ -29,6 +29,30 @@ def load_lidar_points(path: str | Path) -> np.ndarray:
     return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
 
 
+def _project_lidar(
+    points_ego: np.ndarray, ego_from_camera: np.ndarray, intrinsics: np.ndarray, image_aug: np.ndarray,
+    input_size: tuple[int, int], min_depth: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points ``(P, 3)`` -> (flat pixel ``row * W + col``, camera depth, index into ``points_ego``) of those
+    in front of the camera and inside the augmented image."""
+    input_h, input_w = input_size
+    points_camera = transform_points(invert_transform(ego_from_camera), points_ego)
+    in_front = np.nonzero(points_camera[:, 2] > min_depth)[0]
+    pixels, depth = project_to_image(points_camera[in_front], intrinsics)
+    pixels = pixels @ image_aug[:2, :2].T + image_aug[:2, 2]
+    cols, rows = np.floor(pixels[:, 0]).astype(np.int64), np.floor(pixels[:, 1]).astype(np.int64)
+    inside = (cols >= 0) & (cols < input_w) & (rows >= 0) & (rows < input_h)
+    return rows[inside] * input_w + cols[inside], depth[inside], in_front[inside]
+
+
+def _nearest_depth_map(flat_pixels: np.ndarray, depth: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` float32 nearest depth per pixel, 0 where no point."""
+    depth_map = np.full(input_size[0] * input_size[1], np.inf, dtype=np.float64)
+    np.minimum.at(depth_map, flat_pixels, depth)
+    depth_map[~np.isfinite(depth_map)] = 0.0
+    return depth_map.reshape(input_size).astype(np.float32)
+
+
 def lidar_depth_map(
     points_ego: np.ndarray,
     ego_from_camera: np.ndarray,
@@ -42,19 +66,8 @@ def lidar_depth_map(
     Returns:
         ``(H, W)`` float32 depth (camera z, metres) of the nearest point per pixel, 0 where none.
     """
-    input_h, input_w = input_size
-    points_camera = transform_points(invert_transform(ego_from_camera), points_ego)
-    in_front = points_camera[:, 2] > min_depth
-    points_camera = points_camera[in_front]
-    pixels, depth = project_to_image(points_camera, intrinsics)
-    pixels = pixels @ image_aug[:2, :2].T + image_aug[:2, 2]
-    cols, rows = np.floor(pixels[:, 0]).astype(np.int64), np.floor(pixels[:, 1]).astype(np.int64)
-    inside = (cols >= 0) & (cols < input_w) & (rows >= 0) & (rows < input_h)
-    cols, rows, depth = cols[inside], rows[inside], depth[inside]
-    depth_map = np.full(input_h * input_w, np.inf, dtype=np.float64)
-    np.minimum.at(depth_map, rows * input_w + cols, depth)
-    depth_map[~np.isfinite(depth_map)] = 0.0
-    return depth_map.reshape(input_h, input_w).astype(np.float32)
+    flat_pixels, depth, _ = _project_lidar(points_ego, ego_from_camera, intrinsics, image_aug, input_size, min_depth)
+    return _nearest_depth_map(flat_pixels, depth, input_size)
 
 
 def lidar_depth_maps(
@@ -68,15 +81,18 @@ def lidar_depth_maps(
     """The depth labels of one sample: LiDAR ``(P, 3)`` and GT boxes ``(M, >=7)`` in the ego frame.
 
     Returns ``depth_maps`` (every point) and ``object_depth_maps`` (the points inside a GT box),
-    each ``(N_cameras, H, W)`` float32 by :func:`lidar_depth_map`. LiDAR only sees visible
+    each ``(N_cameras, H, W)`` float32 as :func:`lidar_depth_map` makes them (one projection per camera). LiDAR only sees visible
     surfaces, so where a nearer object hides part of a farther one, the hidden part's pixels hold
     the nearer object's points.
     """
     on_object = points_in_boxes(points_ego, boxes_ego[:, :7]).any(axis=0) if len(boxes_ego) else np.zeros(len(points_ego), bool)
-    return {
-        key: np.stack([lidar_depth_map(points, e, k, a, input_size) for e, k, a in zip(ego_from_camera, intrinsics, image_augs)])
-        for key, points in (("depth_maps", points_ego), ("object_depth_maps", points_ego[on_object]))
-    }
+    maps: dict[str, list[np.ndarray]] = {"depth_maps": [], "object_depth_maps": []}
+    for e, k, a in zip(ego_from_camera, intrinsics, image_augs):
+        flat_pixels, depth, index = _project_lidar(points_ego, e, k, a, input_size, min_depth=0.5)
+        chosen = on_object[index]
+        maps["depth_maps"].append(_nearest_depth_map(flat_pixels, depth, input_size))
+        maps["object_depth_maps"].append(_nearest_depth_map(flat_pixels[chosen], depth[chosen], input_size))
+    return {key: np.stack(value) for key, value in maps.items()}
 
 def prepare_image(image: Image.Image, original_size: tuple[int, int], rng: np.random.Generator | None,
                   cfg: DataConfig) -> tuple[torch.Tensor, np.ndarray]:
