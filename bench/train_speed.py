@@ -65,7 +65,8 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), required=True)
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[],
+                        help="a variant: its name and its config overrides in one string (repeatable, at least one)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(measure(args.config, [*args.overrides, *shlex.split(args.worker)], args.steps, args.warmup)))
         return 0
+    if not args.variant:
+        print("bench/train_speed.py: give at least one --variant NAME OVERRIDES", file=sys.stderr)
+        return 2
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     rounds: list[dict[str, dict[str, float]]] = []

@@ -5,7 +5,7 @@
 # Idempotent: finished steps are skipped (training resumes from its latest checkpoint).
 #
 #   bash scripts/demo.sh                      # the whole demo
-#   OUT=/tmp/run DATA=/data/nuscenes VERSION=v1.0-trainval bash scripts/demo.sh   # your data
+#   OUT=/tmp/run DATA=/data/nuscenes HELDOUT= bash scripts/demo.sh   # your nuScenes (v1.0-trainval, train/val)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,15 +13,18 @@ bash scripts/setup_env.sh
 PY="$ROOT/.venv/bin/python"
 export MPLBACKEND=Agg
 OUT="${OUT:-outputs/demo}"
-DATA="${DATA:-data/nuscenes-synthetic}"
-VERSION="${VERSION:-v1.0-mini}"
+DATA="${DATA:-data/nuscenes-synthetic-trainval}"
+VERSION="${VERSION:-v1.0-trainval}"
 CONFIG="${CONFIG:-configs/demo_cpu.yaml}"
-TRAIN_SPLIT="${TRAIN_SPLIT:-mini_train}"
-VAL_SPLIT="${VAL_SPLIT:-mini_val}"
+TRAIN_SPLIT="${TRAIN_SPLIT:-train}"
+VAL_SPLIT="${VAL_SPLIT:-val}"
+# The synthetic world: many short scenes (real trainval scene names), rendered at the resolution the
+# demo network reads (400x225 upscaled into the 1600x900 JPEGs; the input is 352 px wide).
+WORLD="${WORLD:---train-scenes 120 --val-scenes 25 --samples-per-scene 4 --render-scale 0.25}"
 # A second synthetic world (another seed, only its val scenes): the trained model must score
 # about as well there as on the demo's own val split, i.e. it learned the world, not one world.
 # HELDOUT= (empty) skips it, e.g. when DATA is real nuScenes.
-HELDOUT="${HELDOUT-data/nuscenes-synthetic-seed1}"
+HELDOUT="${HELDOUT-data/nuscenes-synthetic-trainval-seed1}"
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
@@ -30,7 +33,8 @@ step "1/6 data: synthetic nuScenes world in $DATA"
 if [ -f "$DATA/$VERSION/scene.json" ]; then
   echo "found $DATA/$VERSION, skipping generation"
 else
-  "$PY" data_tools/synthetic_nuscenes.py --out "$DATA" --version "$VERSION" --seed 0
+  # shellcheck disable=SC2086
+  "$PY" data_tools/synthetic_nuscenes.py --out "$DATA" --version "$VERSION" --seed 0 $WORLD
 fi
 if [ ! -f "$DATA/bevperc_infos_${VAL_SPLIT}.json" ]; then
   "$PY" data_tools/create_infos.py --dataroot "$DATA" --version "$VERSION" --splits "$TRAIN_SPLIT" "$VAL_SPLIT"
@@ -64,7 +68,8 @@ PY
 if [ -n "$HELDOUT" ]; then
   step "4/6 held-out world: seed 1, val scenes only, in $HELDOUT -> $OUT/eval_heldout"
   if [ ! -f "$HELDOUT/$VERSION/scene.json" ]; then
-    "$PY" data_tools/synthetic_nuscenes.py --out "$HELDOUT" --version "$VERSION" --seed 1 --split "$VAL_SPLIT"
+    # shellcheck disable=SC2086
+    "$PY" data_tools/synthetic_nuscenes.py --out "$HELDOUT" --version "$VERSION" --seed 1 --split "$VAL_SPLIT" $WORLD
   fi
   if [ ! -f "$HELDOUT/bevperc_infos_${VAL_SPLIT}.json" ]; then
     "$PY" data_tools/create_infos.py --dataroot "$HELDOUT" --version "$VERSION" --splits "$VAL_SPLIT"
