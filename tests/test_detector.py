@@ -303,8 +303,10 @@ def test_ray_features_locate_the_ground_and_follow_the_augmentation():
     batch = synthetic_ring_batch(cfg, batch_size=2)
     pixels = torch.stack(torch.meshgrid(torch.arange(12.0) * 16 + 7.5, torch.arange(4.0) * 16 + 7.5, indexing="xy"), -1)
     origins, directions = rays_in_ego(pixels, batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"])
-    features = ray_features(origins, directions)  # [B, N, 4, h, w]
-    assert features.shape == (2, 6, 4, 4, 12)
+    features = ray_features(origins, directions)  # [B, N, 6, h, w]
+    assert features.shape == (2, 6, 6, 4, 12)
+    azimuth = torch.atan2(directions[..., 1], directions[..., 0])
+    torch.testing.assert_close(features[:, :, 4:6].double(), torch.stack([azimuth.cos(), azimuth.sin()], 2), atol=1e-6, rtol=0)
     inverse_ground_depth = features[:, :, 2].double() / 10.0
     down = inverse_ground_depth > 0
     assert down.any() and (~down).any()  # rows below and above the horizon
@@ -320,11 +322,12 @@ def test_ray_features_locate_the_ground_and_follow_the_augmentation():
 
 
 def test_image_heatmap_targets_peak_where_each_box_centre_projects():
-    from bevperc.models.image_head import image_heatmap_targets
+    from bevperc.models.image_head import image_targets
 
     cfg = tiny_config(depth_supervision=False)
     batch = synthetic_ring_batch(cfg, batch_size=2)
-    targets = image_heatmap_targets(batch, cfg.view)  # [B, N, classes, h, w]
+    found = image_targets(batch, cfg.view)
+    targets = found.heatmap  # [B, N, classes, h, w]
     height, width = cfg.view.feature_size
     assert targets.shape == (2, 6, 10, height, width)
     expected = torch.zeros_like(targets, dtype=torch.bool)
@@ -341,6 +344,23 @@ def test_image_heatmap_targets_peak_where_each_box_centre_projects():
                     expected[b, n, labels[m], y, x] = True
     assert expected.sum() >= 3  # several boxes are seen by some camera
     assert torch.equal(targets == 1, expected)
+    # the observation angle turned by the azimuth of the camera -> centre ray gives back the box yaw
+    from bevperc.models.lift import ego_heading
+
+    assert len(found.centres) == int(expected.sum()) and found.observation.shape == (len(found.centres), 2)
+    flat = found.centres
+    b, rest = flat // (6 * height * width), flat % (6 * height * width)
+    n, cell = rest // (height * width), rest % (height * width)
+    for k in range(len(flat)):
+        boxes = batch["gt_boxes"][int(b[k])]
+        origin = (batch["bev_aug"][int(b[k])] @ batch["ego_from_camera"][int(b[k]), int(n[k])])[:2, 3]
+        matching = [m for m in range(len(boxes)) if expected[b[k], n[k], batch["gt_labels"][int(b[k])][m],
+                                                             cell[k] // width, cell[k] % width]]
+        sight = boxes[matching[0], :2] - origin
+        azimuth = torch.stack([torch.cos(torch.atan2(sight[1], sight[0])), torch.sin(torch.atan2(sight[1], sight[0]))])
+        yaw = ego_heading(found.observation[k].view(1, 2, 1, 1), azimuth.view(1, 2, 1, 1)).flatten()
+        torch.testing.assert_close(yaw, torch.stack([torch.sin(boxes[matching[0], 6]), torch.cos(boxes[matching[0], 6])]),
+                                   atol=1e-5, rtol=0)
 
 
 def test_lifted_class_scores_and_mean_pooling_reach_the_bev():
@@ -348,16 +368,17 @@ def test_lifted_class_scores_and_mean_pooling_reach_the_bev():
     each cell by its depth-probability mass and adds log(1 + mass); the full-resolution skip reads the input."""
     torch.manual_seed(0)
     cfg = tiny_config(depth_supervision=True)
-    cfg.image_head = dataclasses.replace(cfg.image_head, enabled=True, lift_scores=True)
+    cfg.image_head = dataclasses.replace(cfg.image_head, enabled=True, lift_scores=True, heading=True)
     cfg.view.pooling = "mean"
     cfg.bev_encoder.full_resolution_skip = True
     model = build_detector(cfg).train()
     view = model.view_transformer
-    assert view.out_channels == cfg.view.context_channels + 10 + 1
+    assert view.out_channels == cfg.view.context_channels + 10 + 2 + 1
     batch = synthetic_ring_batch(cfg, batch_size=1)
     outputs = model(batch)
     task_losses, _ = model.loss(outputs, batch)
-    assert {"image_heatmap", "depth"} <= set(task_losses) and list(task_losses) == task_names(cfg)
+    assert {"image_heatmap", "image_heading", "depth"} <= set(task_losses) and list(task_losses) == task_names(cfg)
+    assert task_losses["image_heading"] > 0
     (grad,) = torch.autograd.grad(task_losses["car+truck.heatmap"], view.image_head.layers[-1].weight)
     assert grad.abs().sum() > 0, "the BEV heatmap loss reaches the image head through the lifted scores"
     pooled = torch.zeros(1, view.lifted_channels, 2, 2)

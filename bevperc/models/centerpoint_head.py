@@ -44,12 +44,15 @@ HEATMAP_INIT_BIAS = -2.19  # sigmoid = 0.1: CenterNet's prior for rare positives
 
 
 def task_names(cfg: ModelConfig) -> list[str]:
-    """All loss names in a fixed order: ``group.branch`` per group, then ``depth`` and ``image_heatmap`` if on."""
+    """All loss names in a fixed order: ``group.branch`` per group, then ``depth``, ``image_heatmap`` and
+    ``image_heading`` where on."""
     names = [f"{group}.{branch}" for group in cfg.head.group_names for branch in BRANCHES]
     if cfg.view.depth_supervision:
         names.append("depth")
     if cfg.image_head.enabled:
         names.append("image_heatmap")
+        if cfg.image_head.heading:
+            names.append("image_heading")
     return names
 
 
@@ -66,6 +69,8 @@ def default_task_weights(cfg: ModelConfig) -> dict[str, float]:
             weights[name] = DEPTH_LOSS_WEIGHT
         elif name == "image_heatmap":
             weights[name] = cfg.image_head.weight
+        elif name == "image_heading":
+            weights[name] = cfg.image_head.heading_weight
         elif branch == "heatmap":
             weights[name] = HEATMAP_LOSS_WEIGHT
         else:

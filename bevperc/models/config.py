@@ -219,6 +219,12 @@ class ImageHeadConfig:
     lift_scores: bool = False
     """Lift the head's class probabilities with the context features: the BEV then receives explicit
     class evidence where the depth net puts each pixel (the head also runs at inference)."""
+    heading: bool = False
+    """Also predict each object's observation angle (task ``image_heading``); with ``lift_scores`` it is
+    lifted as an ego-frame heading (turned by the ray's azimuth): front and back of a vehicle differ in
+    the image, much less in the splatted BEV shape."""
+    heading_weight: float = 0.25
+    """Fixed weight of the ``image_heading`` task (the BEV regressions' 0.25)."""
 
 
 @dataclass

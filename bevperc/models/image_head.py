@@ -12,6 +12,8 @@ synthetic world. It runs at inference only where its class probabilities are lif
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -26,8 +28,21 @@ MIN_DEPTH = 1.0
 """Boxes whose centre is nearer than this (camera z, metres) or with a corner behind the camera are skipped."""
 
 
-def image_heatmap_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1) -> torch.Tensor:
-    """``[B, N, C, h, w]`` Gaussian class heatmaps (C = detection classes) at the feature stride.
+@dataclass
+class ImageTargets:
+    """Targets of the image head for a batch."""
+
+    heatmap: torch.Tensor
+    """``[B, N, C, h, w]`` Gaussian class heatmaps (C = detection classes)."""
+    centres: torch.Tensor
+    """``[K]`` int64 flat index ``((b * N + n) * h + y) * w + x`` of each drawn box's centre cell."""
+    observation: torch.Tensor
+    """``[K, 2]`` ``(sin, cos)`` of its observation angle: the box yaw minus the azimuth of the ray from
+    the camera to the box centre (augmented ego frame), what a camera sees of the heading."""
+
+
+def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1) -> ImageTargets:
+    """Image-head targets at the feature stride.
 
     Box centres (augmented ego frame) go to each augmented image by
     ``image_aug @ K @ inv(bev_aug @ ego_from_camera)``; a box is drawn where its centre lands inside
@@ -40,7 +55,10 @@ def image_heatmap_targets(batch: dict, view: ViewTransformerConfig, min_radius: 
     stride = view.feature_stride
     classes = len(DETECTION_CLASSES)
     heatmaps = torch.zeros(batch_size * cams * classes, height, width, device=intrinsics.device)
-    camera_from_aug_ego = torch.linalg.inv(bev_aug[:, None] @ ego_from_camera)  # [B, N, 4, 4]
+    centres_found: list[torch.Tensor] = []
+    observations: list[torch.Tensor] = []
+    aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
+    camera_from_aug_ego = torch.linalg.inv(aug_ego_from_camera)
     pixels_from_camera = image_aug @ intrinsics  # [B, N, 3, 3]
     for b, (boxes, labels) in enumerate(zip(batch["gt_boxes"], batch["gt_labels"])):
         if len(boxes) == 0:
@@ -63,17 +81,26 @@ def image_heatmap_targets(batch: dict, view: ViewTransformerConfig, min_radius: 
         cells = centre[cam_index, box_index].floor().long()
         channel = (b * cams + cam_index) * classes + labels[box_index].to(cam_index.device)
         draw_gaussians(heatmaps, channel, cells[:, 0], cells[:, 1], torch.tensor(radii, device=heatmaps.device))
-    return heatmaps.view(batch_size, cams, classes, height, width)
+        centres_found.append(((b * cams + cam_index) * height + cells[:, 1]) * width + cells[:, 0])
+        sight = boxes[box_index, :2].double() - aug_ego_from_camera[b, cam_index, :2, 3]  # camera -> box centre
+        angle = boxes[box_index, 6].double() - torch.atan2(sight[:, 1], sight[:, 0])
+        observations.append(torch.stack([torch.sin(angle), torch.cos(angle)], dim=1).float())
+    empty = torch.zeros(0, dtype=torch.long, device=heatmaps.device)
+    return ImageTargets(heatmaps.view(batch_size, cams, classes, height, width),
+                        torch.cat(centres_found) if centres_found else empty,
+                        torch.cat(observations) if observations else torch.zeros(0, 2, device=heatmaps.device))
 
 
 class ImageHeatmapHead(nn.Module):
-    """Image features ``[B * N, C_in, h, w]`` -> class heatmap logits ``[B * N, classes, h, w]``."""
+    """Image features ``[B * N, C_in, h, w]`` -> class heatmap logits ``[B * N, classes, h, w]``, then
+    with ``heading`` the ``(sin, cos)`` of the observation angle (2 more channels, read at box centres)."""
 
-    def __init__(self, in_channels: int, channels: int, view: ViewTransformerConfig, min_radius: int = 1):
+    def __init__(self, in_channels: int, channels: int, view: ViewTransformerConfig, min_radius: int = 1,
+                 heading: bool = False):
         super().__init__()
-        self.view_cfg, self.min_radius = view, min_radius
+        self.view_cfg, self.min_radius, self.heading = view, min_radius, heading
         self.num_classes = len(DETECTION_CLASSES)
-        final = nn.Conv2d(channels, self.num_classes, kernel_size=1)
+        final = nn.Conv2d(channels, self.num_classes + (2 if heading else 0), kernel_size=1)
         nn.init.constant_(final.bias, HEATMAP_INIT_BIAS)
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
@@ -83,11 +110,22 @@ class ImageHeatmapHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
 
-    def loss(self, logits: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``image_heatmap``: focal loss over all cameras / positive cells of the batch (and per sample)."""
-        target = image_heatmap_targets(batch, self.view_cfg, self.min_radius)  # [B, N, C, h, w]
-        batch_size = target.shape[0]
+    def loss(self, outputs: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``image_heatmap``: focal loss over all cameras / positive cells of the batch (and per sample);
+        with ``heading``, ``image_heading``: L1 of the observation angle's (sin, cos) at the box centres."""
+        targets = image_targets(batch, self.view_cfg, self.min_radius)
+        batch_size = targets.heatmap.shape[0]
+        logits = outputs[:, : self.num_classes]
         sums, positives = gaussian_focal_loss_sums(logits.reshape(batch_size, -1, *logits.shape[-2:]),
-                                                   target.flatten(1, 2))
-        total = sums.sum() / positives.sum().clamp(min=1)
-        return {"image_heatmap": total}, {"image_heatmap": sums / positives.clamp(min=1)}
+                                                   targets.heatmap.flatten(1, 2))
+        losses = {"image_heatmap": sums.sum() / positives.sum().clamp(min=1)}
+        per_sample = {"image_heatmap": sums / positives.clamp(min=1)}
+        if self.heading:
+            predicted = outputs[:, self.num_classes :].permute(0, 2, 3, 1).reshape(-1, 2)[targets.centres]
+            errors = (predicted.float() - targets.observation).abs().sum(1)  # [K]
+            sample = targets.centres // (outputs.shape[0] // batch_size * outputs[0, 0].numel())
+            counts = torch.bincount(sample, minlength=batch_size).float()
+            sample_sums = torch.zeros(batch_size, device=errors.device).index_add(0, sample, errors)
+            losses["image_heading"] = sample_sums.sum() / (counts.sum() + 1e-4)
+            per_sample["image_heading"] = sample_sums / (counts + 1e-4)
+        return losses, per_sample

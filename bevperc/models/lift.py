@@ -104,8 +104,10 @@ def frustum_to_ego(
     return origins[:, :, None, None, None, :] + depth[:, None, None, None] * directions[:, :, None]
 
 
-RAY_FEATURES = 4
+RAY_FEATURES = 6
 """Channels of :func:`ray_features`."""
+RAY_AZIMUTH = slice(4, 6)
+"""The ``cos, sin`` of the ray's azimuth in :func:`ray_features`."""
 
 
 def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -113,10 +115,10 @@ def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
 
     Per ray in the augmented ego frame (ground plane z = 0): the sine of its elevation, the camera
     height (m, / 2), the inverse of the camera depth at which it meets the ground (1/m, x 10; 0 for
-    rays at or above the horizon), and the log of the metres a feature cell spans at 10 m depth (the
-    augmented focal length). Image resizing, cropping and rotation and BEV scaling all change these, so the depth
-    net sees what the augmentation did to the camera (BEVDepth feeds camera parameters to its depth
-    net for the same reason).
+    rays at or above the horizon), the log of the metres a feature cell spans at 10 m depth (the
+    augmented focal length), and the cosine and sine of its azimuth. Image resizing, cropping and
+    rotation and BEV scaling all change these, so the depth net sees what the augmentation did to the
+    camera (BEVDepth feeds camera parameters to its depth net for the same reason).
     """
     unit = directions / directions.norm(dim=-1, keepdim=True)
     height = origins[..., 2][:, :, None, None].expand_as(unit[..., 2])
@@ -125,8 +127,18 @@ def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
     # neighbouring rays differ by one feature cell: their angle is the angular size of the cell
     spacing = (unit[..., :, 1:, :] - unit[..., :, :-1, :]).norm(dim=-1).mean(dim=(-2, -1))  # [B, N]
     log_scale = torch.log(10.0 * spacing.clamp(min=1e-6))[:, :, None, None].expand_as(height)
-    features = torch.stack([unit[..., 2], height / 2.0, 10.0 * inverse_ground_depth, log_scale], dim=2)
+    horizontal = directions[..., :2] / directions[..., :2].norm(dim=-1, keepdim=True).clamp(min=1e-9)
+    features = torch.stack([unit[..., 2], height / 2.0, 10.0 * inverse_ground_depth, log_scale,
+                            horizontal[..., 0], horizontal[..., 1]], dim=2)
     return features.float()
+
+
+def ego_heading(observation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
+    """``(sin, cos)`` of the ego-frame yaw from those of the observation angle (yaw minus the ray's
+    azimuth) and the ray's azimuth ``(cos, sin)``; all ``[B', 2, h, w]``."""
+    sin_a, cos_a = observation[:, 0:1], observation[:, 1:2]
+    cos_p, sin_p = azimuth[:, 0:1], azimuth[:, 1:2]
+    return torch.cat([sin_a * cos_p + cos_a * sin_p, cos_a * cos_p - sin_a * sin_p], dim=1)
 
 
 def _block_nearest(depth_maps: torch.Tensor, stride: int) -> torch.Tensor:
@@ -227,11 +239,15 @@ class LSSViewTransformer(nn.Module):
             raise ValueError("LSSViewTransformer: lift_scores needs an image head")
         self.view_cfg, self.grid_cfg = view, grid
         self.image_head, self.lift_scores = image_head, lift_scores
+        self.lift_heading = lift_scores and image_head.heading
         self.num_depth_bins = view.num_depth_bins
         self.context_channels = view.context_channels
         self.lifted_channels = view.context_channels + (image_head.num_classes if lift_scores else 0)
-        """Channels lifted per pixel: the context, plus the class probabilities (``lift_scores``), plus a
-        constant 1 with ``view.pooling: mean`` (pooled, it is the cell's depth-probability mass)."""
+        self.lifted_channels += 2 if self.lift_heading else 0
+        """Channels lifted per pixel: the context, plus the class probabilities (``lift_scores``) and the
+        ego-frame heading of the image head (its observation angle turned by the ray's azimuth, weighted by
+        the top class probability), plus a constant 1 with ``view.pooling: mean`` (pooled, it is the
+        cell's depth-probability mass)."""
         self.lifted_channels += 1 if view.pooling == "mean" else 0
         self.out_channels = self.lifted_channels
         """Channels of the BEV map (:meth:`finish_pooling`)."""
@@ -284,8 +300,8 @@ class LSSViewTransformer(nn.Module):
 
     def ray_inputs(self, geometry: dict) -> torch.Tensor | None:
         """:func:`ray_features` ``[B * N, RAY_FEATURES, h, w]`` for the geometry keys of a batch
-        (None without ``view.ray_features``)."""
-        if self.ray_embedding is None:
+        (None unless the depth net reads them or a lifted heading needs the ray azimuths)."""
+        if self.ray_embedding is None and not self.lift_heading:
             return None
         origins, directions = rays_in_ego(self.frustum[0, ..., :2], *self._geometry_inputs(geometry))
         return ray_features(origins, directions).flatten(0, 1)
@@ -298,15 +314,19 @@ class LSSViewTransformer(nn.Module):
         image_logits = None
         if self.image_head is not None and (self.training or self.lift_scores):
             image_logits = self.image_head(features)
+        if (self.ray_embedding is not None or self.lift_heading) and rays is None:
+            raise ValueError("LSSViewTransformer.lift: give the ray_inputs of the batch (ray features or lifted heading)")
         if self.ray_embedding is not None:
-            if rays is None:
-                raise ValueError("LSSViewTransformer.lift: view.ray_features is on, give the ray_inputs of the batch")
             features = features + self.ray_embedding(rays.to(features))
         out = self.depth_net(features)
         depth_logits = out[:, : self.num_depth_bins].reshape(-1, cams, self.num_depth_bins, height, width)
         context = [out[:, self.num_depth_bins :]]
         if self.lift_scores:
-            context.append(torch.sigmoid(image_logits))
+            scores = torch.sigmoid(image_logits[:, : self.image_head.num_classes])
+            context.append(scores)
+        if self.lift_heading:
+            context.append(ego_heading(image_logits[:, self.image_head.num_classes :], rays[:, RAY_AZIMUTH].to(scores))
+                           * scores.amax(dim=1, keepdim=True))
         if self.view_cfg.pooling == "mean":
             context.append(torch.ones_like(out[:, :1]))
         context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
