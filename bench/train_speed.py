@@ -28,38 +28,55 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
-    """One process: samples/s of training steps of the variant on one real batch."""
+def measure(config: str, overrides: list[str], steps: int, warmup: int, device: str = "cpu",
+            amp: str | None = None) -> dict[str, float]:
+    """One process: samples/s of training steps of the variant on one real batch (and the peak GPU
+    memory on CUDA); ``amp`` ``bfloat16``/``float16`` runs the forward pass under autocast."""
     import torch
 
     from bevperc.config import load_run_config
     from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
+    from bevperc.engine.trainer import move_to_device
     from bevperc.models.centerpoint_head import default_task_weights
     from bevperc.models.detector import build_detector
 
     cfg = load_run_config(config, overrides)
     dataset = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True)
-    batch = collate_bev([dataset[i] for i in range(cfg.train.batch_size)])
+    batch = move_to_device(collate_bev([dataset[i % len(dataset)] for i in range(cfg.train.batch_size)]), torch.device(device))
     torch.manual_seed(0)
-    model = build_detector(cfg.model).train()
+    model = build_detector(cfg.model).to(device).train()
     weights = default_task_weights(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device, enabled=amp == "float16")
+    cuda = device.startswith("cuda")
 
     def step() -> None:
-        task_losses, _ = model.loss(model(batch), batch)
-        sum(weights[name] * value for name, value in task_losses.items()).backward()
-        optimizer.step()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=getattr(torch, amp or "float32"),
+                            enabled=amp is not None):
+            task_losses, _ = model.loss(model(batch), batch)
+            loss = sum(weights[name] * value for name, value in task_losses.items())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"samples_per_s": steps * cfg.train.batch_size / wall,
-            "cpu_s_per_sample": (time.process_time() - cpu) / (steps * cfg.train.batch_size),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    result = {"samples_per_s": steps * cfg.train.batch_size / wall,
+              "cpu_s_per_sample": (time.process_time() - cpu) / (steps * cfg.train.batch_size),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if cuda:
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (adds the peak GPU memory)")
+    parser.add_argument("--amp", choices=["bfloat16", "float16"], default=None, help="autocast the forward pass")
     parser.add_argument("--json", help="write the rounds and the table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, printed as JSON
     parser.add_argument("overrides", nargs="*", help="overrides common to every variant")
@@ -80,7 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(measure(args.config, [*args.overrides, *shlex.split(args.worker)], args.steps, args.warmup)))
+        print(json.dumps(measure(args.config, [*args.overrides, *shlex.split(args.worker)], args.steps, args.warmup,
+                                 args.device, args.amp)))
         return 0
     if not args.variant:
         print("bench/train_speed.py: give at least one --variant NAME OVERRIDES", file=sys.stderr)
@@ -92,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, overrides in args.variant:
             command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--worker", overrides, *args.overrides]
+                       str(args.warmup), "--device", args.device, *(["--amp", args.amp] if args.amp else []),
+                       "--worker", overrides, *args.overrides]
             output = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(output.strip().splitlines()[-1])
         rounds.append(results)
@@ -107,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         row = {"variant": name, "samples_per_s": statistics.median(rates), "ratio": ratio, "cpu_s_per_sample": cpu,
                "parameters": rounds[0][name]["parameters"], "min": min(rates), "max": max(rates)}
         table.append(row)
+        if "peak_gpu_memory_gib" in rounds[0][name]:
+            row["peak_gpu_memory_gib"] = max(r[name]["peak_gpu_memory_gib"] for r in rounds)
+        memory = f" | {row['peak_gpu_memory_gib']:.2f} GiB" if "peak_gpu_memory_gib" in row else ""
         print(f"| {name} | {row['samples_per_s']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | {ratio:.2f} | {cpu:.3f} | "
-              f"{row['parameters'] / 1e6:.2f} M |")
+              f"{row['parameters'] / 1e6:.2f} M{memory} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "threads": args.threads, "steps": args.steps,
+                                               "device": args.device, "amp": args.amp,
                                                "variants": dict(map(tuple, args.variant)), "rounds": rounds,
                                                "table": table}, indent=1))
     return 0
