@@ -26,6 +26,7 @@ from bevperc.models.exportable import rig_batch
 from bevperc.models.lift import inverse_3x3
 from bevperc.utils.config import save_config
 from bevperc.utils.io import atomic_torch_save
+from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld
 from helpers.detectors import calibrate_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +47,7 @@ def demo(synthetic_root, synthetic_infos, tmp_path_factory) -> dict:
     """Demo config on the session's synthetic world, its YAML file and a BN-calibrated random checkpoint."""
     folder = tmp_path_factory.mktemp("export")
     # decode.score_threshold 0.3: tens of boxes per sample, far from the 500-box cap
-    cfg = load_run_config(REPO / "configs" / "demo_cpu.yaml",
-                          [f"data.dataroot={synthetic_root}", "model.decode.score_threshold=0.3"])
+    cfg = load_run_config(DEMO_CONFIG, [*NuScenesWorld(synthetic_root).overrides(), "model.decode.score_threshold=0.3"])
     save_config(cfg, folder / "config.yaml")
     torch.manual_seed(0)
     model = calibrate_batchnorm(build_detector(cfg.model), [dataset_batch(cfg, "mini_train", [0, 7]),
