@@ -90,7 +90,7 @@ def test_a_run_killed_before_its_validation_validates_when_resumed(tmp_path, one
     resumed, _, _ = build_trainer(_toy_args(tmp_path / "killed", "--validate"))
     resumed.fit(resume=True)
     assert [v["epoch"] for v in resumed.history["val"]] == [0, 1]
-    assert resumed.history["val"] == reference.history["val"]
+    assert_same(resumed.history["val"], reference.history["val"], "history.val")
 
 
 # ----------------------------------------------------------------------------- item 4: work dir lock
