@@ -26,7 +26,8 @@ import pytest
 import torch
 import yaml
 
-from helpers.tiny_runs import CONFIG, REPO, hold_lock, linked_root, train_argv, write_infos
+from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld
+from helpers.tiny_runs import REPO, hold_lock, linked_root, train_argv, write_infos
 
 sys.path.insert(0, str(REPO / "data_tools"))
 
@@ -174,8 +175,8 @@ def _broken_tables(w: World, t: Path, table: str) -> Path:
 
 
 def _predict(w: World, t: Path, checkpoint: Path, *overrides: str) -> list[str]:
-    return ["--config", str(CONFIG), "--checkpoint", str(checkpoint), "--out", str(t / "out"), "--figures", "0",
-            f"data.dataroot={w.root}", f"data.info_dir={w.infos}", "data.input_size=[64,160]",
+    return ["--config", str(DEMO_CONFIG), "--checkpoint", str(checkpoint), "--out", str(t / "out"), "--figures", "0",
+            *NuScenesWorld(w.root).overrides(), f"data.info_dir={w.infos}", "data.input_size=[64,160]",
             "model.view.input_size=[64,160]", *overrides]
 
 

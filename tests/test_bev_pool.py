@@ -160,13 +160,13 @@ def test_plan_cache_reuses_plan_for_unchanged_geometry():
     transformer = LSSViewTransformer(in_channels=8, view=view, grid=grid)
     geometry = realistic_geometry(1, view.input_size)
     features = torch.randn(6, 8, *view.feature_size)
-    first, _ = transformer(features, geometry)
-    second, _ = transformer(features, {k: v.clone() for k, v in geometry.items()})
+    first, _, _ = transformer(features, geometry)
+    second, _, _ = transformer(features, {k: v.clone() for k, v in geometry.items()})
     assert (transformer.plan_cache.hits, transformer.plan_cache.misses) == (1, 1)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     moved = {k: v.clone() for k, v in geometry.items()}
     moved["bev_aug"][0, 0, 3] += 0.8  # shift the ego frame by one cell in x
-    third, _ = transformer(features, moved)
+    third, _, _ = transformer(features, moved)
     assert transformer.plan_cache.misses == 2
     assert not torch.equal(first, third)
     # an uncached plan gives the same result as the cached path

@@ -1,5 +1,6 @@
 """ONNX export of the BEV detector (``python -m bevperc.export``): both calibration modes, onnx.checker,
-standard operators only, onnxruntime vs PyTorch within 1e-4, and the same scores through ``bevperc.eval``.
+standard operators only, onnxruntime vs PyTorch within 1e-3 (gesture models 1e-4) and as close to a float64
+forward as PyTorch float32, and the same scores through ``bevperc.eval``.
 
 The detector is the demo config with random weights whose BatchNorm statistics come from real
 samples (``helpers.detectors.calibrate_batchnorm``), so its head maps vary by O(1) over the grid.
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from bevperc.config import load_run_config
-from bevperc.export import ExportCheckError, dataset_batch, export_detector, main, rig_from
+from bevperc.export import ExportCheckError, dataset_batch, export_detector, float64_gaps, main, rig_from
 from bevperc.inference import OnnxBEVDetector, load_detector
 from bevperc.models import build_detector
 from bevperc.models.bev_pool import bev_pool, bev_pool_onnx, make_pool_plan, ray_of_point
@@ -26,11 +27,16 @@ from bevperc.models.exportable import rig_batch
 from bevperc.models.lift import inverse_3x3
 from bevperc.utils.config import save_config
 from bevperc.utils.io import atomic_torch_save
+from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld
 from helpers.detectors import calibrate_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "nuscenes-real-sample"
 ATOL = 1e-4
+# The demo detector (RegNetX-400MF backbone): float32 rounding alone puts PyTorch ~3e-4 from a float64
+# forward on this model, so no float32 runtime meets 1e-4; the export is checked at 1e-3, as README's
+# "The check" advises at R50 size, and onnxruntime must be about as exact as PyTorch float32.
+BEV_ATOL = 1e-3
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +52,7 @@ def demo(synthetic_root, synthetic_infos, tmp_path_factory) -> dict:
     """Demo config on the session's synthetic world, its YAML file and a BN-calibrated random checkpoint."""
     folder = tmp_path_factory.mktemp("export")
     # decode.score_threshold 0.3: tens of boxes per sample, far from the 500-box cap
-    cfg = load_run_config(REPO / "configs" / "demo_cpu.yaml",
-                          [f"data.dataroot={synthetic_root}", "model.decode.score_threshold=0.3"])
+    cfg = load_run_config(DEMO_CONFIG, [*NuScenesWorld(synthetic_root).overrides(), "model.decode.score_threshold=0.3"])
     save_config(cfg, folder / "config.yaml")
     torch.manual_seed(0)
     model = calibrate_batchnorm(build_detector(cfg.model), [dataset_batch(cfg, "mini_train", [0, 7]),
@@ -60,7 +65,7 @@ def demo(synthetic_root, synthetic_infos, tmp_path_factory) -> dict:
 def exported(demo) -> dict[str, dict]:
     """Both modes exported (and checked) once: mode -> the command's report."""
     return {mode: export_detector(demo["cfg"], demo["checkpoint"], demo["dir"] / f"{mode}.onnx", mode,
-                                  real_sample=REAL_SAMPLE)
+                                  real_sample=REAL_SAMPLE, atol=BEV_ATOL)
             for mode in ("fixed-rig", "inputs")}
 
 
@@ -119,13 +124,17 @@ def test_export_passes_checker_uses_standard_ops_and_matches_pytorch(exported, d
     batch = dataset_batch(demo["cfg"], "mini_val", [0])
     with torch.no_grad():
         expected = model(batch)
-    assert [o.name for o in proto.graph.output] == list(expected)  # BEVDetector.forward's keys, in order
+    # BEVDetector.forward's keys, in order, less the image head's logits (perspective supervision: training only)
+    outputs = [name for name in expected if name != "image_heatmap"]
+    assert [o.name for o in proto.graph.output] == outputs
     assert float(expected["car+truck+bus+trailer+construction_vehicle.heatmap"].std()) > 0.1  # not a flat map
     # the command's own check: a batch of 2 dataset samples (dynamic batch axis) and the real keyframe
     assert list(report["max_abs_diff"])[0] == "mini_val[0, 1]"
     assert ("nuscenes-real-sample" in report["max_abs_diff"]) == (REAL_SAMPLE / "sample_info.json").is_file()
     for diffs in report["max_abs_diff"].values():
-        assert set(diffs) == set(expected) and max(diffs.values()) <= ATOL
+        assert set(diffs) == set(outputs) and max(diffs.values()) <= BEV_ATOL
+    gaps = float64_gaps(model, OnnxBEVDetector(path, demo["cfg"].model), dataset_batch(demo["cfg"], "mini_val", [0, 1]))
+    assert gaps["onnxruntime"] <= 2 * gaps["torch float32"], gaps
     assert json.loads(path.with_suffix(".check.json").read_text())["max_abs_diff"] == report["max_abs_diff"]
 
 
@@ -162,7 +171,7 @@ def test_calibration_inputs_are_used_and_a_fixed_rig_reports_its_deviation(expor
         expected, before = model(moved), model(batch)
     got = runner(moved)
     name = "pedestrian.heatmap"
-    assert max(float((got[k] - expected[k]).abs().max()) for k in expected) <= ATOL
+    assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= BEV_ATOL
     assert float((got[name] - before[name]).abs().max()) > 0.1  # the graph followed the new calibration
     fixed = OnnxBEVDetector(exported["fixed-rig"]["onnx"], cfg.model)
     with caplog.at_level(logging.WARNING, logger="bevperc.inference"):
@@ -193,11 +202,12 @@ def test_onnx_submission_scores_the_same_as_pytorch_through_eval(exported, demo,
             distance = min(np.abs(np.subtract(w["translation"], box["translation"])).max() for w in same)
             assert distance < 1e-3
     assert total > 20
+    # the same matches; TP errors (means of per-box errors of maps that agree within BEV_ATOL) within BEV_ATOL
     summaries = {k: json.loads((v / "metrics_summary.json").read_text()) for k, v in out.items()}
     assert abs(summaries["onnx"]["mean_ap"] - summaries["torch"]["mean_ap"]) <= 1e-6
-    assert abs(summaries["onnx"]["nd_score"] - summaries["torch"]["nd_score"]) <= 1e-6
+    assert abs(summaries["onnx"]["nd_score"] - summaries["torch"]["nd_score"]) <= BEV_ATOL
     for metric, value in summaries["torch"]["tp_errors"].items():
-        assert abs(summaries["onnx"]["tp_errors"][metric] - value) <= 1e-6 or (np.isnan(value) and np.isnan(
+        assert abs(summaries["onnx"]["tp_errors"][metric] - value) <= BEV_ATOL or (np.isnan(value) and np.isnan(
             summaries["onnx"]["tp_errors"][metric]))
 
 
@@ -207,8 +217,8 @@ def test_export_cli_errors_name_the_file_or_field(exported, demo, tmp_path, caps
     assert main([*base, "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     assert f"checkpoint not found: {tmp_path / 'missing.pth'}" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(demo["checkpoint"]), "model.view.context_channels=16"]) == 2
-    assert f"{demo['checkpoint']}: weights do not match the config's model (size mismatch for view_transformer" in \
-        capsys.readouterr().err
+    assert (f"{demo['checkpoint']}: the weights do not fit the configured model (Error(s) in loading state_dict for "
+            "BEVDetector: size mismatch for view_transformer") in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(demo["checkpoint"]), "--rig", str(tmp_path)]) == 2
     assert "sample_info.json" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(demo["checkpoint"]), "--opset", "15"]) == 2  # scatter_add would overwrite

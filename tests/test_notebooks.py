@@ -33,9 +33,9 @@ def demo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, demo_root) -> Path:
-    from bevperc.viz.demo import make_smoke_run
+    from bevperc.viz.demo import NuScenesWorld, make_smoke_run
 
-    return make_smoke_run(tmp_path_factory.mktemp("smoke_run"), demo_root)
+    return make_smoke_run(tmp_path_factory.mktemp("smoke_run"), NuScenesWorld(demo_root))
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +54,25 @@ def test_notebooks_are_stored_without_outputs():
         for cell in notebook.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: stored with outputs"
+
+
+def test_the_notebooks_read_the_world_of_the_run(demo_root, smoke_run, tmp_path, monkeypatch):
+    """The run's config.yaml names the world (scripts/demo.sh: a v1.0-trainval world, dataroot relative to the
+    repository); $BEVPERC_DATA_ROOT, read as $BEVPERC_VERSION (default v1.0-mini), comes first."""
+    from bevperc.config import load_run_config
+    from bevperc.utils.config import save_config
+    from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld, demo_world
+
+    monkeypatch.delenv("BEVPERC_DATA_ROOT", raising=False)
+    monkeypatch.delenv("BEVPERC_VERSION", raising=False)
+    assert demo_world(smoke_run) == NuScenesWorld(demo_root)
+    save_config(load_run_config(DEMO_CONFIG), tmp_path / "config.yaml")  # as bevperc.train saves it
+    trainval = NuScenesWorld(REPO / "data" / "nuscenes-synthetic-trainval", "v1.0-trainval", "train", "val")
+    assert demo_world(tmp_path) == trainval
+    monkeypatch.setenv("BEVPERC_DATA_ROOT", str(demo_root))
+    assert demo_world(tmp_path) == NuScenesWorld(demo_root)
+    monkeypatch.setenv("BEVPERC_VERSION", "v1.0-trainval")
+    assert demo_world(tmp_path) == NuScenesWorld(demo_root, "v1.0-trainval", "train", "val")
 
 
 @pytest.mark.slow  # each notebook starts a kernel and imports torch; ~1 minute each on a loaded 2-core CPU
@@ -79,3 +98,4 @@ def test_notebook_runs_top_to_bottom(name, demo_root, smoke_run, gesture_run, tm
     assert images >= MIN_FIGURES[name], f"{name}: expected >= {MIN_FIGURES[name]} figures in the outputs, got {images}"
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
+    assert not (demo_root / "bevperc_cache").exists()  # the shared world is only read (image cache off)

@@ -21,7 +21,8 @@ import pytest
 from bevperc.config import load_run_config
 from bevperc.engine.checkpoint import load_checkpoint
 from bevperc.train import main as train_main
-from helpers.tiny_runs import CONFIG, REPO, linked_root, train_argv, write_infos
+from bevperc.viz.demo import DEMO_CONFIG
+from helpers.tiny_runs import REPO, linked_root, train_argv, write_infos
 from helpers.toy_train import assert_same, build_trainer, parse_args
 
 TOY_TRAIN = REPO / "tests" / "helpers" / "toy_train.py"
@@ -89,7 +90,7 @@ def test_a_run_killed_before_its_validation_validates_when_resumed(tmp_path, one
     resumed, _, _ = build_trainer(_toy_args(tmp_path / "killed", "--validate"))
     resumed.fit(resume=True)
     assert [v["epoch"] for v in resumed.history["val"]] == [0, 1]
-    assert resumed.history["val"] == reference.history["val"]
+    assert_same(resumed.history["val"], reference.history["val"], "history.val")
 
 
 # ----------------------------------------------------------------------------- item 4: work dir lock
@@ -156,11 +157,11 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_keeps_the_previous_one(tmp
 
 # ----------------------------------------------------------------------------- item 12: YAML numbers
 def test_numbers_without_a_dot_are_numbers_in_configs_and_overrides(tmp_path):
-    cfg = load_run_config(CONFIG, ["train.lr=1e-3", "train.weight_decay=1E-2", "train.eps=1e-9"])
+    cfg = load_run_config(DEMO_CONFIG, ["train.lr=1e-3", "train.weight_decay=1E-2", "train.eps=1e-9"])
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.eps) == (1e-3, 1e-2, 1e-9)
     path = tmp_path / "run.yaml"
-    path.write_text(CONFIG.read_text().replace("lr: 2.0e-3", "lr: 2e-3").replace("weight_decay: 1.0e-2",
-                                                                                   "weight_decay: 1e-2"))
+    path.write_text(DEMO_CONFIG.read_text().replace("lr: 2.0e-3", "lr: 2e-3").replace("weight_decay: 1.0e-2",
+                                                                                        "weight_decay: 1e-2"))
     assert "lr: 2e-3" in path.read_text()
     cfg = load_run_config(path, ["train.onecycle_final_div_factor=1e4", "data.version=v1.0-mini"])
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.onecycle_final_div_factor) == (2e-3, 1e-2, 1e4)
@@ -190,15 +191,15 @@ def test_annotations_of_an_unknown_category_are_counted_in_a_warning(synthetic_r
 
 
 # ----------------------------------------------------------------------------- item 9: notebook folders
-@pytest.mark.parametrize("variable, resolve", [("BEVPERC_DATA_ROOT", "demo_data_root"),
-                                               ("BEVPERC_RUN_DIR", "default_run_dir"),
-                                               ("BEVPERC_GESTURE_DIR", "default_gesture_dir")])
+@pytest.mark.parametrize("variable, resolve", [("BEVPERC_DATA_ROOT", lambda demo: demo.demo_world().root),
+                                               ("BEVPERC_RUN_DIR", lambda demo: demo.default_run_dir()),
+                                               ("BEVPERC_GESTURE_DIR", lambda demo: demo.default_gesture_dir())])
 def test_a_missing_folder_named_for_a_notebook_is_an_error(monkeypatch, tmp_path, variable, resolve):
     from bevperc.viz import demo
 
     monkeypatch.setenv(variable, str(tmp_path / "typo"))
     with pytest.raises(FileNotFoundError, match=rf"{variable}={tmp_path / 'typo'}: no such folder"):
-        getattr(demo, resolve)()
+        resolve(demo)
     assert not (tmp_path / "typo").exists()
     monkeypatch.setenv(variable, str(tmp_path))
-    assert getattr(demo, resolve)() == tmp_path
+    assert resolve(demo) == tmp_path

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bevperc.viz.demo import NuScenesWorld
 from helpers.tiny_runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_resume_eval_figures(synthetic_root, synthetic_infos, tmp_path):
     work = tmp_path / "run"
-    overrides = [f"data.dataroot={synthetic_root}", *TINY]
+    overrides = [*NuScenesWorld(synthetic_root).overrides(), *TINY]
     # with in-training validation by the fast engine after the epoch
     run(["-m", "bevperc.train", "--config", "configs/demo_cpu.yaml", "--work-dir", str(work), "train.val_every=1", *overrides])
     val = json.loads((work / "val" / "epoch_001" / "metrics_summary.json").read_text())

@@ -22,7 +22,7 @@ from bevperc.engine.ema import ModelEMA
 from bevperc.engine.logging import close_logger, setup_logger
 from bevperc.engine.schedule import build_scheduler, lr_factor
 from bevperc.utils.config import ConfigError, from_dict
-from helpers.toy_train import ToyQuadrants, build_trainer, parse_args
+from helpers.toy_train import ToyQuadrants, assert_same, build_trainer, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -43,20 +43,6 @@ def _snapshot(trainer: Trainer) -> dict:
     return copy.deepcopy({"model": trainer.model.state_dict(), "optimizer_state": trainer.optimizer.state_dict()["state"],
                           "extra": {k: v.state_dict() for k, v in trainer.extra_state.items()},
                           "ema": trainer.ema.state_dict() if trainer.ema else None})
-
-
-def _assert_same(a, b, path="state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} changed"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a} != {b}"
 
 
 def _batches(trainer: Trainer):
@@ -131,7 +117,7 @@ def test_nan_loss_skips_the_step_and_leaves_weights_untouched(tmp_path):
     trainer.compute_loss = lambda model, batch: (honest_loss(model, batch)[0] * float("nan"), {})
     result = trainer.train_one_step(next(batches))
     assert result.skipped and result.skip_reason == "non-finite loss" and math.isnan(result.loss)
-    _assert_same(before, _snapshot(trainer))
+    assert_same(before, _snapshot(trainer))
     assert trainer.skipped_steps == 1 and trainer.history["skipped_steps"] == [2]
     assert steps_seen == [1]                                   # after_step hooks only run on applied steps
     assert all(p.grad is None for p in trainer.model.parameters())
@@ -150,7 +136,7 @@ def test_inf_loss_is_skipped_too(tmp_path):
     honest_loss = trainer.compute_loss
     trainer.compute_loss = lambda model, batch: (honest_loss(model, batch)[0] + float("inf"), {})
     assert trainer.train_one_step(next(batches)).skipped
-    _assert_same(before, _snapshot(trainer))
+    assert_same(before, _snapshot(trainer))
 
 
 def test_non_finite_gradients_with_a_finite_loss_are_skipped(tmp_path):
@@ -169,7 +155,7 @@ def test_non_finite_gradients_with_a_finite_loss_are_skipped(tmp_path):
     result = trainer.train_one_step(next(batches))
     assert math.isfinite(result.loss)
     assert result.skipped and result.skip_reason == "non-finite gradients" and math.isnan(result.grad_norm)
-    _assert_same(before, _snapshot(trainer))
+    assert_same(before, _snapshot(trainer))
     assert trainer.skipped_steps == 1
 
 
@@ -246,9 +232,10 @@ def test_validation_does_not_change_the_training_result(tmp_path):
     validated, _, _ = build_trainer(_toy_args(tmp_path / "val", "--epochs", "2", "--samples", "24", "--validate"))
     history = validated.fit()
     assert [entry["epoch"] for entry in history["val"]] == [0, 1]  # 0-based index of the finished epoch
-    assert set(history["val"][0]) == {"epoch", "step", "mse", "accuracy"}
+    assert set(history["val"][0]) == {"epoch", "step", "train_seconds", "mse", "accuracy"}
+    assert 0 < history["val"][0]["train_seconds"] <= history["val"][1]["train_seconds"]
     assert [entry["step"] for entry in history["val"]] == [validated.iters_per_epoch, 2 * validated.iters_per_epoch]
-    _assert_same(plain.model.state_dict(), validated.model.state_dict())
+    assert_same(plain.model.state_dict(), validated.model.state_dict())
 
 
 # ----------------------------------------------------------------------------- checkpoint contents, config

@@ -466,16 +466,16 @@ def test_cli_writes_the_figures_of_one_sample(demo_root, tmp_path):
 
     from bevperc.config import load_run_config
     from bevperc.models import build_detector
+    from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld
 
-    config_path = REPO / "configs" / "demo_cpu.yaml"
-    override = f"data.dataroot={demo_root}"
+    overrides = NuScenesWorld(demo_root).overrides()
     torch.manual_seed(0)
-    model = build_detector(load_run_config(config_path, [override]).model)
+    model = build_detector(load_run_config(DEMO_CONFIG, overrides).model)
     torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
     token = json.loads((demo_root / "bevperc_infos_mini_val.json").read_text())["samples"][1]["token"]
     result = subprocess.run(
-        [sys.executable, "-m", "bevperc.viz", "--config", str(config_path), "--checkpoint", str(tmp_path / "model.pth"),
-         "--sample", token, "--out", str(tmp_path / "figures"), "--no-3d", "--dpi", "50", override],
+        [sys.executable, "-m", "bevperc.viz", "--config", str(DEMO_CONFIG), "--checkpoint", str(tmp_path / "model.pth"),
+         "--sample", token, "--out", str(tmp_path / "figures"), "--no-3d", "--dpi", "50", *overrides],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -483,8 +483,8 @@ def test_cli_writes_the_figures_of_one_sample(demo_root, tmp_path):
     assert written == ["bev.png", "cameras.png", "depth_CAM_FRONT.png", "heatmaps.png"]
     assert f"sample {token}" not in result.stderr  # no warnings about the sample
     bad = subprocess.run(
-        [sys.executable, "-m", "bevperc.viz", "--config", str(config_path), "--sample", "nope", "--out", str(tmp_path),
-         override],
+        [sys.executable, "-m", "bevperc.viz", "--config", str(DEMO_CONFIG), "--sample", "nope", "--out", str(tmp_path),
+         *overrides],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert bad.returncode != 0 and "nope" in bad.stderr

@@ -4,7 +4,7 @@ Input: the ``history`` dict :class:`bevperc.engine.Trainer` keeps (``Trainer.his
 ``fit()``) or the one stored in its checkpoints (``state["history"]``, loss/lr as float64 tensors)::
 
     {"loss": [per step], "lr": [per step], "grad_norm": [per step], "skipped_steps": [global steps],
-     "val": [{"epoch": e, "step": s, "mAP": .., "NDS": .., ...}, ...]}
+     "val": [{"epoch": e, "step": s, "train_seconds": t, "mAP": .., "NDS": .., ...}, ...]}
 
 ``loss[i]`` belongs to global step ``i + 1``. A validation entry is drawn at its ``step`` (the global step
 of the validated weights); entries of older checkpoints without ``step`` are placed at
@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 VAL_METRIC_ORDER = ("mAP", "NDS")  # drawn first, in this order; any other numeric metric follows, sorted
+VAL_WHEN = ("epoch", "step", "train_seconds")  # when a validation entry was taken: not metrics
 VAL_COLORS = {"mAP": "tab:blue", "NDS": "tab:orange"}
 
 
@@ -76,7 +77,7 @@ def validation_points(history: Mapping[str, Any], steps_per_epoch: int | None = 
         estimated = True
     names = [name for name in VAL_METRIC_ORDER if any(name in entry for entry in entries)]
     names += sorted({name for entry in entries for name, value in entry.items()
-                     if name not in ("epoch", "step") and name not in names and _is_number(value)})
+                     if name not in VAL_WHEN and name not in names and _is_number(value)})
     points: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in names:
         xs, ys = [], []

@@ -1,6 +1,7 @@
 """Small real runs of the commands on the session's synthetic world, and ways to break their input.
 
-* :data:`TINY`: overrides that shrink ``configs/demo_cpu.yaml`` to a few seconds of CPU;
+* :data:`TINY`: overrides that shrink ``configs/demo_cpu.yaml`` to a few seconds of CPU (point it at the
+  session's v1.0-mini world with ``NuScenesWorld(root).overrides()``, as :func:`train_argv` does);
 * :func:`linked_root`: a dataroot whose entries are symbolic links to a shared world's, so a test
   can add or replace a file without copying the world (bevperc confines paths textually, so
   links are fine);
@@ -17,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from bevperc.viz.demo import DEMO_CONFIG, NuScenesWorld
+
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "demo_cpu.yaml"
 
 # A tiny variant of the demo config: small input, few steps, no workers, no TensorBoard.
 TINY = [
@@ -61,10 +63,12 @@ def write_infos(source: Path, out_dir: Path, count: int | None = None,
 
 def train_argv(work_dir: Path, dataroot: Path, info_dir: Path | None = None, *overrides: str,
                resume: bool = False) -> list[str]:
-    """Arguments of ``python -m bevperc.train`` for a tiny run without validation (unless overridden)."""
+    """Arguments of ``python -m bevperc.train`` for a tiny run on the v1.0-mini world at ``dataroot``, without
+    validation (unless overridden)."""
     info = [f"data.info_dir={info_dir}"] if info_dir is not None else []
-    return ["--config", str(CONFIG), "--work-dir", str(work_dir), *(["--resume"] if resume else []),
-            f"data.dataroot={dataroot}", *info, *TINY, "train.tensorboard=false", "train.val_every=0", *overrides]
+    return ["--config", str(DEMO_CONFIG), "--work-dir", str(work_dir), *(["--resume"] if resume else []),
+            *NuScenesWorld(dataroot).overrides(), *info, *TINY, "train.tensorboard=false", "train.val_every=0",
+            *overrides]
 
 
 def hold_lock(work_dir: Path) -> subprocess.Popen:
