@@ -363,30 +363,26 @@ def test_image_heatmap_targets_peak_where_each_box_centre_projects():
                                    atol=1e-5, rtol=0)
 
 
-def test_lifted_class_scores_and_mean_pooling_reach_the_bev():
-    """lift_scores appends the image head's class probabilities to the lifted context; mean pooling divides
-    each cell by its depth-probability mass and adds log(1 + mass); the full-resolution skip reads the input."""
+def test_lifted_class_scores_and_heading_reach_the_bev():
+    """lift_scores appends the image head's class probabilities (and with heading its ego-frame heading)
+    to the lifted context; the full-resolution skip reads the input map."""
     torch.manual_seed(0)
     cfg = tiny_config(depth_supervision=True)
     cfg.image_head = dataclasses.replace(cfg.image_head, enabled=True, lift_scores=True, heading=True)
-    cfg.view.pooling = "mean"
     cfg.bev_encoder.full_resolution_skip = True
     model = build_detector(cfg).train()
     view = model.view_transformer
-    assert view.out_channels == cfg.view.context_channels + 10 + 2 + 1
+    assert view.out_channels == cfg.view.context_channels + 10 + 2
     batch = synthetic_ring_batch(cfg, batch_size=1)
     outputs = model(batch)
     task_losses, _ = model.loss(outputs, batch)
     assert {"image_heatmap", "image_heading", "depth"} <= set(task_losses) and list(task_losses) == task_names(cfg)
     assert task_losses["image_heading"] > 0
-    (grad,) = torch.autograd.grad(task_losses["car+truck.heatmap"], view.image_head.layers[-1].weight)
-    assert grad.abs().sum() > 0, "the BEV heatmap loss reaches the image head through the lifted scores"
-    pooled = torch.zeros(1, view.lifted_channels, 2, 2)
-    pooled[0, :, 0, 0], pooled[0, -1, 0, 0] = 6.0, 3.0  # mass 3: the mean is 2
-    pooled[0, :, 1, 1], pooled[0, -1, 1, 1] = 0.5, 0.5  # mass below 1: kept as is
-    bev = view.finish_pooling(pooled)
-    assert bev[0, 0, 0, 0] == 2.0 and bev[0, 0, 1, 1] == 0.5
-    assert bev[0, -1, 0, 0] == pytest.approx(math.log(4.0)) and bev[0, -1, 0, 1] == 0.0
+    (grad,) = torch.autograd.grad(task_losses["car+truck.heatmap"], view.image_head.layers[-1].weight, retain_graph=True)
+    assert grad[:10].abs().sum() > 0, "the BEV heatmap loss reaches the image head through the lifted scores"
+    assert grad[10:].abs().sum() > 0, "... and through the lifted heading"
+    (grad,) = torch.autograd.grad(task_losses["car+truck.heatmap"], model.bev_encoder.refine[0].weight)
+    assert grad[:, model.bev_encoder.out_channels:].abs().sum() > 0, "the skip reads the input BEV map"
     model.eval()
     with torch.no_grad():
         assert "image_heatmap" in model(batch)  # lifted scores: the image head also runs at inference

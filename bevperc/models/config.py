@@ -89,10 +89,6 @@ class ViewTransformerConfig:
     depth_net: Literal["linear", "conv"] = "linear"
     """``linear``: one 1x1 conv predicts depth and context (BEVDet); ``conv``: two 3x3 conv-BN-ReLU
     layers first (a wider view of the image, e.g. of where an object meets the ground)."""
-    pooling: Literal["sum", "mean"] = "sum"
-    """BEV pooling of the lifted features: ``sum`` (LSS, BEVDet), or ``mean``: each cell's sum divided
-    by its depth-probability mass (at least 1), plus a ``log(1 + mass)`` channel. A sum grows with the
-    number of rays reaching a cell, ~1/range for an object; the mean keeps near and far objects at one scale."""
     ray_features: bool = False
     """Camera-aware depth: the depth net also sees, per ray, the geometry of the (augmented) camera:
     the ray's elevation, the camera height and the depth where the ray meets the ground plane."""

@@ -113,7 +113,6 @@ class ExportableBEVDetector(nn.Module):
         depth_logits, depth_probs, context, _ = model.view_transformer.lift(features, cams, rays)
         grid = model.view_transformer.grid_cfg
         bev = bev_pool_onnx(depth_probs, context, point_ids, ray_ids, cell_ids, grid.num_y, grid.num_x)
-        bev = model.view_transformer.finish_pooling(bev)
         outputs = model.head(model.bev_encoder(bev))
         return (*(outputs[name] for name in self.output_names[:-1]), depth_logits)
 

@@ -244,13 +244,10 @@ class LSSViewTransformer(nn.Module):
         self.context_channels = view.context_channels
         self.lifted_channels = view.context_channels + (image_head.num_classes if lift_scores else 0)
         self.lifted_channels += 2 if self.lift_heading else 0
-        """Channels lifted per pixel: the context, plus the class probabilities (``lift_scores``) and the
-        ego-frame heading of the image head (its observation angle turned by the ray's azimuth, weighted by
-        the top class probability), plus a constant 1 with ``view.pooling: mean`` (pooled, it is the
-        cell's depth-probability mass)."""
-        self.lifted_channels += 1 if view.pooling == "mean" else 0
+        """Channels lifted per pixel, and of the BEV map: the context, plus the class probabilities
+        (``lift_scores``) and the ego-frame heading of the image head (its observation angle turned by
+        the ray's azimuth, weighted by the top class probability)."""
         self.out_channels = self.lifted_channels
-        """Channels of the BEV map (:meth:`finish_pooling`)."""
         self.ray_embedding = nn.Conv2d(RAY_FEATURES, in_channels, kernel_size=1) if view.ray_features else None
         layers = [_conv_bn_relu(in_channels, in_channels), _conv_bn_relu(in_channels, in_channels)] \
             if view.depth_net == "conv" else []
@@ -288,15 +285,8 @@ class LSSViewTransformer(nn.Module):
                 f"B*N={batch_size * cams} cameras at feature size {(height, width)}"
             )
         depth_logits, depth_probs, context, image_logits = self.lift(features, cams, self.ray_inputs(batch))
-        bev = self.finish_pooling(bev_pool(depth_probs, context, self.pool_plan(batch)))
+        bev = bev_pool(depth_probs, context, self.pool_plan(batch))
         return bev, depth_logits, image_logits
-
-    def finish_pooling(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The pooled sums ``[B, lifted_channels, ny, nx]`` -> the BEV map (``view.pooling``)."""
-        if self.view_cfg.pooling == "sum":
-            return pooled
-        mass = pooled[:, -1:]
-        return torch.cat([pooled[:, :-1] / mass.clamp(min=1.0), torch.log1p(mass.clamp(min=0.0))], dim=1)
 
     def ray_inputs(self, geometry: dict) -> torch.Tensor | None:
         """:func:`ray_features` ``[B * N, RAY_FEATURES, h, w]`` for the geometry keys of a batch
@@ -327,8 +317,6 @@ class LSSViewTransformer(nn.Module):
         if self.lift_heading:
             context.append(ego_heading(image_logits[:, self.image_head.num_classes :], rays[:, RAY_AZIMUTH].to(scores))
                            * scores.amax(dim=1, keepdim=True))
-        if self.view_cfg.pooling == "mean":
-            context.append(torch.ones_like(out[:, :1]))
         context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
         return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
 
