@@ -17,6 +17,8 @@ ScatterElements add). Two calibration modes:
 ``bev_aug`` is the identity in both (deployment does not augment). Outputs, in
 ``output_names`` order: ``"<group>.<branch>"`` ``[B, c, ny, nx]`` for every class group and
 branch (``BEVDetector.forward``'s keys), then ``"depth"`` (depth logits ``[B, N, D, h, w]``).
+With ``model.image_head`` on, its class scores (and heading) are computed in the graph where
+``lift_scores`` lifts them, but its image heatmap is a training target only and is not an output.
 """
 
 from __future__ import annotations
