@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bevperc.config import load_run_config
-from bevperc.engine.checkpoint import load_checkpoint
+from bevperc.engine.checkpoint import load_checkpoint, lock_work_dir
 from bevperc.train import main as train_main
 from bevperc.viz.demo import DEMO_CONFIG
 from helpers.tiny_runs import REPO, linked_root, train_argv, write_infos
@@ -112,6 +113,31 @@ def test_a_second_training_on_a_busy_work_dir_names_the_first(synthetic_root, ti
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_forked_child_of_a_dead_trainer_does_not_hold_its_work_dir(tmp_path):
+    """DataLoader workers (forked) outlive a SIGKILLed trainer by seconds: its resume must not find the dir locked."""
+
+    code = ("import os, sys, time\n"
+            "from bevperc.engine.checkpoint import lock_work_dir\n"
+            "with lock_work_dir(sys.argv[1]):\n"
+            "    child = os.fork()\n"
+            "    if child == 0:\n"
+            "        time.sleep(60)\n"
+            "        os._exit(0)\n"
+            "    print(child, flush=True)\n"
+            "    os._exit(0)  # dies holding the lock, like a killed trainer; the forked child lives on\n")
+    work = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", code, str(work)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    child = int(parent.stdout.readline())
+    try:
+        assert parent.wait(timeout=60) == 0
+        os.kill(child, 0)  # the child is still alive
+        with lock_work_dir(work):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- item 6: damaged latest.pth

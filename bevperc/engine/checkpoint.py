@@ -147,7 +147,7 @@ def load_newest_intact(work_dir: str | Path) -> tuple[Path, dict, list[str]] | N
     return None
 
 
-_HELD_LOCKS: dict[str, list] = {}  # lock path -> [open file holding the flock, nesting depth]
+_HELD_LOCKS: dict[str, list] = {}  # lock path -> [open file holding the lock, nesting depth]
 
 
 @contextlib.contextmanager
@@ -156,8 +156,10 @@ def lock_work_dir(work_dir: str | Path) -> Iterator[Path]:
 
     A second training on the same work dir raises :class:`WorkDirLocked` naming the holder's PID and
     host instead of overwriting its checkpoints. The kernel releases the lock when the holder exits,
-    however it exits, so a killed run leaves no stale lock (``flock``: local file systems; on NFS
-    it depends on the server).
+    however it exits, so a killed run leaves no stale lock. A POSIX record lock (``lockf``), not a
+    ``flock``: forked children (DataLoader workers) do not inherit it, so workers that outlive a
+    killed trainer for a few seconds do not block its resume. Never open the lock file elsewhere in
+    the holding process: closing any descriptor of it releases a POSIX lock.
     """
     path = Path(work_dir) / LOCK_NAME
     key = os.path.abspath(path)
@@ -171,18 +173,22 @@ def lock_work_dir(work_dir: str | Path) -> Iterator[Path]:
         held[1] -= 1
         if held[1] == 0:
             del _HELD_LOCKS[key]
-            held[0].close()  # releases the flock
+            held[0].close()  # releases the lock
 
 
 def _acquire_lock(path: Path) -> Any:
-    """The open lock file, flock-ed and holding this process's PID and host; WorkDirLocked if taken."""
+    """The open lock file, locked and holding this process's PID and host; WorkDirLocked if taken."""
+    import errno
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the whole file, from byte 0
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            handle.close()
+            raise
         handle.seek(0)
         holder = handle.read().strip() or "PID unknown"
         handle.close()

@@ -19,7 +19,6 @@ from bevperc.models.config import (
     ModelConfig,
     NeckConfig,
     ViewTransformerConfig,
-    demo_model_config,
 )
 from bevperc.models.detector import BEVDetector, build_detector
 from bevperc.models.lift import LSSViewTransformer
@@ -51,7 +50,6 @@ __all__ = [
     "circle_nms",
     "decode_detections",
     "default_task_weights",
-    "demo_model_config",
     "make_pool_plan",
     "task_names",
     "to_nuscenes_detections",

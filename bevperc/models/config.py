@@ -5,7 +5,7 @@ it into modules with plain imports. Every field is loadable from YAML with
 ``bevperc.utils.config.load_config`` (unknown keys rejected).
 
 Defaults follow BEVDet-R50 on nuScenes (256x704 input, 59 depth bins in [1, 60) m,
-128x128 BEV grid of 0.8 m). ``demo_model_config()`` is a small variant that trains on a CPU.
+128x128 BEV grid of 0.8 m). ``configs/demo_cpu.yaml`` is the small variant that trains on a CPU.
 """
 
 from __future__ import annotations
@@ -248,26 +248,3 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     image_head: ImageHeadConfig = field(default_factory=ImageHeadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-
-def demo_model_config() -> ModelConfig:
-    """A tiny detector that trains on a CPU: ResNet18, 128x352 input, 32 channels, 1.6 m grid.
-
-    The 1.6 m grid (64x64 cells) and 3 class groups keep the BEV part ~16x cheaper than
-    BEVDet's; for a YAML equivalent see the report / README.
-    """
-    return ModelConfig(
-        backbone=BackboneConfig(depth=18, pretrained=False, frozen_stages=-1, norm_eval=False),
-        neck=NeckConfig(out_channels=64),
-        view=ViewTransformerConfig(input_size=(128, 352), depth_bins=(1.0, 60.0, 1.0), context_channels=32),
-        grid=BEVGridConfig(cell_size=1.6),
-        bev_encoder=BEVEncoderConfig(stage_channels=(32, 64), blocks_per_stage=1, out_channels=64),
-        head=HeadConfig(
-            class_groups=[["car", "truck", "bus", "trailer", "construction_vehicle"], ["pedestrian"],
-                          ["barrier", "traffic_cone", "bicycle", "motorcycle"]],
-            shared_channels=32,
-            head_channels=32,
-            min_radius=1,
-        ),
-        decode=DecodeConfig(top_k=200),
-    )
