@@ -1,8 +1,8 @@
 """Benchmark: where a trained BEV detector's boxes go wrong, per class, on val samples.
 
-Matches each class's detections (score ≥ ``--min-score``, best first) to the nearest unmatched GT
-centre of that class within ``--match-m`` metres (ego frame, as the devkit's centre-distance
-matching), then splits the errors the nuScenes TP metrics average away:
+Matches each class's detections (score ≥ ``--min-score``) to GT centres of that class within
+``--match-m`` metres with the devkit's greedy centre-distance matching (ego frame), then splits the
+errors that the nuScenes TP metrics average away:
 
 * **position**: the centre error along the camera ray (radial: depth) and across it (tangential),
   per range band. A radial error much larger than the tangential one is a depth error;
@@ -32,19 +32,16 @@ RANGE_BANDS = ((0.0, 15.0), (15.0, 30.0), (30.0, 55.0))
 FLIP_RADIANS = np.deg2rad(150.0)
 
 
-def match_class(pred: np.ndarray, gt: np.ndarray, max_distance: float) -> list[tuple[int, int]]:
-    """Greedy centre-distance matching; ``pred [P, 9]`` sorted best first, ``gt [G, 9]``; (pred, gt) pairs."""
-    pairs, used = [], np.zeros(len(gt), dtype=bool)
-    for i, box in enumerate(pred):
-        if not len(gt):
-            break
-        distance = np.hypot(gt[:, 0] - box[0], gt[:, 1] - box[1])
-        distance[used] = np.inf
-        j = int(distance.argmin())
-        if distance[j] <= max_distance:
-            used[j] = True
-            pairs.append((i, j))
-    return pairs
+def matched_pairs(pred: np.ndarray, score: np.ndarray, pred_sample: np.ndarray, gt: np.ndarray,
+                  gt_sample: np.ndarray, n_samples: int, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """The devkit's greedy centre-distance matching of one class at one threshold (the fast evaluator's
+    ``match_class``, predictions best score first): rows of ``pred [P, 9]`` and ``gt [G, 9]`` that pair up."""
+    from bevperc.evaluation.metrics import match_class, score_order
+
+    order = score_order(score)
+    matched = match_class(gt[:, :2], gt_sample, pred[order, :2], pred_sample[order], n_samples, [max_distance])[0]
+    hit = matched >= 0
+    return order[hit], matched[hit]
 
 
 def error_rows(pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,20 +107,22 @@ def main() -> None:
     model = load_detector(cfg, args.checkpoint)
     dataset = NuScenesBEVDataset(cfg.data, args.split or cfg.data.val_split, train=False)
     dataset = torch.utils.data.Subset(dataset, range(min(args.samples, len(dataset))))
-    pairs: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in args.classes}
-    for item, _, det in iterate_predictions(model, dataset, cfg.eval.batch_size):
-        for name in args.classes:
-            gt = item["gt_boxes"][item["gt_labels"] == CLASS_INDEX[name]].numpy()
+    columns = ("boxes", "scores", "samples", "gt", "gt_samples")
+    found: dict[str, dict[str, list]] = {name: {key: [] for key in columns} for name in args.classes}
+    for sample, (item, _, det) in enumerate(iterate_predictions(model, dataset, cfg.eval.batch_size)):
+        for name, lists in found.items():
             keep = (det["labels"] == CLASS_INDEX[name]) & (det["scores"] >= args.min_score)
-            order = det["scores"][keep].argsort(descending=True)
-            pred = det["boxes"][keep][order].numpy()
-            matched = match_class(pred, gt, args.match_m)
-            if matched:
-                p, g = map(list, zip(*matched))
-                pairs[name].append(error_rows(pred[p], gt[g]))
-    summary = {name: summarise({k: np.concatenate([r[k] for r in rows]) if rows else np.zeros(0)
-                                for k in ("range", "radial", "tangential", "yaw", "velocity", "speed")})
-               for name, rows in pairs.items()}
+            gt = item["gt_boxes"][item["gt_labels"] == CLASS_INDEX[name]].numpy()
+            lists["boxes"].append(det["boxes"][keep].numpy())
+            lists["scores"].append(det["scores"][keep].numpy())
+            lists["samples"].append(np.full(int(keep.sum()), sample))
+            lists["gt"].append(gt)
+            lists["gt_samples"].append(np.full(len(gt), sample))
+    summary = {}
+    for name, lists in found.items():
+        boxes, scores, samples, gt, gt_samples = (np.concatenate(lists[key]) for key in columns)
+        p, g = matched_pairs(boxes, scores, samples, gt, gt_samples, len(dataset), args.match_m)
+        summary[name] = summarise(error_rows(boxes[p], gt[g]))
     print_tables(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "classes": summary}, indent=1))

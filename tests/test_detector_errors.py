@@ -7,18 +7,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from detector_errors import error_rows, match_class, summarise  # noqa: E402
+from detector_errors import error_rows, matched_pairs, summarise  # noqa: E402
 
 
 def box(x, y, yaw=0.0, vx=0.0, vy=0.0):
     return [x, y, 0.0, 4.5, 1.9, 1.6, yaw, vx, vy]
 
 
-def test_matching_is_greedy_best_first_one_gt_each_within_the_distance():
-    gt = np.array([box(10, 0), box(13, 0)])
-    pred = np.array([box(10.5, 0), box(10.2, 0), box(30, 0)])  # best first; the third is 10 m away
-    assert match_class(pred, gt, max_distance=4.0) == [(0, 0), (1, 1)]  # the second falls back to the other GT
-    assert match_class(pred, np.zeros((0, 9)), 4.0) == []
+def test_matching_is_greedy_best_score_first_one_gt_each_within_the_distance():
+    gt = np.array([box(10, 0), box(13, 0), box(10, 0)])
+    gt_sample = np.array([0, 0, 1])
+    pred = np.array([box(10.2, 0), box(10.5, 0), box(30, 0), box(10, 1)])  # the third is 17 m from any GT
+    score = np.array([0.5, 0.9, 0.8, 0.3])
+    pred_rows, gt_rows = matched_pairs(pred, score, np.array([0, 0, 0, 1]), gt, gt_sample, 2, max_distance=4.0)
+    # 0.9 takes the GT at 10 m; 0.5 falls back to the one at 13 m; the sample-1 prediction its own GT
+    assert sorted(zip(pred_rows.tolist(), gt_rows.tolist())) == [(0, 1), (1, 0), (3, 2)]
+    empty = matched_pairs(pred, score, np.zeros(4, dtype=np.int64), np.zeros((0, 9)), np.zeros(0, dtype=np.int64), 1, 4.0)
+    assert [len(rows) for rows in empty] == [0, 0]
 
 
 def test_errors_split_along_and_across_the_ray_and_flips_are_counted():
