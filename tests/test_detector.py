@@ -34,6 +34,7 @@ from bevperc.models.config import (
     BEVGridConfig,
     DecodeConfig,
     HeadConfig,
+    ImageHeadConfig,
     NeckConfig,
     ViewTransformerConfig,
 )
@@ -303,8 +304,9 @@ def test_ray_features_locate_the_ground_and_follow_the_augmentation():
     batch = synthetic_ring_batch(cfg, batch_size=2)
     pixels = torch.stack(torch.meshgrid(torch.arange(12.0) * 16 + 7.5, torch.arange(4.0) * 16 + 7.5, indexing="xy"), -1)
     origins, directions = rays_in_ego(pixels, batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"])
-    features = ray_features(origins, directions)  # [B, N, 6, h, w]
-    assert features.shape == (2, 6, 6, 4, 12)
+    features = ray_features(origins, directions)  # [B, N, 7, h, w]
+    assert features.shape == (2, 6, 7, 4, 12)
+    assert (features[:, :, 6] == 1).all()  # no mirror in either augmentation
     azimuth = torch.atan2(directions[..., 1], directions[..., 0])
     torch.testing.assert_close(features[:, :, 4:6].double(), torch.stack([azimuth.cos(), azimuth.sin()], 2), atol=1e-6, rtol=0)
     inverse_ground_depth = features[:, :, 2].double() / 10.0
@@ -319,6 +321,47 @@ def test_ray_features_locate_the_ground_and_follow_the_augmentation():
                                        zoom @ batch["image_aug"], batch["bev_aug"]))
     torch.testing.assert_close(features[:, :, 3] - zoomed[:, :, 3], torch.full_like(features[:, :, 3], math.log(2.0)),
                                atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mirror", ["image flip", "BEV mirror", "both"])
+def test_the_observation_angle_follows_the_image_not_the_mirror(mirror):
+    """The image target of a box is its observation angle as the image shows it: an image flip mirrors the
+    image, so the sine changes sign; a BEV mirror leaves the image as it is, so the target does too; both
+    together mirror the image. Turned by the ray's azimuth and the ray features' handedness, it gives back
+    the box yaw in the augmented frame in every case."""
+    from bevperc.geometry import transform_boxes
+    from bevperc.models.image_head import image_targets
+    from bevperc.models.lift import RAY_AZIMUTH, RAY_HANDEDNESS, ego_heading
+
+    cfg = tiny_config(depth_supervision=False)
+    cfg.image_head = ImageHeadConfig(enabled=True, lift_scores=True, heading=True)
+    batch = synthetic_ring_batch(cfg, batch_size=1)
+    plain = image_targets(batch, cfg.view)
+    mirrored = dict(batch)
+    image_flip = mirror in ("image flip", "both")
+    if image_flip:  # u' -> width - 1 - u'
+        flip = torch.tensor([[-1.0, 0.0, cfg.view.input_size[1] - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        mirrored["image_aug"] = flip @ batch["image_aug"]
+    if mirror in ("BEV mirror", "both"):  # y -> -y
+        mirrored["bev_aug"] = torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0]))[None] @ batch["bev_aug"]
+        mirrored["gt_boxes"] = [transform_boxes(torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0])), batch["gt_boxes"][0])]
+    found = image_targets(mirrored, cfg.view)
+    assert len(found.centres) == len(plain.centres) >= 3  # the same boxes, in the same (camera, box) order
+    sign = torch.tensor([-1.0 if image_flip else 1.0, 1.0])
+    torch.testing.assert_close(found.observation, plain.observation * sign, atol=1e-6, rtol=0)
+    assert (plain.observation[:, 0].abs() > 0.1).any()  # the sine matters for some box
+
+    rays = build_detector(cfg).view_transformer.ray_inputs(mirrored)  # [N, 7, h, w]
+    height, width = cfg.view.feature_size
+    camera, cell = found.centres // (height * width), found.centres % (height * width)
+    at_centres = rays[camera, :, cell // width, cell % width][..., None, None]  # [K, 7, 1, 1]
+    assert (at_centres[:, RAY_HANDEDNESS] == (-1.0 if mirror != "both" else 1.0)).all()
+    heading = ego_heading(found.observation[..., None, None], at_centres[:, RAY_AZIMUTH], at_centres[:, RAY_HANDEDNESS])
+    yaws = torch.atan2(heading[:, 0, 0, 0], heading[:, 1, 0, 0]).double()
+    box_yaws = mirrored["gt_boxes"][0][:, 6].double()
+    # each target's box is the one of its yaw: the ray through the centre cell is within a cell of the box centre
+    gaps = (yaws[:, None] - box_yaws[None, :] + math.pi).remainder(2 * math.pi) - math.pi
+    assert gaps.abs().min(dim=1).values.max() < 0.1
 
 
 def test_image_heatmap_targets_peak_where_each_box_centre_projects():
@@ -358,7 +401,11 @@ def test_image_heatmap_targets_peak_where_each_box_centre_projects():
                                                              cell[k] // width, cell[k] % width]]
         sight = boxes[matching[0], :2] - origin
         azimuth = torch.stack([torch.cos(torch.atan2(sight[1], sight[0])), torch.sin(torch.atan2(sight[1], sight[0]))])
-        yaw = ego_heading(found.observation[k].view(1, 2, 1, 1), azimuth.view(1, 2, 1, 1)).flatten()
+        pixel_from_ray = batch["image_aug"][int(b[k]), int(n[k])] @ batch["intrinsics"][int(b[k]), int(n[k])]
+        ray_from_ego = batch["bev_aug"][int(b[k])] @ batch["ego_from_camera"][int(b[k]), int(n[k])]
+        handedness = torch.sign(torch.det(pixel_from_ray.double()) * torch.det(ray_from_ego[:3, :3].double()))
+        yaw = ego_heading(found.observation[k].view(1, 2, 1, 1), azimuth.view(1, 2, 1, 1),
+                          handedness.float().view(1, 1, 1, 1)).flatten()
         torch.testing.assert_close(yaw, torch.stack([torch.sin(boxes[matching[0], 6]), torch.cos(boxes[matching[0], 6])]),
                                    atol=1e-5, rtol=0)
 

@@ -37,8 +37,11 @@ class ImageTargets:
     centres: torch.Tensor
     """``[K]`` int64 flat index ``((b * N + n) * h + y) * w + x`` of each drawn box's centre cell."""
     observation: torch.Tensor
-    """``[K, 2]`` ``(sin, cos)`` of its observation angle: the box yaw minus the azimuth of the ray from
-    the camera to the box centre (augmented ego frame), what a camera sees of the heading."""
+    """``[K, 2]`` ``(sin, cos)`` of its observation angle as the image shows it: the box yaw minus the
+    azimuth of the ray from the camera to the box centre (augmented ego frame), negated where the
+    augmentation mirrors the camera (an image flip or a BEV mirror, not both), since the image is then
+    the mirror image of what that angle looks like. Without the negation the sign of the sine would be
+    a coin toss for the network: the same image comes with both signs."""
 
 
 def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1) -> ImageTargets:
@@ -60,6 +63,8 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1)
     aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
     camera_from_aug_ego = torch.linalg.inv(aug_ego_from_camera)
     pixels_from_camera = image_aug @ intrinsics  # [B, N, 3, 3]
+    # sign of det(pixel -> augmented-ego ray map): -1 where the camera is mirrored (RAY_HANDEDNESS)
+    handedness = torch.sign(torch.linalg.det(aug_ego_from_camera[..., :3, :3]) * torch.linalg.det(pixels_from_camera))
     for b, (boxes, labels) in enumerate(zip(batch["gt_boxes"], batch["gt_labels"])):
         if len(boxes) == 0:
             continue
@@ -83,7 +88,7 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1)
         draw_gaussians(heatmaps, channel, cells[:, 0], cells[:, 1], torch.tensor(radii, device=heatmaps.device))
         centres_found.append(((b * cams + cam_index) * height + cells[:, 1]) * width + cells[:, 0])
         sight = boxes[box_index, :2].double() - aug_ego_from_camera[b, cam_index, :2, 3]  # camera -> box centre
-        angle = boxes[box_index, 6].double() - torch.atan2(sight[:, 1], sight[:, 0])
+        angle = (boxes[box_index, 6].double() - torch.atan2(sight[:, 1], sight[:, 0])) * handedness[b, cam_index]
         observations.append(torch.stack([torch.sin(angle), torch.cos(angle)], dim=1).float())
     empty = torch.zeros(0, dtype=torch.long, device=heatmaps.device)
     return ImageTargets(heatmaps.view(batch_size, cams, classes, height, width),

@@ -104,21 +104,28 @@ def frustum_to_ego(
     return origins[:, :, None, None, None, :] + depth[:, None, None, None] * directions[:, :, None]
 
 
-RAY_FEATURES = 6
+RAY_FEATURES = 7
 """Channels of :func:`ray_features`."""
+RAY_DEPTH_CUES = slice(0, 6)
+"""The channels of :func:`ray_features` a camera-aware depth net reads (all but the handedness)."""
 RAY_AZIMUTH = slice(4, 6)
 """The ``cos, sin`` of the ray's azimuth in :func:`ray_features`."""
+RAY_HANDEDNESS = slice(6, 7)
+"""+1, or -1 where the augmentation mirrors the camera (see :func:`ray_features`)."""
 
 
 def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """What a camera-aware depth net is told about each ray, ``[B, N, RAY_FEATURES, h, w]`` float32.
+    """What the network is told about each ray, ``[B, N, RAY_FEATURES, h, w]`` float32.
 
     Per ray in the augmented ego frame (ground plane z = 0): the sine of its elevation, the camera
     height (m, / 2), the inverse of the camera depth at which it meets the ground (1/m, x 10; 0 for
     rays at or above the horizon), the log of the metres a feature cell spans at 10 m depth (the
     augmented focal length), and the cosine and sine of its azimuth. Image resizing, cropping and
     rotation and BEV scaling all change these, so the depth net sees what the augmentation did to the
-    camera (BEVDepth feeds camera parameters to its depth net for the same reason).
+    camera (BEVDepth feeds camera parameters to its depth net for the same reason). Last, the
+    camera's handedness: -1 where exactly one of the image flip and the BEV mirror is applied (the
+    sign of the determinant of the pixel -> ray map), so that what the image shows of a heading can be
+    turned into the augmented ego frame (:func:`ego_heading`).
     """
     unit = directions / directions.norm(dim=-1, keepdim=True)
     height = origins[..., 2][:, :, None, None].expand_as(unit[..., 2])
@@ -128,15 +135,31 @@ def ray_features(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
     spacing = (unit[..., :, 1:, :] - unit[..., :, :-1, :]).norm(dim=-1).mean(dim=(-2, -1))  # [B, N]
     log_scale = torch.log(10.0 * spacing.clamp(min=1e-6))[:, :, None, None].expand_as(height)
     horizontal = directions[..., :2] / directions[..., :2].norm(dim=-1, keepdim=True).clamp(min=1e-9)
+    handedness = mirror_sign(directions)[:, :, None, None].expand_as(height)
     features = torch.stack([unit[..., 2], height / 2.0, 10.0 * inverse_ground_depth, log_scale,
-                            horizontal[..., 0], horizontal[..., 1]], dim=2)
+                            horizontal[..., 0], horizontal[..., 1], handedness], dim=2)
     return features.float()
 
 
-def ego_heading(observation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
-    """``(sin, cos)`` of the ego-frame yaw from those of the observation angle (yaw minus the ray's
-    azimuth) and the ray's azimuth ``(cos, sin)``; all ``[B', 2, h, w]``."""
-    sin_a, cos_a = observation[:, 0:1], observation[:, 1:2]
+def mirror_sign(directions: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` sign of ``det(L)`` for the ray directions ``[B, N, h, w, 3]`` = ``L @ [u', v', 1]`` of
+    :func:`rays_in_ego` (``h, w >= 2``): ``det[L e_u, L e_v, L p] = det(L)``, with the two differences
+    taken between neighbouring rays. -1 where the augmented image is a mirror image of the scene."""
+    corner = directions[:, :, 0, 0]
+    along_u = directions[:, :, 0, 1] - corner
+    along_v = directions[:, :, 1, 0] - corner
+    cross = torch.stack([along_u[..., 1] * along_v[..., 2] - along_u[..., 2] * along_v[..., 1],
+                         along_u[..., 2] * along_v[..., 0] - along_u[..., 0] * along_v[..., 2],
+                         along_u[..., 0] * along_v[..., 1] - along_u[..., 1] * along_v[..., 0]], dim=-1)
+    return torch.sign((cross * corner).sum(-1))
+
+
+def ego_heading(observation: torch.Tensor, azimuth: torch.Tensor, handedness: torch.Tensor) -> torch.Tensor:
+    """``(sin, cos)`` of the ego-frame yaw from those of the observation angle as the image shows it
+    (:func:`bevperc.models.image_head.image_targets`), the ray's azimuth ``(cos, sin)`` and the
+    camera's handedness (+1 / -1, :data:`RAY_HANDEDNESS`); all ``[B', c, h, w]``. The ego-frame
+    observation angle is ``handedness x`` the image's."""
+    sin_a, cos_a = observation[:, 0:1] * handedness, observation[:, 1:2]
     cos_p, sin_p = azimuth[:, 0:1], azimuth[:, 1:2]
     return torch.cat([sin_a * cos_p + cos_a * sin_p, cos_a * cos_p - sin_a * sin_p], dim=1)
 
@@ -248,7 +271,7 @@ class LSSViewTransformer(nn.Module):
         (``lift_scores``) and the ego-frame heading of the image head (its observation angle turned by
         the ray's azimuth, weighted by the top class probability)."""
         self.out_channels = self.lifted_channels
-        self.ray_embedding = nn.Conv2d(RAY_FEATURES, in_channels, kernel_size=1) if view.ray_features else None
+        self.ray_embedding = nn.Conv2d(RAY_DEPTH_CUES.stop, in_channels, kernel_size=1) if view.ray_features else None
         layers = [_conv_bn_relu(in_channels, in_channels), _conv_bn_relu(in_channels, in_channels)] \
             if view.depth_net == "conv" else []
         self.depth_net = nn.Sequential(
@@ -307,7 +330,7 @@ class LSSViewTransformer(nn.Module):
         if (self.ray_embedding is not None or self.lift_heading) and rays is None:
             raise ValueError("LSSViewTransformer.lift: give the ray_inputs of the batch (ray features or lifted heading)")
         if self.ray_embedding is not None:
-            features = features + self.ray_embedding(rays.to(features))
+            features = features + self.ray_embedding(rays[:, RAY_DEPTH_CUES].to(features))
         out = self.depth_net(features)
         depth_logits = out[:, : self.num_depth_bins].reshape(-1, cams, self.num_depth_bins, height, width)
         context = [out[:, self.num_depth_bins :]]
@@ -315,7 +338,8 @@ class LSSViewTransformer(nn.Module):
             scores = torch.sigmoid(image_logits[:, : self.image_head.num_classes])
             context.append(scores)
         if self.lift_heading:
-            context.append(ego_heading(image_logits[:, self.image_head.num_classes :], rays[:, RAY_AZIMUTH].to(scores))
+            context.append(ego_heading(image_logits[:, self.image_head.num_classes :], rays[:, RAY_AZIMUTH].to(scores),
+                                       rays[:, RAY_HANDEDNESS].to(scores))
                            * scores.amax(dim=1, keepdim=True))
         context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
         return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
