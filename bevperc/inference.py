@@ -17,6 +17,7 @@ from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
 from bevperc.engine.checkpoint import load_checkpoint, load_weights
 from bevperc.models.config import ModelConfig
 from bevperc.models.detector import BEVDetector, build_detector
+from bevperc.models.image_head import orient_by_image
 from bevperc.models.postprocess import decode_detections, to_nuscenes_detections
 from bevperc.utils.config import to_dict
 from bevperc.utils.io import atomic_write_json
@@ -131,7 +132,13 @@ class OnnxBEVDetector:
     def decode(self, outputs: dict[str, torch.Tensor], batch: dict) -> list[dict[str, torch.Tensor]]:
         """Per sample ``{"boxes": [K, 9] ego frame, "scores": [K], "labels": [K]}`` (``decode_detections``)."""
         cfg = self.model_cfg
-        return decode_detections(outputs, batch["bev_aug"].cpu(), cfg.head, cfg.grid, cfg.decode)
+        detections = decode_detections(outputs, batch["bev_aug"].cpu(), cfg.head, cfg.grid, cfg.decode)
+        if cfg.decode.direction_from_image:
+            if "image_heatmap" not in outputs:
+                raise ValueError(f"{self.path}: decode.direction_from_image needs the image head's output "
+                                 "'image_heatmap', which this ONNX file does not have (export it again)")
+            detections = orient_by_image(detections, outputs["image_heatmap"], batch, cfg.view)
+        return detections
 
 
 def load_predictor(cfg: Config, checkpoint: str | Path | None = None, onnx: str | Path | None = None,

@@ -11,7 +11,7 @@ import torch
 import yaml
 from nuscenes.eval.detection.data_classes import DetectionBox
 
-from bevperc.data.classes import CLASS_INDEX
+from bevperc.data.classes import CLASS_INDEX, DETECTION_CLASSES
 from bevperc.geometry import invert_transform, make_transform, transform_boxes
 from bevperc.models import (
     BEVDetector,
@@ -607,3 +607,54 @@ def test_detector_rejects_wrong_input_size():
     batch["images"] = batch["images"][..., :32, :]
     with pytest.raises(ValueError, match="view.input_size"):
         model(batch)
+
+
+def test_orient_by_image_turns_the_boxes_whose_heading_the_image_contradicts():
+    """An image head that predicts each box's true observation angle turns every box decoded back to front
+    (and only those) to its true yaw; a box no camera sees keeps its yaw."""
+    from bevperc.models.image_head import image_targets, orient_by_image
+
+    cfg = tiny_config(depth_supervision=False)
+    batch = synthetic_ring_batch(cfg, batch_size=1)
+    boxes, labels = batch["gt_boxes"][0], batch["gt_labels"][0]
+    found = image_targets(batch, cfg.view)
+    classes = len(DETECTION_CLASSES)
+    height, width = cfg.view.feature_size
+    logits = torch.full((6, classes + 2, height, width), -10.0)
+    logits[:, :classes][found.heatmap[0] == 1] = 10.0
+    heading = torch.zeros(6 * height * width, 2)
+    heading[found.centres] = found.observation
+    logits[:, classes:] = heading.view(6, height, width, 2).permute(0, 3, 1, 2)
+    far = torch.tensor([[3.0, 0.0, 60.0, 2.0, 4.5, 1.6, 0.3, 0.0, 0.0]])  # above every camera's view
+    decoded = torch.cat([boxes, far])
+    decoded_labels = torch.cat([labels, labels[:1]])
+    back_to_front = decoded.clone()
+    back_to_front[:, 6] = back_to_front[:, 6] + math.pi
+    right = orient_by_image([{"boxes": decoded, "scores": torch.ones(len(decoded)), "labels": decoded_labels}],
+                            logits, batch, cfg.view)[0]
+    turned = orient_by_image([{"boxes": back_to_front, "scores": torch.ones(len(decoded)), "labels": decoded_labels}],
+                             logits, batch, cfg.view)[0]
+    assert torch.equal(right["boxes"], decoded)  # nothing to turn
+    seen = []  # the centre projects into some camera's image, in front of it
+    for box in decoded.double():
+        centre = torch.cat([box[:3], torch.ones(1, dtype=torch.float64)])
+        camera = torch.linalg.inv(batch["ego_from_camera"][0].double()) @ centre  # [N, 4]
+        pixels = (batch["image_aug"][0] @ batch["intrinsics"][0]).double() @ camera[:, :3, None]
+        u, v = pixels[:, 0, 0] / pixels[:, 2, 0], pixels[:, 1, 0] / pixels[:, 2, 0]
+        seen.append(bool(((camera[:, 2] > 1) & (u >= 0) & (u < cfg.view.input_size[1]) & (v >= 0)
+                          & (v < cfg.view.input_size[0])).any()))
+    seen = torch.tensor(seen)
+    assert seen.sum() >= 4 and not seen.all()
+    gap = (turned["boxes"][:, 6] - decoded[:, 6] + math.pi).remainder(2 * math.pi) - math.pi
+    assert gap[seen].abs().max() < 1e-5  # turned back to the true yaw
+    assert torch.equal(turned["boxes"][~seen, 6], back_to_front[~seen, 6])  # unseen: unchanged
+    torch.testing.assert_close(turned["boxes"][:, [0, 1, 2, 3, 4, 5, 7, 8]], back_to_front[:, [0, 1, 2, 3, 4, 5, 7, 8]])
+    assert turned["boxes"][seen, 6].abs().max() <= math.pi  # turned yaws are wrapped
+
+
+def test_direction_from_image_needs_the_observation_angle():
+    with pytest.raises(ConfigError, match="decode.direction_from_image needs"):
+        load_config(ModelConfig, None, ["decode.direction_from_image=true"])
+    cfg = load_config(ModelConfig, None, ["decode.direction_from_image=true", "image_head.enabled=true",
+                                          "image_head.heading=true"])
+    assert cfg.decode.direction_from_image

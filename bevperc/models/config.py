@@ -218,7 +218,8 @@ class ImageHeadConfig:
     heading: bool = False
     """Also predict each object's observation angle (task ``image_heading``); with ``lift_scores`` it is
     lifted as an ego-frame heading (turned by the ray's azimuth): front and back of a vehicle differ in
-    the image, much less in the splatted BEV shape."""
+    the image, much less in the splatted BEV shape. The head then also runs at inference (for the lift,
+    and for ``decode.direction_from_image``)."""
     heading_weight: float = 0.25
     """Fixed weight of the ``image_heading`` task (the BEV regressions' 0.25)."""
 
@@ -234,6 +235,11 @@ class DecodeConfig:
     """Circle-NMS radius in metres per class (centre distance); 0 or missing disables NMS for it."""
     max_detections: int = 500
     """Kept per sample after NMS (the nuScenes submission limit)."""
+    direction_from_image: bool = False
+    """Take each box's direction along its axis from the image head (``image_head.heading``): a box is
+    turned by 180 degrees where its heading disagrees with the observation angle the image head predicts
+    where the box centre projects (the camera that scores the box's class highest there). The BEV head
+    finds the axis; front and back are what the image shows (``bevperc.models.image_head.orient_by_image``)."""
 
 
 @dataclass
@@ -248,3 +254,8 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     image_head: ImageHeadConfig = field(default_factory=ImageHeadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.decode.direction_from_image and not (self.image_head.enabled and self.image_head.heading):
+            raise ValueError("decode.direction_from_image needs the image head's observation angle: "
+                             "set image_head.enabled: true and image_head.heading: true")

@@ -9,7 +9,7 @@ from bevperc.models.backbone import ImageBackbone, build_backbone
 from bevperc.models.bev_encoder import BEVEncoder
 from bevperc.models.centerpoint_head import CenterPointHead
 from bevperc.models.config import DecodeConfig, ModelConfig
-from bevperc.models.image_head import ImageHeatmapHead
+from bevperc.models.image_head import ImageHeatmapHead, orient_by_image
 from bevperc.models.lift import LSSViewTransformer
 from bevperc.models.neck import FPNNeck
 from bevperc.models.postprocess import decode_detections
@@ -75,7 +75,10 @@ class BEVDetector(nn.Module):
         """Per sample ``{"boxes": [K, 9] ego frame, "scores": [K], "labels": [K]}``."""
         if self.decode_cfg is None:
             raise ValueError("BEVDetector.decode: built without a DecodeConfig")
-        return decode_detections(outputs, batch["bev_aug"], self.head.head_cfg, self.head.grid_cfg, self.decode_cfg)
+        detections = decode_detections(outputs, batch["bev_aug"], self.head.head_cfg, self.head.grid_cfg, self.decode_cfg)
+        if self.decode_cfg.direction_from_image:
+            detections = orient_by_image(detections, outputs["image_heatmap"], batch, self.view_transformer.view_cfg)
+        return detections
 
 
 def build_detector(cfg: ModelConfig) -> BEVDetector:

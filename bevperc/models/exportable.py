@@ -16,9 +16,9 @@ ScatterElements add). Two calibration modes:
 
 ``bev_aug`` is the identity in both (deployment does not augment). Outputs, in
 ``output_names`` order: ``"<group>.<branch>"`` ``[B, c, ny, nx]`` for every class group and
-branch (``BEVDetector.forward``'s keys), then ``"depth"`` (depth logits ``[B, N, D, h, w]``).
-With ``model.image_head`` on, its class scores (and heading) are computed in the graph where
-``lift_scores`` lifts them, but its image heatmap is a training target only and is not an output.
+branch (``BEVDetector.forward``'s keys), then ``"depth"`` (depth logits ``[B, N, D, h, w]``), then,
+where the image head runs at inference (``lift_scores`` or ``heading``), ``"image_heatmap"``
+``[B * N, classes (+ 2), h, w]`` (read by ``decode.direction_from_image``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ class ExportableBEVDetector(nn.Module):
         with torch.no_grad():
             names = list(self.model.head(encoder(bev)))
         self.model.train(was_training)
-        return [*names, "depth"]
+        image_head = view.image_head
+        runs_image_head = image_head is not None and (view.lift_scores or image_head.heading)
+        return [*names, "depth", *(["image_heatmap"] if runs_image_head else [])]
 
     def forward(
         self, images: torch.Tensor, intrinsics: torch.Tensor | None = None, ego_from_camera: torch.Tensor | None = None,
@@ -112,11 +114,11 @@ class ExportableBEVDetector(nn.Module):
         cams = self.cameras
         features = model.neck(model.backbone(images.flatten(0, 1)))  # [B*N, C, h, w]
         point_ids, ray_ids, cell_ids, rays = self._geometry_for(images.shape[0], intrinsics, ego_from_camera, image_aug)
-        depth_logits, depth_probs, context, _ = model.view_transformer.lift(features, cams, rays)
+        depth_logits, depth_probs, context, image_logits = model.view_transformer.lift(features, cams, rays)
         grid = model.view_transformer.grid_cfg
         bev = bev_pool_onnx(depth_probs, context, point_ids, ray_ids, cell_ids, grid.num_y, grid.num_x)
-        outputs = model.head(model.bev_encoder(bev))
-        return (*(outputs[name] for name in self.output_names[:-1]), depth_logits)
+        outputs = model.head(model.bev_encoder(bev)) | {"depth": depth_logits, "image_heatmap": image_logits}
+        return tuple(outputs[name] for name in self.output_names)
 
     def _geometry_for(
         self, batch_size: int, intrinsics: torch.Tensor | None, ego_from_camera: torch.Tensor | None,

@@ -6,12 +6,14 @@ where the objects are: per camera, one Gaussian per GT box at the feature cell i
 projects to (radius from the projected box's extent, CenterNet's 2D rule), one channel per
 detection class, Gaussian focal loss (task ``image_heatmap``). It needs nothing beyond the GT
 boxes and the camera geometry every batch carries, so it works on real nuScenes as on the
-synthetic world. It runs at inference only where its class probabilities are lifted into the BEV
-(``image_head.lift_scores``).
+synthetic world. It runs at inference where its class probabilities are lifted into the BEV
+(``image_head.lift_scores``) or where it predicts the observation angle (``image_head.heading``), which
+:func:`orient_by_image` can use to tell the front of a decoded box from its back.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,3 +136,57 @@ class ImageHeatmapHead(nn.Module):
             losses["image_heading"] = sample_sums.sum() / (counts.sum() + 1e-4)
             per_sample["image_heading"] = sample_sums / (counts + 1e-4)
         return losses, per_sample
+
+
+def orient_by_image(detections: list[dict[str, torch.Tensor]], image_logits: torch.Tensor, batch: dict,
+                    view: ViewTransformerConfig) -> list[dict[str, torch.Tensor]]:
+    """Turn by 180 degrees each box whose heading disagrees with what the image head sees of it.
+
+    Each box centre (ego frame) is projected into every camera; of the cameras where it lands inside
+    the image, in front of the camera, the one whose image heatmap scores the box's class highest at
+    that feature cell gives the observation angle there, which turned by the azimuth of the camera ->
+    centre ray and the camera's handedness (as :func:`bevperc.models.lift.ego_heading`) is the image's
+    heading. A box keeps its yaw when ``cos(yaw - image heading) >= 0`` or when no camera sees its centre,
+    and gets ``yaw + pi`` (wrapped to [-pi, pi)) otherwise; nothing else changes.
+
+    Args:
+        detections: per sample ``{"boxes": [K, 9] ego frame, "scores", "labels"}`` (``decode_detections``).
+        image_logits: ``[B * N, classes + 2, h, w]`` the image head's output (with ``heading``).
+        batch: ``intrinsics [B, N, 3, 3]``, ``ego_from_camera [B, N, 4, 4]``, ``image_aug [B, N, 3, 3]``.
+    """
+    batch_size, cams = batch["intrinsics"].shape[:2]
+    height, width = view.feature_size
+    classes = len(DETECTION_CLASSES)
+    if image_logits.shape[1] != classes + 2:
+        raise ValueError(f"orient_by_image: the image head has no observation angle (image_head.heading); "
+                         f"got {image_logits.shape[1]} channels, expected {classes + 2}")
+    maps = image_logits.reshape(batch_size, cams, classes + 2, height, width)
+    oriented = []
+    for b, det in enumerate(detections):
+        boxes = det["boxes"]
+        if len(boxes) == 0:
+            oriented.append(det)
+            continue
+        ego_from_camera = batch["ego_from_camera"][b].to(boxes.device, torch.float64)  # [N, 4, 4]
+        pixels_from_camera = (batch["image_aug"][b] @ batch["intrinsics"][b]).to(boxes.device, torch.float64)
+        camera_from_ego = torch.linalg.inv(ego_from_camera)
+        centres = boxes[:, :3].double()
+        points = centres @ camera_from_ego[:, :3, :3].transpose(1, 2) + camera_from_ego[:, None, :3, 3]  # [N, K, 3]
+        projected = points @ pixels_from_camera.transpose(1, 2)
+        cell = (projected[..., :2] / points[..., 2:].clamp(min=1e-6) / view.feature_stride).floor()
+        x, y = cell[..., 0].clamp(0, width - 1).long(), cell[..., 1].clamp(0, height - 1).long()
+        seen = (points[..., 2] > MIN_DEPTH) & (cell[..., 0] >= 0) & (cell[..., 0] < width) \
+            & (cell[..., 1] >= 0) & (cell[..., 1] < height)
+        camera_index = torch.arange(cams, device=boxes.device)[:, None]
+        score = maps[b, camera_index, det["labels"][None, :], y, x].float()  # [N, K]
+        best = torch.where(seen, score, torch.full_like(score, -math.inf)).argmax(0)  # [K]
+        box_index = torch.arange(len(boxes), device=boxes.device)
+        observation = maps[b, best, classes:, y[best, box_index], x[best, box_index]].double()  # [K, 2]
+        sight = centres[:, :2] - ego_from_camera[best, :2, 3]
+        handedness = torch.sign(torch.linalg.det(ego_from_camera[best, :3, :3]) * torch.linalg.det(pixels_from_camera[best]))
+        image_yaw = torch.atan2(sight[:, 1], sight[:, 0]) + handedness * torch.atan2(observation[:, 0], observation[:, 1])
+        turn = seen.any(0) & (torch.cos(boxes[:, 6].double() - image_yaw) < 0)
+        turned = boxes.clone()
+        turned[turn, 6] = torch.remainder(boxes[turn, 6] + 2 * math.pi, 2 * math.pi) - math.pi  # yaw + pi in [-pi, pi)
+        oriented.append({**det, "boxes": turned})
+    return oriented

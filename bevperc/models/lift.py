@@ -325,7 +325,7 @@ class LSSViewTransformer(nn.Module):
         context ``[B, N, h, w, lifted_channels]``, image-head logits ``[B * N, classes, h, w]`` or None."""
         height, width = features.shape[-2:]
         image_logits = None
-        if self.image_head is not None and (self.training or self.lift_scores):
+        if self.image_head is not None and (self.training or self.lift_scores or self.image_head.heading):
             image_logits = self.image_head(features)
         if (self.ray_embedding is not None or self.lift_heading) and rays is None:
             raise ValueError("LSSViewTransformer.lift: give the ray_inputs of the batch (ray features or lifted heading)")
