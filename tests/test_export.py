@@ -124,9 +124,9 @@ def test_export_passes_checker_uses_standard_ops_and_matches_pytorch(exported, d
     batch = dataset_batch(demo["cfg"], "mini_val", [0])
     with torch.no_grad():
         expected = model(batch)
-    # BEVDetector.forward's keys, in order, less the image head's logits (perspective supervision: training only)
-    outputs = [name for name in expected if name != "image_heatmap"]
-    assert [o.name for o in proto.graph.output] == outputs
+    # BEVDetector.forward's keys in eval mode, in order: the image head's logits too (decode.direction_from_image)
+    outputs = list(expected)
+    assert "image_heatmap" in outputs and [o.name for o in proto.graph.output] == outputs
     assert float(expected["car+truck+bus+trailer+construction_vehicle.heatmap"].std()) > 0.1  # not a flat map
     # the command's own check: a batch of 2 dataset samples (dynamic batch axis) and the real keyframe
     assert list(report["max_abs_diff"])[0] == "mini_val[0, 1]"
