@@ -408,6 +408,11 @@ def test_split_option_generates_a_held_out_val_world_the_devkit_evaluates(tmp_pa
     assert len(gt.sample_tokens) == 3 * len(splits.mini_val)
     with pytest.raises(ValueError, match="split must be one of"):
         sn.generate(tmp_path / "bad", split="val", images=False, lidar=False, progress=False)
+    for option, message in ((dict(render_scale=0.01), "render_scale"), (dict(jpeg_quality=0), "jpeg_quality"),
+                            (dict(objects_per_sample=-1.0), "objects_per_sample")):
+        with pytest.raises(ValueError, match=message):
+            sn.generate(tmp_path / "bad", progress=False, **option)
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
 
 
 def test_world_geometry_is_consistent():

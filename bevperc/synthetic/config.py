@@ -53,16 +53,16 @@ class SyntheticConfig:
                 raise ValueError(f"{name} is a count >= 0 of v1.0-trainval scenes, got {count} for {self.version}")
         if self.split == "train" and not self.has_train_scenes:
             raise ValueError("split='train' of v1.0-trainval needs include_train=True or train_scenes")
-
-    @property
-    def has_train_scenes(self) -> bool:
-        return self.include_train or self.train_scenes is not None
         if not 0.05 <= self.render_scale <= 1.0:
             raise ValueError(f"render_scale must be in [0.05, 1], got {self.render_scale}")
         if self.objects_per_sample < 0:
             raise ValueError(f"objects_per_sample must be >= 0, got {self.objects_per_sample}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+    @property
+    def has_train_scenes(self) -> bool:
+        return self.include_train or self.train_scenes is not None
 
 
 def devkit_splits() -> dict[str, list[str]]:
