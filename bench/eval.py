@@ -86,10 +86,13 @@ def write_synthetic_nuscenes(root: str | Path, version: str = "v1.0-trainval", s
     Returns the sample tokens of the split in table order. Annotations follow tracks (prev/next) with
     0.5 s steps and occasional 2 s gaps (so some velocities are NaN), include non-detection categories,
     boxes with zero points and bicycles parked inside bicycle racks; objects spread to ~70 m so the
-    class range filter matters.
+    class range filter matters. The tables are its own (sequential tokens, edge cases the synthetic world
+    does not make); the files are written by the synthetic world's writer, ``bevperc.synthetic.write_tables``.
     """
     from nuscenes.utils.splits import create_splits_scenes
     from PIL import Image
+
+    from bevperc.synthetic import write_tables
 
     rng = np.random.default_rng(seed)
     token = _Tokens(seed)
@@ -201,9 +204,7 @@ def write_synthetic_nuscenes(root: str | Path, version: str = "v1.0-trainval", s
               "calibrated_sensor": calibrated, "log": logs, "scene": scenes, "sample": samples,
               "sample_data": sample_data, "ego_pose": ego_poses, "instance": instances,
               "sample_annotation": annotations, "map": [map_record]}
-    for name, records in tables.items():
-        with open(table_dir / f"{name}.json", "w") as handle:
-            json.dump(records, handle)
+    write_tables(table_dir, tables)
     return sample_tokens
 
 

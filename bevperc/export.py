@@ -96,7 +96,7 @@ def info_sample_batch(root: str | Path, cfg: Config) -> dict[str, Any]:
 
 def nominal_batch(cfg: Config, seed: int = 0) -> dict[str, Any]:
     """The nominal nuScenes rig (calibration of the synthetic world, from a real log) with random 1600x900 images."""
-    from bevperc.data.synthetic_nuscenes import camera_intrinsics, ego_from_camera
+    from bevperc.synthetic.rig import camera_intrinsics, ego_from_camera
 
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 256, (900, 1600, 3), dtype=np.uint8)) for _ in CAMERA_NAMES]

@@ -131,21 +131,25 @@ def make_transform(rotation: Array, translation: Array) -> np.ndarray:
     return transform
 
 
-def invert_transform(transform: Array) -> Array:
-    """Inverse of a 4x4 affine transform (torch; batched over leading dims).
+def invert_transform(transform: Array, rigid: bool = False) -> Array:
+    """Inverse of a 4x4 affine transform ``(..., 4, 4)`` (torch; batched over leading dims).
 
     Exact for rigid frame changes and for BEV augmentations, which add scale and
-    reflections (the 3x3 block is inverted, not transposed).
+    reflections (the 3x3 block is inverted, not transposed). ``rigid=True`` promises a
+    rotation block and transposes it instead: cheaper, and the exact inverse of the
+    rotation as written (the synthetic world's sensor frames use it).
     """
     if torch is not None and isinstance(transform, torch.Tensor):
-        linear_inv = torch.linalg.inv(transform[..., :3, :3])
+        linear = transform[..., :3, :3]
+        linear_inv = linear.transpose(-1, -2) if rigid else torch.linalg.inv(linear)
         out = torch.zeros_like(transform)
         out[..., :3, :3] = linear_inv
         out[..., :3, 3:] = -linear_inv @ transform[..., :3, 3:]
         out[..., 3, 3] = 1
         return out
     transform = np.asarray(transform, dtype=np.float64)
-    linear_inv = np.linalg.inv(transform[..., :3, :3])
+    linear = transform[..., :3, :3]
+    linear_inv = np.swapaxes(linear, -1, -2) if rigid else np.linalg.inv(linear)
     out = np.zeros_like(transform)
     out[..., :3, :3] = linear_inv
     out[..., :3, 3] = -(linear_inv @ transform[..., :3, 3:])[..., 0]

@@ -10,7 +10,7 @@ Examples::
     # a 6000-sample tables-only set (the 150 real val scene names) for evaluator benchmarks
     python data_tools/synthetic_nuscenes.py --out data/synth-trainval --version v1.0-trainval --no-images --no-lidar
 
-See bevperc/data/synthetic_nuscenes.py for the world and the meaning of every option.
+See the package bevperc/synthetic/ for the world (bevperc/synthetic/config.py: the meaning of every option).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bevperc.data.synthetic_nuscenes import SyntheticConfig, generate  # noqa: E402
+from bevperc.synthetic import SyntheticConfig, generate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A v1.0-mini synthetic world: the 10 mini scenes, 3 keyframes each, images and LiDAR."""
-    from bevperc.data.synthetic_nuscenes import generate
+    from bevperc.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "nuscenes"
     return Path(generate(root, version="v1.0-mini", seed=0, samples_per_scene=3, progress=False))

@@ -55,6 +55,9 @@ def test_invert_transform_numpy_and_torch():
     t = torch.tensor(np.stack([transform, transform]))
     eye = invert_transform(t) @ t
     torch.testing.assert_close(eye, torch.eye(4, dtype=t.dtype).expand(2, 4, 4))
+    # a rigid transform: the transposed rotation is its inverse too
+    np.testing.assert_allclose(invert_transform(transform, rigid=True), invert_transform(transform), atol=1e-12)
+    torch.testing.assert_close(invert_transform(t, rigid=True), invert_transform(t))
 
 
 def test_box_corners_match_devkit_box():

@@ -4,7 +4,7 @@ The folder's README.md describes the layout: ``sample_info.json`` (mmdetection3d
 layout) with the calibration, 69 boxes in the LIDAR_TOP frame as
 ``[x, y, z_bottom, l, w, h, yaw]``, per-camera ``cam_instances`` (2D boxes and projected
 centres), six 1600x900 JPEGs and the LIDAR_TOP sweep (float32 x, y, z, intensity, ring).
-The synthetic rig (``bevperc.data.synthetic_nuscenes``) copies this calibration.
+The synthetic rig (``bevperc.synthetic.rig``) copies this calibration.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bevperc.data import synthetic_nuscenes as sn
+from bevperc import synthetic as sn
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.geometry import (
     box_corners,
@@ -408,6 +408,11 @@ def test_split_option_generates_a_held_out_val_world_the_devkit_evaluates(tmp_pa
     assert len(gt.sample_tokens) == 3 * len(splits.mini_val)
     with pytest.raises(ValueError, match="split must be one of"):
         sn.generate(tmp_path / "bad", split="val", images=False, lidar=False, progress=False)
+    for option, message in ((dict(render_scale=0.01), "render_scale"), (dict(jpeg_quality=0), "jpeg_quality"),
+                            (dict(objects_per_sample=-1.0), "objects_per_sample")):
+        with pytest.raises(ValueError, match=message):
+            sn.generate(tmp_path / "bad", progress=False, **option)
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
 
 
 def test_world_geometry_is_consistent():
@@ -427,3 +432,13 @@ def test_world_geometry_is_consistent():
             local = boxes[:, :2] - ego[:2, 3]
             assert np.min(np.hypot(local[:, 0], local[:, 1])) > 1.5
         assert copy.deepcopy(world.instances[0]).kind in sn.OBJECT_KINDS
+
+
+def test_old_module_path_is_an_alias():
+    """``bevperc.data.synthetic_nuscenes`` (the world's old home) still exports its names, as the package's objects."""
+    from bevperc.data import synthetic_nuscenes as old
+    from bevperc.synthetic import render, tables
+
+    assert old.generate is sn.generate and old.build_world is sn.build_world and old.SyntheticConfig is sn.SyntheticConfig
+    assert old.render_camera is render.render_camera and old.CAMERA_NAMES is sn.CAMERA_NAMES
+    assert tables.write_tables is sn.write_tables

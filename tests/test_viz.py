@@ -142,7 +142,7 @@ def test_lidar_depth_map_keeps_the_nearest_point():
 # --------------------------------------------------------------------------- synthetic images
 def test_projected_box_centres_land_on_their_class_colour(demo_root):
     """Every unoccluded box centre projects onto a pixel with its class's hue (synthetic CLASS_COLOURS)."""
-    from bevperc.data.synthetic_nuscenes import CLASS_COLOURS
+    from bevperc.synthetic import CLASS_COLOURS
 
     matched = checked = 0
     for index in range(2):

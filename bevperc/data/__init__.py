@@ -1,4 +1,4 @@
-"""nuScenes data: info files, the multi-camera dataset, augmentation, synthetic worlds.
+"""nuScenes data: info files, the multi-camera dataset, augmentation (synthetic worlds: ``bevperc.synthetic``).
 
 Exports are resolved lazily (PEP 562) so that light users — the fast evaluator reading the
 split lists, the data tools — do not import torch through this package.

@@ -128,7 +128,7 @@ def ensure_demo_dataset(
 
     Uses an existing set when ``root`` already holds nuScenes tables and the info files
     (a real nuScenes root or one made by ``data_tools``); otherwise generates one with
-    ``bevperc.data.synthetic_nuscenes.generate`` (10 scenes so that both mini splits have
+    ``bevperc.synthetic.generate`` (10 scenes so that both mini splits have
     scenes; 2 keyframes each at 1/4 render scale take ~20 s of CPU).
     Returns ``root``.
     """
@@ -142,7 +142,7 @@ def ensure_demo_dataset(
         return world.root
     if world.root.is_dir() and any(world.root.iterdir()):
         raise FileExistsError(f"{world.root}: not empty and not a v1.0-mini nuScenes root; refusing to generate there")
-    from bevperc.data.synthetic_nuscenes import generate
+    from bevperc.synthetic import generate
 
     generate(world.root, world.version, seed=seed, progress=False, num_scenes=num_scenes,
              samples_per_scene=samples_per_scene, render_scale=render_scale, workers=workers, overwrite=True)
