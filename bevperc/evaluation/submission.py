@@ -342,7 +342,8 @@ def _dict_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | No
                       rotation=_numeric([b["rotation"] for b in boxes], 4),
                       velocity=_numeric([b["velocity"] for b in boxes], 2),
                       score=np.array(score),
-                      class_index=np.array([DETECTION_NAME_INDEX.get(b["detection_name"], -1) for b in boxes], dtype=np.int64),
+                      class_index=np.array([DETECTION_NAME_INDEX.get(b["detection_name"], -1) for b in boxes],
+                                           dtype=np.int64),
                       attribute_index=np.array([ATTRIBUTE_INDEX.get(b["attribute_name"], -2) for b in boxes],
                                                dtype=np.int64),
                       num_pts=np.full(len(boxes), -1, dtype=np.int64))
