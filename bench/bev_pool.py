@@ -40,7 +40,6 @@ from bevperc.models.config import BEVGridConfig, ViewTransformerConfig
 from bevperc.models.lift import frustum_to_ego, make_frustum
 
 SAMPLE_INFO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nuscenes-real-sample" / "sample_info.json"
-CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 METHODS = ("quickcumsum", "fast", "fast+cache")
 VIEW = ViewTransformerConfig(input_size=(256, 704), depth_bins=(1.0, 60.0, 1.0))
 GRID = BEVGridConfig()
@@ -52,9 +51,9 @@ def rig_geometry(device: torch.device) -> tuple[dict[str, torch.Tensor], str]:
     scale = width / 1600.0
     image_aug = torch.tensor([[scale, 0.0, 0.0], [0.0, scale, -(900 * scale - height)], [0.0, 0.0, 1.0]])
     if SAMPLE_INFO.is_file():
-        images = json.loads(SAMPLE_INFO.read_text())["data_list"][0]["images"]
-        intrinsics = torch.tensor([images[c]["cam2img"] for c in CAMERAS], dtype=torch.float32)
-        ego_from_camera = torch.tensor([images[c]["cam2ego"] for c in CAMERAS], dtype=torch.float32)
+        images = json.loads(SAMPLE_INFO.read_text())["data_list"][0]["images"]  # the 6 cameras, file order
+        intrinsics = torch.tensor([camera["cam2img"] for camera in images.values()], dtype=torch.float32)
+        ego_from_camera = torch.tensor([camera["cam2ego"] for camera in images.values()], dtype=torch.float32)
         source = "real nuScenes rig"
     else:
         intrinsics = torch.tensor([[1260.0, 0.0, 800.0], [0.0, 1260.0, 450.0], [0.0, 0.0, 1.0]]).expand(6, 3, 3)

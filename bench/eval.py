@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bevperc.data.classes import ATTRIBUTE_NAMES as ATTRIBUTES
+from bevperc.data.classes import CATEGORY_TO_DETECTION_NAME as DETECTION_OF
+from bevperc.data.classes import CLASS_ATTRIBUTES as CLASS_ATTRS
+from bevperc.geometry import yaw_to_quaternion as _yaw_quaternion
+
 REPO = Path(__file__).resolve().parents[1]
 
 CATEGORIES = [
@@ -36,23 +41,12 @@ CATEGORIES = [
     "vehicle.trailer", "vehicle.truck", "vehicle.emergency.police",
 ]
 CATEGORY_WEIGHTS = np.array([12, 1, 1, 0.5, 0.3, 0.3, 6, 5, 0.5, 0.6, 2, 0.3, 1, 25, 1, 1.5, 2, 5, 0.2])
-ATTRIBUTES = ["pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing", "cycle.with_rider",
-              "cycle.without_rider", "vehicle.moving", "vehicle.parked", "vehicle.stopped"]
 SIZES = {"human": (0.7, 0.7, 1.8), "animal": (0.5, 1.0, 0.8), "movable_object.barrier": (2.5, 0.5, 1.0),
          "movable_object.trafficcone": (0.4, 0.4, 1.0), "movable_object.debris": (0.5, 0.5, 0.3),
          "static_object.bicycle_rack": (8.0, 2.0, 1.2), "vehicle.bicycle": (0.6, 1.7, 1.3),
          "vehicle.bus": (2.9, 11.0, 3.5), "vehicle.car": (1.9, 4.6, 1.7), "vehicle.construction": (2.8, 6.5, 3.2),
          "vehicle.motorcycle": (0.8, 2.1, 1.5), "vehicle.trailer": (2.9, 12.0, 3.9), "vehicle.truck": (2.5, 7.0, 2.9),
          "vehicle.emergency": (2.0, 5.0, 2.0)}
-DETECTION_OF = {
-    "movable_object.barrier": "barrier", "vehicle.bicycle": "bicycle", "vehicle.bus.bendy": "bus",
-    "vehicle.bus.rigid": "bus", "vehicle.car": "car", "vehicle.construction": "construction_vehicle",
-    "vehicle.motorcycle": "motorcycle", "human.pedestrian.adult": "pedestrian", "human.pedestrian.child": "pedestrian",
-    "human.pedestrian.construction_worker": "pedestrian", "human.pedestrian.police_officer": "pedestrian",
-    "movable_object.trafficcone": "traffic_cone", "vehicle.trailer": "trailer", "vehicle.truck": "truck"}
-CLASS_ATTRS = {"pedestrian": ATTRIBUTES[0:3], "bicycle": ATTRIBUTES[3:5], "motorcycle": ATTRIBUTES[3:5],
-               "car": ATTRIBUTES[5:8], "bus": ATTRIBUTES[5:8], "construction_vehicle": ATTRIBUTES[5:8],
-               "trailer": ATTRIBUTES[5:8], "truck": ATTRIBUTES[5:8], "barrier": [], "traffic_cone": []}
 
 
 def _size_of(category: str) -> tuple[float, float, float]:
@@ -60,10 +54,6 @@ def _size_of(category: str) -> tuple[float, float, float]:
         if category.startswith(prefix):
             return size
     raise KeyError(category)
-
-
-def _yaw_quaternion(yaw: np.ndarray) -> np.ndarray:
-    return np.stack([np.cos(yaw / 2), np.zeros_like(yaw), np.zeros_like(yaw), np.sin(yaw / 2)], axis=-1)
 
 
 class _Tokens:

@@ -32,27 +32,36 @@ global frame, exactly as the nuScenes devkit expects (``translation`` = centre,
 Corner order matches the devkit's ``Box.corners()``: corners 0-3 are the front face
 (+l/2), 4-7 the rear face; 0,1,4,5 are the top (+h/2).
 
-Everything here accepts NumPy arrays; functions marked (torch) also accept tensors.
+Everything here accepts NumPy arrays; functions marked (torch) also accept tensors. The module
+does not import torch itself (the evaluation and the data tools use it without torch): a tensor
+can only reach it once torch is imported.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Union
+import sys
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-try:  # torch is optional for the pure-NumPy parts (data tools run without it)
+if TYPE_CHECKING:
     import torch
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore
 
 Array = Union[np.ndarray, "torch.Tensor"]
 
-BOX_DIM = 9
-"""Number of values per box: x, y, z, w, l, h, yaw, vx, vy."""
+# Corner signs (along length, width, height) in the devkit's ``Box.corners()`` order: [3, 8].
+CORNER_SIGNS = np.array([
+    [1, 1, 1, 1, -1, -1, -1, -1],
+    [1, -1, -1, 1, 1, -1, -1, 1],
+    [1, 1, -1, -1, 1, 1, -1, -1],
+], dtype=np.float64)
 
-BOX_FIELDS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy")
+
+def _is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 # --------------------------------------------------------------------------- rotations
@@ -101,20 +110,26 @@ def yaw_to_quaternion(yaw: float) -> np.ndarray:
 def quaternion_to_yaw(q_wxyz: Array) -> float:
     """Heading of a rotation: the angle of its rotated +x axis in the xy plane.
 
-    Same definition as the devkit's ``quaternion_yaw``.
+    Same definition as the devkit's ``quaternion_yaw`` (not the same rounding: for the devkit's
+    exact numbers, use :func:`devkit_quaternion_yaws`).
     """
     rotated_x = quaternion_to_matrix(q_wxyz) @ np.array([1.0, 0.0, 0.0])
     return float(math.atan2(rotated_x[1], rotated_x[0]))
 
 
-def yaw_of_rotation(rotation: np.ndarray) -> float:
-    """Heading (about +z) of a 3x3 rotation: angle of its rotated +x axis."""
-    return float(math.atan2(rotation[1, 0], rotation[0, 0]))
+def devkit_quaternion_yaws(rotation: np.ndarray) -> np.ndarray:
+    """Yaw ``[N]`` of quaternions ``[N, 4]`` (w, x, y, z), exactly as the devkit's ``quaternion_yaw(Quaternion(q))``.
 
-
-def wrap_angle(angle: Array) -> Array:
-    """Wrap angles to ``[-pi, pi)`` (torch)."""
-    return (angle + math.pi) % (2 * math.pi) - math.pi
+    pyquaternion first divides q by ``sqrt(q . q)`` unless ``|1 - q . q| < 1e-14`` (so a quaternion
+    whose ``q . q`` overflows becomes 0 and has yaw 0), then takes the angle of R @ (1, 0, 0). Used by
+    the fast evaluator, whose numbers must equal the devkit's.
+    """
+    with np.errstate(over="ignore"):
+        sum_sq = (rotation * rotation).sum(axis=1)
+    norm = np.where(np.abs(1.0 - sum_sq) < 1e-14, 1.0, np.sqrt(sum_sq))
+    q = rotation / np.where(norm > 0, norm, 1.0)[:, None]
+    w, x, y, z = q.T
+    return np.arctan2(2 * (x * y + w * z), w * w + x * x - y * y - z * z)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -139,7 +154,9 @@ def invert_transform(transform: Array, rigid: bool = False) -> Array:
     rotation block and transposes it instead: cheaper, and the exact inverse of the
     rotation as written (the synthetic world's sensor frames use it).
     """
-    if torch is not None and isinstance(transform, torch.Tensor):
+    if _is_tensor(transform):
+        import torch
+
         linear = transform[..., :3, :3]
         linear_inv = linear.transpose(-1, -2) if rigid else torch.linalg.inv(linear)
         out = torch.zeros_like(transform)
@@ -174,8 +191,8 @@ def transform_boxes(transform: Array, boxes: Array) -> Array:
     (close to) preserved, which holds for nuScenes ego/global/lidar frames up to small
     pitch/roll. (torch)
     """
-    is_torch = torch is not None and isinstance(boxes, torch.Tensor)
-    lib = torch if is_torch else np
+    is_torch = _is_tensor(boxes)
+    lib = sys.modules["torch"] if is_torch else np
     out = boxes.clone() if is_torch else np.array(boxes, dtype=np.float64, copy=True)
     if len(boxes) == 0:
         return out
@@ -196,16 +213,13 @@ def transform_boxes(transform: Array, boxes: Array) -> Array:
 # --------------------------------------------------------------------------- boxes
 def box_corners(boxes: Array) -> Array:
     """Corners ``(N, 8, 3)`` of boxes ``(N, >=7)``, in the devkit's ``Box.corners()`` order (torch)."""
-    is_torch = torch is not None and isinstance(boxes, torch.Tensor)
-    lib = torch if is_torch else np
+    is_torch = _is_tensor(boxes)
+    lib = sys.modules["torch"] if is_torch else np
     centre, w, l, h, yaw = boxes[:, 0:3], boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
-    sx = [1, 1, 1, 1, -1, -1, -1, -1]
-    sy = [1, -1, -1, 1, 1, -1, -1, 1]
-    sz = [1, 1, -1, -1, 1, 1, -1, -1]
     if is_torch:
-        sx, sy, sz = (torch.tensor(s, dtype=boxes.dtype, device=boxes.device) for s in (sx, sy, sz))
+        sx, sy, sz = (lib.tensor(s, dtype=boxes.dtype, device=boxes.device) for s in CORNER_SIGNS)
     else:
-        sx, sy, sz = (np.array(s, dtype=np.float64) for s in (sx, sy, sz))
+        sx, sy, sz = CORNER_SIGNS
     local_x = l[:, None] / 2 * sx
     local_y = w[:, None] / 2 * sy
     local_z = h[:, None] / 2 * sz
@@ -214,6 +228,18 @@ def box_corners(boxes: Array) -> Array:
     y = sin * local_x + cos * local_y + centre[:, 1:2]
     z = local_z + centre[:, 2:3]
     return lib.stack([x, y, z], -1)
+
+
+def devkit_box_corners(translation: np.ndarray, size: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Corners ``[3, 8]`` of one box given as the devkit gives it (centre ``[3]``, ``wlh`` ``[3]``,
+    quaternion ``[4]`` w, x, y, z), computed as ``nuscenes.utils.data_classes.Box.corners()`` does
+    (pyquaternion's rotation matrix), so that the fast evaluator's numbers equal the devkit's."""
+    from pyquaternion import Quaternion
+
+    w, l, h = size
+    corners = np.vstack((l / 2 * CORNER_SIGNS[0], w / 2 * CORNER_SIGNS[1], h / 2 * CORNER_SIGNS[2]))
+    corners = np.dot(Quaternion(rotation).rotation_matrix, corners)
+    return corners + np.asarray(translation).reshape(3, 1)
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -254,13 +280,9 @@ def project_to_image(points_camera: Array, intrinsics: Array, eps: float = 1e-6)
 
 
 def camera_from_ego_points(points_ego: Array, ego_from_camera: Array) -> Array:
-    """Ego-frame points ``(..., 3)`` -> camera frame (torch)."""
+    """Ego-frame points ``(..., 3)`` -> camera frame ``(..., 3)`` (torch).
+
+    ``ego_from_camera`` ``[4, 4]`` may include a BEV augmentation (scale, flips): it is inverted
+    with :func:`invert_transform`, not transposed.
+    """
     return transform_points(invert_transform(ego_from_camera), points_ego)
-
-
-def box_in_image(corners_camera: np.ndarray, intrinsics: np.ndarray, image_size: tuple[int, int], min_depth: float = 0.1) -> bool:
-    """True when any corner ``(8, 3)`` is in front of the camera and inside the image (w, h)."""
-    pixels, depth = project_to_image(corners_camera, intrinsics)
-    width, height = image_size
-    ok = (depth > min_depth) & (pixels[:, 0] >= 0) & (pixels[:, 0] < width) & (pixels[:, 1] >= 0) & (pixels[:, 1] < height)
-    return bool(ok.any())

@@ -31,7 +31,7 @@ from bevperc.evaluation.fast_eval import (
     summarize,
     to_jsonable,
 )
-from bevperc.evaluation.submission import ATTRIBUTE_NAMES, CLASS_ATTRIBUTES, DETECTION_NAMES
+from bevperc.data.classes import ATTRIBUTE_NAMES, CATEGORY_TO_DETECTION_NAME, CLASS_ATTRIBUTES, DETECTION_NAMES
 
 from nuscenes.eval.common.config import config_factory
 from nuscenes.eval.common.data_classes import EvalBoxes
@@ -71,7 +71,7 @@ def test_constants_and_config_match_devkit():
     assert list(fast_eval.TP_METRICS) == constants.TP_METRICS
     for name in DETECTION_NAMES:
         assert list(CLASS_ATTRIBUTES[name]) == detection_name_to_rel_attributes(name)
-    for category, name in fast_eval.CATEGORY_TO_DETECTION_NAME.items():
+    for category, name in CATEGORY_TO_DETECTION_NAME.items():
         assert category_to_detection_name(category) == name
     assert category_to_detection_name("static_object.bicycle_rack") is None
     devkit_cfg = config_factory("detection_cvpr_2019")

@@ -24,7 +24,6 @@ from bevperc.evaluation import submission_chunks
 from bevperc.evaluation import workers as worker_pool
 from bevperc.evaluation.fast_eval import FastDetectionEval, load_ground_truth, to_jsonable
 from bevperc.evaluation.ground_truth import _RECORD_BOUNDARY, annotation_range
-from bevperc.evaluation.metrics import quaternion_yaw
 from bevperc.evaluation.submission import (
     COLUMN_NAMES,
     PredictionBoxes,
@@ -33,6 +32,7 @@ from bevperc.evaluation.submission import (
     read_submission_stream,
 )
 from bevperc.evaluation.workers import byte_ranges, run_tasks
+from bevperc.geometry import devkit_quaternion_yaws
 
 META = '{"use_camera": true, "use_lidar": false, "use_radar": false, "use_map": false, "use_external": false}'
 BOX = {"translation": "[1.5, -2.0, 0.5]", "size": "[1.0, 2.0, 1.5]", "rotation": "[1.0, 0.0, 0.0, 0.0]",
@@ -210,8 +210,8 @@ def test_quaternion_yaw_normalises_as_the_devkit_does():
     for scale in (1.0, 2.5, 1e-160, 1e160, 1e-150, 1e150, 1e-3):
         rotation = base * scale
         expected = [devkit_yaw(Quaternion(q)) for q in rotation]
-        np.testing.assert_allclose(quaternion_yaw(rotation), expected, rtol=0, atol=1e-12, err_msg=str(scale))
-    assert quaternion_yaw(base[:1] * 1e160)[0] == 0.0  # q / inf == 0 in the devkit too
+        np.testing.assert_allclose(devkit_quaternion_yaws(rotation), expected, rtol=0, atol=1e-12, err_msg=str(scale))
+    assert devkit_quaternion_yaws(base[:1] * 1e160)[0] == 0.0  # q / inf == 0 in the devkit too
 
 
 # --------------------------------------------------------------------------- layouts and fallbacks

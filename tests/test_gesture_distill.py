@@ -234,15 +234,28 @@ def test_object_region_weights_mimicry_towards_teacher_detections() -> None:
     assert feature_mimic_loss(near, t, "global", w) > 5 * feature_mimic_loss(far, t, "global", w)
 
 
-def test_shipped_gesture_configs_load_and_distil_with_the_documented_engine_settings() -> None:
-    """configs/gesture_*.yaml parse (unknown keys are rejected) and the distillation config carries
-    every DISTILL_ENGINE setting, so the command a user copies from the README runs what was measured."""
+def test_shipped_gesture_configs_are_the_presets_and_distil_with_the_documented_engine_settings() -> None:
+    """configs/gesture_*.yaml parse (unknown keys are rejected) and restate, field by field, what
+    ``gesture.demo.run_configs`` builds from ``gesture/presets.py`` (data under data/gestures, 30
+    epochs), so the YAMLs cannot drift from the presets; the distillation config adds only the
+    teacher checkpoints and an engine schedule to every DISTILL_ENGINE setting, so the command a
+    user copies from the README runs what was measured."""
     from bevperc.gesture.config import DISTILL_ENGINE, DistillConfig, GestureDataConfig, GestureTrainConfig
-    from bevperc.utils.config import load_config
+    from bevperc.gesture.demo import data_configs
+    from bevperc.losses.engine import LossEngineConfig
+    from bevperc.utils.config import from_dict, load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
+    expected = run_configs("data/gestures", epochs=30)
     for name in ("student", "teacher1", "teacher2", "teacher2_resize"):
-        assert load_config(GestureTrainConfig, root / f"gesture_{name}.yaml").model.stage_widths
-    assert load_config(GestureDataConfig, root / "gesture_test_data.yaml").classes
+        assert load_config(GestureTrainConfig, root / f"gesture_{name}.yaml") == expected[name], name
+    assert load_config(GestureDataConfig, root / "gesture_test_data.yaml") == data_configs("data/gestures")[1]
     distill = load_config(DistillConfig, root / "gesture_distill.yaml")
-    assert {k: distill.optim.engine.get(k) for k in DISTILL_ENGINE} == DISTILL_ENGINE
+    engine = distill.optim.engine
+    assert {k: engine.get(k) for k in DISTILL_ENGINE} == DISTILL_ENGINE
+    assert set(engine) - set(DISTILL_ENGINE) <= {"warmup_steps", "affinity_steps", "regroup_every", "condition_every"}
+    from_dict(LossEngineConfig, engine)  # valid engine settings
+    assert distill == dataclasses.replace(
+        expected["distill"], teacher1_checkpoint="work_dirs/gesture/teacher1/model.pt",
+        teacher2_checkpoint="work_dirs/gesture/teacher2/model.pt",
+        optim=dataclasses.replace(expected["distill"].optim, engine=engine))

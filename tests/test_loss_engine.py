@@ -1,4 +1,4 @@
-"""Tests of the loss engine (task-set balanced multi-task training, METHODS.md part A)."""
+"""Tests of the loss engine (task-set balanced multi-task training, docs/methods.md, part A)."""
 
 from __future__ import annotations
 

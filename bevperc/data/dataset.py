@@ -15,7 +15,7 @@ from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.data.config import DataConfig
 from bevperc.data.image_cache import ImageCache
 from bevperc.data.infos import CAMERA_NAMES, DataError, dataroot_file, load_infos
-from bevperc.geometry import invert_transform, points_in_boxes, project_to_image, transform_boxes, transform_points
+from bevperc.geometry import camera_from_ego_points, points_in_boxes, project_to_image, transform_boxes, transform_points
 
 
 def load_lidar_points(path: str | Path) -> np.ndarray:
@@ -36,7 +36,7 @@ def _project_lidar(
     """Points ``(P, 3)`` -> (flat pixel ``row * W + col``, camera depth, index into ``points_ego``) of those
     in front of the camera and inside the augmented image."""
     input_h, input_w = input_size
-    points_camera = transform_points(invert_transform(ego_from_camera), points_ego)
+    points_camera = camera_from_ego_points(points_ego, ego_from_camera)
     in_front = np.nonzero(points_camera[:, 2] > min_depth)[0]
     pixels, depth = project_to_image(points_camera[in_front], intrinsics)
     pixels = pixels @ image_aug[:2, :2].T + image_aug[:2, 2]

@@ -42,12 +42,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from bevperc.data.classes import DETECTION_CLASSES
+from bevperc.data.classes import CATEGORY_TO_DETECTION_NAME, DETECTION_CLASSES
 from bevperc.geometry import invert_transform, make_transform, quaternion_to_yaw, transform_boxes
 from bevperc.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
+# The camera order of every batch (BEVDet's): the N dimension of images, intrinsics and
+# ego_from_camera, and of the info files. The one list of camera names; the 2x3 figure grid
+# (viz.cameras.CAMERA_GRID) is its front and back halves.
 CAMERA_NAMES: tuple[str, ...] = (
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -170,8 +173,6 @@ def split_scene_names(version: str, split: str) -> list[str]:
 
 def _sample_info(nusc: Any, sample: dict, scene_name: str, unknown_categories: collections.Counter) -> dict:
     """The info record of one sample; counts annotations of unknown categories in ``unknown_categories``."""
-    from nuscenes.eval.detection.utils import category_to_detection_name
-
     lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
     global_from_ego = _pose_transform(nusc.get("ego_pose", lidar_sd["ego_pose_token"]))
     ego_from_global = invert_transform(global_from_ego)
@@ -202,7 +203,7 @@ def _sample_info(nusc: Any, sample: dict, scene_name: str, unknown_categories: c
     boxes, names, n_lidar, n_radar, tokens = [], [], [], [], []
     for ann_token in sample["anns"]:
         ann = nusc.get("sample_annotation", ann_token)
-        name = category_to_detection_name(ann["category_name"])
+        name = CATEGORY_TO_DETECTION_NAME.get(ann["category_name"])
         if name is None:
             if ann["category_name"] not in _nuscenes_categories():
                 unknown_categories[ann["category_name"]] += 1

@@ -1,7 +1,7 @@
 """Box sets as NumPy columns: the one data layout of the fast evaluator (GT, predictions, racks).
 
-Box columns use the devkit class order ``DETECTION_NAMES`` (car, truck, bus, trailer,
-construction_vehicle, pedestrian, motorcycle, bicycle, traffic_cone, barrier) for ``class_index``.
+Box columns use the devkit class order (``bevperc.data.classes.DETECTION_NAMES``: car, truck, bus,
+trailer, construction_vehicle, pedestrian, motorcycle, bicycle, traffic_cone, barrier) for ``class_index``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from operator import attrgetter
 from typing import Iterator, Sequence
 
 import numpy as np
-
-from bevperc.evaluation.submission import DETECTION_NAMES
-
-CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(DETECTION_NAMES)}
 
 
 @dataclass

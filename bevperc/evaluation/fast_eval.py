@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns
+from bevperc.data.classes import DETECTION_NAME_INDEX
+from bevperc.evaluation.columns import BoxColumns, RackColumns
 from bevperc.evaluation.ground_truth import (
-    CATEGORY_TO_DETECTION_NAME,
     GroundTruth,
     load_ground_truth,
     table_batches,
@@ -46,7 +46,6 @@ from bevperc.evaluation.metrics import (
     cummean,
     filter_mask,
     match_class,
-    quaternion_yaw,
     score_order,
     summarize,
 )
@@ -61,10 +60,10 @@ from bevperc.evaluation.timing import StageTimer
 from bevperc.evaluation.workers import default_workers, prestart
 
 __all__ = [
-    "CATEGORY_TO_DETECTION_NAME", "N_RECALL_POINTS", "TP_METRICS", "BoxColumns", "DetectionEvalConfig", "EvalResult",
+    "N_RECALL_POINTS", "TP_METRICS", "BoxColumns", "DetectionEvalConfig", "EvalResult",
     "FastDetectionEval", "GroundTruth", "MetricCurves", "RackColumns", "accumulate_class", "calc_ap", "calc_tp",
     "cummean", "evaluate_boxes", "filter_mask", "load_ground_truth", "match_class", "prediction_columns",
-    "quaternion_yaw", "score_order", "summarize", "table_batches", "table_fingerprint", "to_jsonable",
+    "score_order", "summarize", "table_batches", "table_fingerprint", "to_jsonable",
     "write_metrics",
 ]
 
@@ -109,7 +108,7 @@ def evaluate_by_class(gt_by_class: dict[int, BoxColumns], pred_by_class: dict[in
     started = time.time()
     metric_data: dict[tuple[str, float], MetricCurves] = {}
     for class_name in cfg.class_names:
-        cls = CLASS_INDEX[class_name]
+        cls = DETECTION_NAME_INDEX[class_name]
         with timer.stage("pred_gather"):
             pred = BoxColumns.concatenate(pred_by_class.pop(cls)) if cls in pred_by_class else BoxColumns.empty()
         gt = gt_by_class.get(cls, BoxColumns.empty())

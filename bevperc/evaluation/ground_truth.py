@@ -27,28 +27,12 @@ from typing import Iterator
 import msgspec
 import numpy as np
 
-from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns, gc_paused, struct_floats
-from bevperc.evaluation.submission import ATTRIBUTE_NAMES, iter_json_array
+from bevperc.data.classes import ATTRIBUTE_NAMES, CATEGORY_TO_DETECTION_NAME, DETECTION_NAME_INDEX
+from bevperc.evaluation.columns import BoxColumns, RackColumns, gc_paused, struct_floats
+from bevperc.evaluation.submission import iter_json_array
 from bevperc.evaluation.timing import StageTimer
 from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
 
-# nuscenes.eval.detection.utils.category_to_detection_name
-CATEGORY_TO_DETECTION_NAME: dict[str, str] = {
-    "movable_object.barrier": "barrier",
-    "vehicle.bicycle": "bicycle",
-    "vehicle.bus.bendy": "bus",
-    "vehicle.bus.rigid": "bus",
-    "vehicle.car": "car",
-    "vehicle.construction": "construction_vehicle",
-    "vehicle.motorcycle": "motorcycle",
-    "human.pedestrian.adult": "pedestrian",
-    "human.pedestrian.child": "pedestrian",
-    "human.pedestrian.construction_worker": "pedestrian",
-    "human.pedestrian.police_officer": "pedestrian",
-    "movable_object.trafficcone": "traffic_cone",
-    "vehicle.trailer": "trailer",
-    "vehicle.truck": "truck",
-}
 BICYCLE_RACK = "static_object.bicycle_rack"
 _RACK = -2  # instance kind of a bicycle rack (detection classes are >= 0, other categories -1)
 _TABLES = ("sample", "scene", "sample_annotation", "instance", "category", "attribute",
@@ -303,7 +287,7 @@ def _instance_kinds(table_dir: Path) -> dict[str, int]:
     for inst in _load_table(table_dir, "instance"):
         name = category_name[inst["category_token"]]
         if name in CATEGORY_TO_DETECTION_NAME:
-            kinds[inst["token"]] = CLASS_INDEX[CATEGORY_TO_DETECTION_NAME[name]]
+            kinds[inst["token"]] = DETECTION_NAME_INDEX[CATEGORY_TO_DETECTION_NAME[name]]
         elif name == BICYCLE_RACK:
             kinds[inst["token"]] = _RACK
     return kinds

@@ -23,13 +23,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns
-from bevperc.evaluation.submission import DETECTION_NAMES
+from bevperc.data.classes import DETECTION_NAME_INDEX, DETECTION_NAMES
+from bevperc.evaluation.columns import BoxColumns, RackColumns
 from bevperc.evaluation.timing import StageTimer
+from bevperc.geometry import devkit_box_corners, devkit_quaternion_yaws
 
 TP_METRICS: tuple[str, ...] = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
 N_RECALL_POINTS = 101  # DetectionMetricData.nelem
-_CYCLE_CLASSES = np.array([CLASS_INDEX["bicycle"], CLASS_INDEX["motorcycle"]])
+_CYCLE_CLASSES = np.array([DETECTION_NAME_INDEX["bicycle"], DETECTION_NAME_INDEX["motorcycle"]])
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class DetectionEvalConfig:
     mean_ap_weight: int = 5
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.class_range if name not in CLASS_INDEX]
+        unknown = [name for name in self.class_range if name not in DETECTION_NAME_INDEX]
         if unknown:
             raise ValueError(f"DetectionEvalConfig.class_range: unknown classes {unknown}; expected {list(DETECTION_NAMES)}")
         if self.dist_fcn != "center_distance":
@@ -96,9 +97,9 @@ class BoxFilter:
     def create(cls, ego_translation: np.ndarray, racks: RackColumns, cfg: DetectionEvalConfig) -> "BoxFilter":
         max_dist = np.full(len(DETECTION_NAMES), -np.inf)
         for name, value in cfg.class_range.items():
-            max_dist[CLASS_INDEX[name]] = value
+            max_dist[DETECTION_NAME_INDEX[name]] = value
         order = np.argsort(racks.sample_index, kind="stable")
-        corners = [_rack_corners(racks.translation[r], racks.size[r], racks.rotation[r]) for r in order]
+        corners = [devkit_box_corners(racks.translation[r], racks.size[r], racks.rotation[r]) for r in order]
         corner = np.array([c[:, 0] for c in corners]).reshape(-1, 3)
         axes = np.array([[c[:, 4] - c[:, 0], c[:, 1] - c[:, 0], c[:, 3] - c[:, 0]] for c in corners]).reshape(-1, 3, 3)
         return cls(ego_translation=ego_translation, max_dist=max_dist, rack_sample=racks.sample_index[order],
@@ -145,18 +146,6 @@ class BoxFilter:
 def filter_mask(boxes: BoxColumns, ego_translation: np.ndarray, racks: RackColumns, cfg: DetectionEvalConfig) -> np.ndarray:
     """bool [N]: which boxes survive the devkit's ``filter_eval_boxes`` (range, points, bike racks)."""
     return BoxFilter.create(ego_translation, racks, cfg).mask(boxes)
-
-
-def _rack_corners(translation: np.ndarray, size: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """Corners [3, 8] of one box, computed as ``nuscenes.utils.data_classes.Box.corners()`` does."""
-    from pyquaternion import Quaternion
-
-    w, l, h = size
-    corners = np.vstack((l / 2 * np.array([1, 1, 1, 1, -1, -1, -1, -1]),
-                         w / 2 * np.array([1, -1, -1, 1, 1, -1, -1, 1]),
-                         h / 2 * np.array([1, 1, -1, -1, 1, 1, -1, -1])))
-    corners = np.dot(Quaternion(rotation).rotation_matrix, corners)
-    return corners + np.asarray(translation).reshape(3, 1)
 
 
 # --------------------------------------------------------------------------- metric data
@@ -208,18 +197,6 @@ def cummean(x: np.ndarray) -> np.ndarray:
     sum_vals = np.nancumsum(x.astype(float))
     count_vals = np.cumsum(~np.isnan(x))
     return np.divide(sum_vals, count_vals, out=np.zeros_like(sum_vals), where=count_vals != 0)
-
-
-def quaternion_yaw(rotation: np.ndarray) -> np.ndarray:
-    """Yaw [N] of quaternions [N, 4] (w, x, y, z) as ``quaternion_yaw(Quaternion(q))`` of the devkit:
-    pyquaternion first divides q by ``sqrt(q . q)`` unless ``|1 - q . q| < 1e-14`` (so a quaternion
-    whose ``q . q`` overflows becomes 0 and has yaw 0), then takes the angle of R @ (1, 0, 0)."""
-    with np.errstate(over="ignore"):
-        sum_sq = (rotation * rotation).sum(axis=1)
-    norm = np.where(np.abs(1.0 - sum_sq) < 1e-14, 1.0, np.sqrt(sum_sq))
-    q = rotation / np.where(norm > 0, norm, 1.0)[:, None]
-    w, x, y, z = q.T
-    return np.arctan2(2 * (x * y + w * z), w * w + x * x - y * y - z * z)
 
 
 def _group_slots(group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +280,7 @@ def accumulate_class(gt: BoxColumns, pred: BoxColumns, class_name: str, n_sample
 
     ``gt``/``pred``: filtered boxes (any classes), predictions in file order.
     """
-    cls = CLASS_INDEX[class_name]
+    cls = DETECTION_NAME_INDEX[class_name]
     return accumulate_class_boxes(gt.take(np.flatnonzero(gt.class_index == cls)),
                                   pred.take(np.flatnonzero(pred.class_index == cls)),
                                   class_name, n_samples, dist_ths, StageTimer())
@@ -349,7 +326,8 @@ def _match_errors(gt: BoxColumns, g: np.ndarray, pred: BoxColumns, p: np.ndarray
     intersection = mn[:, 0] * mn[:, 1] * mn[:, 2]
     union = sa[:, 0] * sa[:, 1] * sa[:, 2] + sr[:, 0] * sr[:, 1] * sr[:, 2] - intersection
     scale_err = 1 - intersection / union
-    diff = (quaternion_yaw(gt.rotation[g]) - quaternion_yaw(pred.rotation[p]) + period / 2) % period - period / 2
+    yaw_gt, yaw_pred = devkit_quaternion_yaws(gt.rotation[g]), devkit_quaternion_yaws(pred.rotation[p])
+    diff = (yaw_gt - yaw_pred + period / 2) % period - period / 2
     diff = np.where(diff > np.pi, diff - 2 * np.pi, diff)
     orient_err = np.abs(diff)
     gt_attr = gt.attribute_index[g]

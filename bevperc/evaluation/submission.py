@@ -46,30 +46,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-# The devkit's constants (nuscenes.eval.detection.constants), repeated so that this module has no
-# import-time dependency on the devkit. tests/test_fast_eval.py checks they are equal.
-DETECTION_NAMES: tuple[str, ...] = (
-    "car", "truck", "bus", "trailer", "construction_vehicle",
-    "pedestrian", "motorcycle", "bicycle", "traffic_cone", "barrier",
-)
-ATTRIBUTE_NAMES: tuple[str, ...] = (
-    "pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing",
-    "cycle.with_rider", "cycle.without_rider",
-    "vehicle.moving", "vehicle.parked", "vehicle.stopped",
-)
-# nuscenes.eval.detection.utils.detection_name_to_rel_attributes
-CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "pedestrian": ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing"),
-    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
-    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
-    "car": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "bus": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "construction_vehicle": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "trailer": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "truck": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "barrier": (),
-    "traffic_cone": (),
-}
+from bevperc.data.classes import ATTRIBUTE_NAMES, CLASS_ATTRIBUTES, DETECTION_NAME_INDEX, DETECTION_NAMES
+
 META_FIELDS: tuple[str, ...] = ("use_camera", "use_lidar", "use_radar", "use_map", "use_external")
 BOX_FIELDS: tuple[str, ...] = (
     "sample_token", "translation", "size", "rotation", "velocity",
@@ -78,7 +56,6 @@ BOX_FIELDS: tuple[str, ...] = (
 MAX_BOXES_PER_SAMPLE = 500
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
-NAME_INDEX = {name: i for i, name in enumerate(DETECTION_NAMES)}
 ATTRIBUTE_INDEX = {name: i for i, name in enumerate(ATTRIBUTE_NAMES)}
 ATTRIBUTE_INDEX[""] = -1
 
@@ -317,7 +294,7 @@ def check_box(sample_token: str, index: int, box: Any, allow_empty_attribute: bo
                               f"got {box['rotation']!r}")
     _check_vector(where, "velocity", box["velocity"], 2, finite=False)
     name = box["detection_name"]
-    if not isinstance(name, str) or name not in NAME_INDEX:
+    if not isinstance(name, str) or name not in DETECTION_NAME_INDEX:
         raise SubmissionError(f"{where}: field 'detection_name' is {name!r}; expected one of {list(DETECTION_NAMES)}")
     score = box["detection_score"]
     if not _is_number(score) or not _isfinite(score) or not 0.0 <= score <= 1.0:
@@ -365,7 +342,8 @@ def _dict_fields(boxes: list, expected_tokens: list[str]) -> dict[str, Any] | No
                       rotation=_numeric([b["rotation"] for b in boxes], 4),
                       velocity=_numeric([b["velocity"] for b in boxes], 2),
                       score=np.array(score),
-                      class_index=np.array([NAME_INDEX.get(b["detection_name"], -1) for b in boxes], dtype=np.int64),
+                      class_index=np.array([DETECTION_NAME_INDEX.get(b["detection_name"], -1) for b in boxes],
+                                           dtype=np.int64),
                       attribute_index=np.array([ATTRIBUTE_INDEX.get(b["attribute_name"], -2) for b in boxes],
                                                dtype=np.int64),
                       num_pts=np.full(len(boxes), -1, dtype=np.int64))

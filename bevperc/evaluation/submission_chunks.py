@@ -42,13 +42,11 @@ from typing import Any, Iterable, Literal, Union
 import msgspec
 import numpy as np
 
+from bevperc.data.classes import ATTRIBUTE_NAMES, DETECTION_NAME_INDEX, DETECTION_NAMES
 from bevperc.evaluation.columns import BoxColumns, gc_paused, struct_floats
 from bevperc.evaluation.metrics import BoxFilter
 from bevperc.evaluation.submission import (
     ATTRIBUTE_INDEX,
-    ATTRIBUTE_NAMES,
-    DETECTION_NAMES,
-    NAME_INDEX,
     SubmissionError,
     attribute_table,
     check_meta,
@@ -274,7 +272,7 @@ def _struct_fields(boxes: list[_Box], expected_tokens: list[str]) -> dict[str, A
                 rotation=struct_floats(boxes, "rotation", 4),
                 velocity=np.fromiter(map(_NAN.get, velocity, velocity), dtype=np.float64, count=2 * n).reshape(n, 2),
                 score=np.fromiter(map(attrgetter("detection_score"), boxes), dtype=np.float64, count=n),
-                class_index=np.fromiter(map(NAME_INDEX.__getitem__, map(attrgetter("detection_name"), boxes)),
+                class_index=np.fromiter(map(DETECTION_NAME_INDEX.__getitem__, map(attrgetter("detection_name"), boxes)),
                                         dtype=np.int64, count=n),
                 attribute_index=np.fromiter(map(ATTRIBUTE_INDEX.__getitem__, map(attrgetter("attribute_name"), boxes)),
                                             dtype=np.int64, count=n),

@@ -1,4 +1,4 @@
-"""Gesture detection with dual-teacher, cross-resolution distillation (METHODS.md part B).
+"""Gesture detection with dual-teacher, cross-resolution distillation (docs/methods.md, part B).
 
 Modules (imported lazily by the CLI, ``python -m bevperc.gesture``):
     config    dataclass configs (GestureTrainConfig, DistillConfig, GestureDataConfig, OptimConfig)

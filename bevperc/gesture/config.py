@@ -79,23 +79,11 @@ DISTILL_ENGINE: dict[str, Any] = {"enabled": True, "first_weighting": "fixed", "
                                   "lag_temperature": 1.0}
 """Loss-engine settings of distillation (``DistillConfig.optim.engine``; schedule fields are added per run).
 
-Why not the engine defaults: ``first_weighting: normalise`` divides every task by its own recent
-loss, so 13 distillation terms got the same pull as the 3 label tasks, and the tiny offset losses
-(~0.05) the largest effective weights; with ``fixed`` the first loss of a set is the weighted sum of
-the raw terms with the ``DistillWeights`` / CenterNet priors, as in plain KD, and the engine moves
-only the second weights between sets (all ones = the fixed-weight KD sum). ``lag_reference:
-grouping`` judges a set's progress from when it was formed: measured from step 0 the heatmap set
-(focal loss, falls most in the first steps) always looked furthest ahead and got the smallest
-second weight. 40-epoch gesture bench, full method, probe on seeds 0 / 1 (another machine; student
-alone 0.600 / 0.928, fixed-weight KD 0.655 / 0.950): engine defaults 0.331 / 0.746,
-``first_weighting: fixed`` 0.669 / 0.862, both settings 0.710 / 0.862 mAP@0.5. Over 8 seeds
-(bench/results/distill.json) these two settings gave the full method 0.908 mAP@0.5 (G +0.62), still
-0.020 +- 0.013 below the fixed sum: the set holding the label heatmap mostly ended with a second
-weight below 1 (down to 0.49). ``lag_temperature: 1.0`` (engine default 0.33) makes the rule
-gentler: full method 0.919 (G +0.67, -0.009 +- 0.006 against the fixed sum, better than the student
-on 8/8 seeds), teacher 2 only 0.892 (fixed sum 0.888; bench/results/distill_engine_lagT1.json).
-It was chosen on the bench's own 8 seeds (no held-out seeds), so read that gain as optimistic;
-see the README's gesture section."""
+``first_weighting: fixed``: the first loss of a set is the weighted sum of the raw terms with the
+``DistillWeights`` / CenterNet priors, as in plain KD, and the engine moves only the second weights
+between sets (all ones = the fixed-weight KD sum); ``lag_reference: grouping``: a set's progress is
+measured from when it was formed; ``lag_temperature: 1.0``: a gentler lag rule than the engine
+default (0.33). Why, with the measurements: docs/methods.md, part B, "Why these defaults"."""
 
 
 @dataclass
@@ -103,18 +91,14 @@ class DistillWeights:
     """First weights of the distillation tasks; 0 removes the task (and its teacher) entirely.
 
     ``*_features`` is the total over the teacher's aligned stages (split equally among them);
-    ``*_heads`` scales the head-map priors (heatmap 1, wh 0.1, offset 1). Teacher 2's features
-    get 5: it is the teacher that sees the class detail, and in 1-seed probes on the synthetic
-    set its feature terms were what sped up the student (weight 1: no measurable effect).
+    ``*_heads`` scales the head-map priors (heatmap 1, wh 0.1, offset 1). Why teacher 2's features
+    get 5: docs/methods.md, part B.
     """
 
     teacher1_features: float = 1.0
     teacher1_heads: float = 1.0
     teacher2_features: float = 5.0
     teacher2_heads: float = 1.0
-
-    def all_zero(self) -> bool:
-        return not any((self.teacher1_features, self.teacher1_heads, self.teacher2_features, self.teacher2_heads))
 
 
 @dataclass

@@ -15,16 +15,15 @@ by JPEG). Its classes differ only by the orientation (0, 45, 90, 135 degrees) of
 grating on the hand (skin-coloured clutter blobs without a grating and optional plain
 ``no_gesture`` hands make the grating necessary for detection too). The grating period is
 8.8-10.4 px at 256 px, scaled with the image size: 4.4-5.2 px in the 128 px image teacher 2 sees,
-2.2-2.6 px at the student's 64 px, i.e. a frequency just below the 64 px Nyquist limit (period 2 px). So the cue is
-clear at 128 px and weak-but-present at 64 px: the antialiased 2x resize keeps ~43-57 % of its
-contrast (``cue_visibility`` on a set generated at 128 px, as bench/distill.py does: RMS contrast
-0.195 at 128 px -> 0.098 at 64 px, 0.50 retained, 0.43-0.57 over classes and periods; pixel
-noise std 6.0 -> 1.9). The student can
-learn it from labels, but slowly and in a seed-dependent jump (240 images, seed 0: chance-level
-class accuracy after 10 epochs, mAP@0.5 0.49 after 20, 0.83 after 40; seeds 1 / 2 reach 0.89 /
-0.93 after 20), which leaves teacher 2 something to teach. The previous
-default, 6-8 px at 256 (1.5-2 px at 64, at/beyond Nyquist: 0.048 contrast, 0.25 retained, 0.13-0.38,
-and aliased), kept the student and teacher 1 at chance-level class accuracy.
+2.2-2.6 px at the student's 64 px, i.e. a frequency just below the 64 px Nyquist limit (period 2 px),
+so the cue is clear at 128 px and weak at 64 px; ``cue_visibility`` measures how much of its
+contrast a resize keeps. What that contrast is and how the student learns it: docs/methods.md,
+part B, "Why these defaults".
+
+The CenterNet targets (``build_targets``) and the gesture focal loss (``train.focal_heatmap_loss``)
+are not the BEV head's (``models.centerpoint_head``): the gesture Gaussians are not cut at their
+radius, and the focal loss uses ``logsigmoid`` without CenterPoint's probability clamp. Sharing
+the head's would change gesture results, so they stay separate.
 """
 
 from __future__ import annotations

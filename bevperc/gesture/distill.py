@@ -1,4 +1,4 @@
-"""Dual-teacher, cross-resolution distillation of the gesture student (METHODS.md part B).
+"""Dual-teacher, cross-resolution distillation of the gesture student (docs/methods.md, part B).
 
 Per training step (image 1 = student resolution S, image 2 = L*S):
 
@@ -22,7 +22,7 @@ Per training step (image 1 = student resolution S, image 2 = L*S):
    * plus the ordinary detection tasks ``det_heatmap``, ``det_wh``, ``det_offset`` on labels.
 5. ``LossEngine`` groups the tasks into sets and balances them; its summary is saved with the run.
    Distillation runs it with ``config.DISTILL_ENGINE`` (raw terms x the priors above inside a set,
-   lag measured from each set's formation); the reasons and measurements are documented there.
+   lag measured from each set's formation); why: docs/methods.md, part B.
 
 A weight of 0 removes a task (a teacher with both weights 0 is not even run). With all
 distillation weights 0 the run is ``train.train_detector`` bit for bit: the student is built

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bevperc.engine.checkpoint import load_checkpoint, load_weights
-from bevperc.gesture.config import GestureDataConfig, GestureTrainConfig, OptimConfig
+from bevperc.gesture.config import GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
 from bevperc.losses.engine import LossEngine, LossEngineConfig
 from bevperc.models.centernet import CenterNet, DetectorConfig, FeatureSet
@@ -37,7 +37,8 @@ LossFn = Callable[[dict[str, Any]], tuple[dict[str, Tensor], dict[str, Tensor]]]
 def focal_heatmap_loss(logits: Tensor, target: Tensor) -> Tensor:
     """CenterNet penalty-reduced focal loss per sample [B] (alpha 2, beta 4, / number of centres).
 
-    logits, target: [B,C,h,w]; target is 1 at centres, Gaussian-decayed around them.
+    logits, target: [B,C,h,w]; target is 1 at centres, Gaussian-decayed around them. Unlike the BEV
+    head's ``gaussian_focal_loss_sums`` the probabilities are not clamped (``logsigmoid`` instead).
     """
     prob = torch.sigmoid(logits)
     pos = target.eq(1).to(logits.dtype)
@@ -255,7 +256,3 @@ def train_detector(cfg: GestureTrainConfig, out_dir: str | Path, dataset: Gestur
 
     save_config(cfg, out / "config.yaml")
     return path
-
-
-def data_config_for(cfg: GestureDataConfig, **changes: Any) -> GestureDataConfig:
-    return GestureDataConfig(**{**cfg.__dict__, **changes})

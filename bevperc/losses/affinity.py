@@ -1,4 +1,4 @@
-"""Task affinity measurement and clustering of tasks into task sets (METHODS.md A, step 2).
+"""Task affinity measurement and clustering of tasks into task sets (docs/methods.md, part A, step 2).
 
 Two affinity measures, both in [-1, 1] (1 = the tasks move together / help each other):
 

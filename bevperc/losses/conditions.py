@@ -1,7 +1,7 @@
 """Optimisation condition functions: the "second process" of task-set balanced training.
 
 A condition turns the recent first-loss values of the N task sets into new second
-weights (METHODS.md part A, step 5). The loss engine calls it every ``k`` steps::
+weights (docs/methods.md, part A, step 5). The loss engine calls it every ``k`` steps::
 
     new_weights = condition(first_losses_history, current_weights,
                             initial_first_losses=..., step=...)
@@ -48,16 +48,6 @@ class OptimisationCondition(Protocol):
     def __call__(
         self, first_losses_history: Tensor, current_weights: Tensor, *, initial_first_losses: Tensor, step: int
     ) -> Tensor: ...
-
-
-def simplex_weights(probabilities: Tensor, floor: float) -> Tensor:
-    """Map a probability vector [N] to second weights >= ``floor`` that sum to N.
-
-    ``w = floor + (1 - floor) * N * p``: every set keeps at least ``floor`` of the mean
-    weight, so no set is ever switched off.
-    """
-    num_sets = probabilities.numel()
-    return floor + (1.0 - floor) * num_sets * probabilities
 
 
 def _latest_finite_row(history: Tensor) -> Tensor | None:

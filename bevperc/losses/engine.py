@@ -1,4 +1,4 @@
-"""Loss engine: task-set balanced multi-task training (METHODS.md part A).
+"""Loss engine: task-set balanced multi-task training (docs/methods.md, part A).
 
 Tasks are named losses (per class group: heatmap, offset, height, size, orientation,
 velocity; distillation terms). The engine
@@ -21,25 +21,20 @@ velocity; distillation terms). The engine
    statistics and every ``condition_every`` steps asks the optimisation condition for new
    second weights (second process).
 
-Learnability (why the lag rule is gated): weight only helps a task whose loss responds to
-optimisation. Single-frame velocity on the BEV detector never improves, so a pure
-"least improved gets most" rule handed it the largest weight and starved the heatmaps.
-Both lag rules (second weights in ``LagCondition``, first weights here) therefore use a
-``ProgressGate`` per set / task: from the last ``progress_windows`` condition calls it tests
+Learnability gate: both lag rules (second weights in ``LagCondition``, first weights here) use
+a ``ProgressGate`` per set / task: from the last ``progress_windows`` condition calls it tests
 whether the log-loss moved beyond its measured noise (gate ~1) or sat on a plateau
 (gate ~0: unlearnable, irreducible or converged), and the lag log-ratio is pulled towards
 the neutral (mean) level by ``1 - gate``: a flat set or task is treated as neither ahead nor
 behind, so it keeps about the mean weight but cannot keep gaining weight.
 
-First weights (METHODS step 5 makes updating them optional): with the default
-``first_weight_temperature=0.25`` the second process also applies the gated lag rule
-inside each set every k steps (a task's share of its set follows ``prior * ratio ** 4``,
-smoothed and floored, ratio = recent loss / initial loss); ``0`` keeps them at the
-normalised priors. We update them from the per-task loss ratios rather than by a
-gradient of the second loss: a gradient step on the weights of a loss being minimised
-drives them to zero. Defaults (lag_temperature 0.33, first_weight_temperature 0.25,
-loss_scale 'recent', progress_windows 6, progress_threshold 4) were chosen on
-bench/loss_engine.py seeds 0-2 and checked on seeds 3-5, see its README section.
+First weights (optional in step 5): with ``first_weight_temperature > 0`` the second process
+also applies the gated lag rule inside each set every k steps (a task's share of its set
+follows ``prior * ratio ** (1 / first_weight_temperature)``, smoothed and floored, ratio =
+recent loss / initial loss); ``0`` keeps them at the normalised priors.
+
+Why the gate, why loss ratios rather than a gradient for the first weights, and the
+measurements behind the defaults: docs/methods.md, part A, "Why these defaults".
 
 Non-finite and zero losses: a task whose loss is NaN/inf at a step is left out of the
 returned total (its term is replaced by 0 before weighting), out of every statistic, and
@@ -62,7 +57,7 @@ import collections
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import numpy as np
 import torch
@@ -80,8 +75,7 @@ from bevperc.losses.conditions import (
     window_mean,
     window_statistics,
 )
-
-CONDITIONS = ("lag", "fixed", "uncertainty", "dwa", "famo")
+from bevperc.utils.config import check_literal_fields
 
 
 @dataclass
@@ -95,7 +89,7 @@ class LossEngineConfig:
     for the first weights (normalised inside each set when first_weighting='normalise')."""
 
     # --- task sets -----------------------------------------------------------------
-    grouping: str = "cluster"
+    grouping: Literal["cluster", "per_task"] = "cluster"
     """'cluster': measured affinity + clustering; 'per_task': every task its own set."""
     fixed_sets: Optional[list[list[str]]] = None
     """User-fixed task sets (each task exactly once); disables clustering."""
@@ -103,9 +97,9 @@ class LossEngineConfig:
     """N for clustering; 0 = choose N in [min_sets, max_sets] by silhouette score."""
     min_sets: int = 2
     max_sets: int = 4
-    clustering: str = "agglomerative"
+    clustering: Literal["agglomerative", "spectral"] = "agglomerative"
     """'agglomerative' (average linkage on the precomputed distance) or 'spectral'."""
-    affinity: str = "loss_corr"
+    affinity: Literal["loss_corr", "grad_cos", "both"] = "loss_corr"
     """'loss_corr' (per-sample loss correlation), 'grad_cos' (gradient cosine on
     shared_features, extra per-task head backward on measurement steps) or 'both'."""
     warmup_steps: int = 100
@@ -123,12 +117,12 @@ class LossEngineConfig:
     """With affinity 'grad_cos'/'both': measure gradients every this many recorded steps."""
 
     # --- first loss ----------------------------------------------------------------
-    first_weighting: str = "normalise"
+    first_weighting: Literal["normalise", "fixed"] = "normalise"
     """'normalise': divide each task by its initial loss (scale-invariant sets);
     'fixed': raw losses times fixed_weights (the published form of the anchors)."""
     scale_warmup_steps: int = 10
     """Finite non-zero values averaged into each task's initial loss."""
-    loss_scale: str = "recent"
+    loss_scale: Literal["initial", "recent"] = "recent"
     """Divisor s_i of the normalised first losses: 'initial' (the task's initial loss) or
     'recent' (its mean loss over the last lag window, refreshed every k steps by the second
     process, like a log-loss: every task keeps relative pressure as it converges)."""
@@ -139,7 +133,7 @@ class LossEngineConfig:
     Ignored with first_weighting='fixed'."""
 
     # --- second loss / optimisation condition ---------------------------------------
-    condition: str = "lag"
+    condition: Literal["lag", "fixed", "uncertainty", "dwa", "famo"] = "lag"
     """'lag' (default), 'fixed', 'uncertainty', 'dwa', 'famo' (or pass condition= to LossEngine)."""
     condition_every: int = 10
     """k: the condition runs every k engine steps."""
@@ -150,14 +144,11 @@ class LossEngineConfig:
     lag_floor: float = 0.1
     lag_window: int = 0
     """Steps averaged for the loss ratio; 0 = condition_every."""
-    lag_reference: str = "initial"
+    lag_reference: Literal["initial", "grouping"] = "initial"
     """The "start" of the lag rule's ratio L/L0 (second weights): 'initial' (each task's loss over
     the first scale_warmup_steps) or 'grouping' (its mean loss over the lag window when the current
     task sets were formed: the first grouping, every accepted regrouping; with fixed sets, at
-    warmup_steps). Why 'grouping': on detectors the class-heatmap focal loss falls by far the most in
-    the first steps (prior calibration), so measured from step 0 the heatmap set always looks
-    furthest ahead and the lag rule starves it; measured from the set's formation it is judged
-    on the progress made while it is balanced."""
+    warmup_steps). When to use which: docs/methods.md, part A."""
     progress_windows: int = 6
     """Learnability gate of the lag rule (second and first weights): the last this-many
     condition calls are used to test whether each set's / task's log-loss still moves beyond
@@ -185,18 +176,7 @@ class LossEngineConfig:
         return self.lag_window or self.condition_every
 
     def __post_init__(self) -> None:
-        choices = {
-            "grouping": ("cluster", "per_task"),
-            "clustering": ("agglomerative", "spectral"),
-            "affinity": ("loss_corr", "grad_cos", "both"),
-            "first_weighting": ("normalise", "fixed"),
-            "loss_scale": ("initial", "recent"),
-            "lag_reference": ("initial", "grouping"),
-            "condition": CONDITIONS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"LossEngineConfig.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        check_literal_fields(self)  # the string choices, from the annotations
         positive = ("warmup_steps", "condition_every", "history_length", "scale_warmup_steps",
                     "affinity_steps", "affinity_capacity", "grad_affinity_every", "max_weight_history")
         for name in positive:

@@ -1,6 +1,6 @@
 """CenterNet-style detector family used for gesture detection and dual-teacher distillation.
 
-One architecture, three roles (METHODS.md part B):
+One architecture, three roles (docs/methods.md, part B):
 
 * the **student** (small widths) sees image 1 of size ``S x S``;
 * **teacher 1** (wider/deeper) sees the same image;
@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import Conv2dNormActivation
-
-HEAD_MAP_NAMES: tuple[str, str, str] = ("heatmap", "wh", "offset")
 
 
 class StrideAlignmentError(ValueError):
@@ -261,7 +259,7 @@ def assert_stride_alignment(
 ) -> list[int]:
     """Check teacher 2 against the student; return the aligned stage indices (``K..N-1``).
 
-    Requirements (METHODS.md B): same number of stages; teacher-2 input = ``scale`` x student
+    Requirements (docs/methods.md, part B): same number of stages; teacher-2 input = ``scale`` x student
     input; teacher-2 stride at stage K = ``scale`` x student stride there, others equal; and,
     checked by running both models, every stage map from K on and the head maps have the
     student's exact spatial shape. Raises :class:`StrideAlignmentError` naming the mismatch.

@@ -141,6 +141,21 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> 
         raise ConfigError(f"{source}: {err}") from None
 
 
+def check_literal_fields(instance: Any) -> None:
+    """Raise ``ValueError`` naming ``Class.field`` and the allowed values when a ``Literal``-annotated
+    field of the dataclass ``instance`` holds another value.
+
+    For configs built in Python (call it from ``__post_init__``); :func:`from_dict` checks the same
+    while loading, before the dataclass is built.
+    """
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and getattr(instance, f.name) not in typing.get_args(tp):
+            raise ValueError(f"{type(instance).__name__}.{f.name}: expected one of {list(typing.get_args(tp))}, "
+                             f"got {getattr(instance, f.name)!r}")
+
+
 def to_dict(cfg: Any) -> dict:
     """Nested plain-dict view of a config dataclass (for saving with a run)."""
     return dataclasses.asdict(cfg)

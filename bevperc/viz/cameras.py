@@ -4,9 +4,10 @@ All functions are pure: they take NumPy arrays (or tensors, converted) in the be
 convention ``[x, y, z, w, l, h, yaw, vx, vy]`` (ego frame), images, intrinsics ``K`` and
 ``ego_from_camera``; nothing here needs a model or a dataset.
 
-Projection follows ``bevperc.geometry``: ego points -> camera frame with the inverse of
-``ego_from_camera`` (a general 4x4 inverse, so an ``ego_from_camera`` that already
-includes a BEV augmentation with flips/scale works too), then the pinhole ``K``. When the
+Projection is ``bevperc.geometry``'s: ego points -> camera frame with
+``camera_from_ego_points`` (the affine inverse of ``ego_from_camera``, so an ``ego_from_camera``
+that already includes a BEV augmentation with flips/scale works too), then the pinhole ``K``
+(``project_to_image``). When the
 image was augmented (resize/crop/flip), pass the batch's ``image_aug`` and the effective
 intrinsics ``image_aug @ K`` are used.
 
@@ -27,22 +28,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from bevperc.data.classes import DETECTION_CLASSES
-from bevperc.geometry import box_corners, project_to_image
+from bevperc.data.infos import CAMERA_NAMES
+from bevperc.geometry import box_corners, camera_from_ego_points, project_to_image
 from bevperc.viz.colors import GT_LINESTYLE, class_color
 
-# The batch/camera order used across bevperc (BEVDet order) and the 2x3 figure layout.
-CAMERA_NAMES: tuple[str, ...] = (
-    "CAM_FRONT_LEFT",
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_BACK_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_RIGHT",
-)
-CAMERA_GRID: tuple[tuple[str, ...], ...] = (
-    ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
-    ("CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"),
-)
+# The 2x3 figure layout: the batch order's front cameras (left to right), then its back cameras.
+CAMERA_GRID: tuple[tuple[str, ...], ...] = (CAMERA_NAMES[:3], CAMERA_NAMES[3:])
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -118,23 +109,17 @@ def effective_intrinsics(intrinsics: Any, image_aug: Any | None = None) -> np.nd
 
 
 # --------------------------------------------------------------------------- projection
-def camera_from_ego_matrix(ego_from_camera: Any) -> np.ndarray:
-    """``camera_from_ego`` as a general 4x4 inverse (works when a BEV augmentation is folded in)."""
+def as_transform(ego_from_camera: Any) -> np.ndarray:
+    """``ego_from_camera`` as a float64 ``(4, 4)`` array; a clear error for another shape."""
     matrix = as_numpy(ego_from_camera)
     if matrix.shape != (4, 4):
         raise ValueError(f"ego_from_camera: expected a 4x4 matrix, got {matrix.shape}")
-    return np.linalg.inv(matrix)
-
-
-def ego_to_camera_points(points_ego: np.ndarray, ego_from_camera: Any) -> np.ndarray:
-    """Ego-frame points ``(..., 3)`` -> camera frame ``(..., 3)``."""
-    camera_from_ego = camera_from_ego_matrix(ego_from_camera)
-    return points_ego @ camera_from_ego[:3, :3].T + camera_from_ego[:3, 3]
+    return matrix
 
 
 def project_points(points_ego: Any, intrinsics: Any, ego_from_camera: Any) -> tuple[np.ndarray, np.ndarray]:
     """Ego points ``(P, 3)`` -> pixels ``(P, 2)`` and camera depth ``(P,)``; pixels of points behind are NaN."""
-    points_camera = ego_to_camera_points(as_numpy(points_ego)[:, :3], ego_from_camera)
+    points_camera = camera_from_ego_points(as_numpy(points_ego)[:, :3], as_transform(ego_from_camera))
     with np.errstate(divide="ignore", invalid="ignore"):
         pixels, depth = project_to_image(points_camera, as_numpy(intrinsics)[:3, :3])
     pixels = np.where((depth > 1e-6)[:, None], pixels, np.nan)
@@ -189,7 +174,7 @@ def project_box_edges(
     out: list[np.ndarray] = []
     if len(boxes) == 0:
         return out
-    corners = ego_to_camera_points(box_corners(boxes).reshape(-1, 3), ego_from_camera).reshape(-1, 8, 3)
+    corners = camera_from_ego_points(box_corners(boxes).reshape(-1, 3), as_transform(ego_from_camera)).reshape(-1, 8, 3)
     index_a = [a for a, _ in BOX_EDGES]
     index_b = [b for _, b in BOX_EDGES]
     for box_corners_camera in corners:

@@ -19,8 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from bevperc.data.infos import CAMERA_NAMES
 from bevperc.viz.bev import DEFAULT_BEV_RANGE, plot_bev_overview
-from bevperc.viz.cameras import CAMERA_NAMES, as_boxes, as_numpy, plot_camera_views
+from bevperc.viz.cameras import as_boxes, as_numpy, plot_camera_views
 from bevperc.viz.depth import plot_depth
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from bevperc.data.classes import CLASS_INDEX
+from bevperc.data.infos import CAMERA_NAMES
 from bevperc.geometry import transform_boxes, transform_points
-from bevperc.viz.cameras import CAMERA_NAMES
 
 
 @dataclass
