@@ -50,7 +50,7 @@ All weights are finite, >= ``weight_floor`` (fraction of the mean) and sum to N.
 With ``enabled=False`` the engine returns exactly
 ``sum(cfg.fixed_weights.get(name, 1.0) * losses[name] for name in task_names)``.
 
-Parts, each with one job, composed by :class:`LossEngine` (which holds no per-step state itself):
+Parts, each with one job, composed by :class:`LossEngine` (its own per-step values: :class:`StepState`):
 :class:`~bevperc.losses.statistics.TaskStatistics` (initial losses, history, loss scales),
 :class:`~bevperc.losses.grouping.TaskGrouping` (affinity recording and measurement, clustering with
 hysteresis), :class:`~bevperc.losses.set_weights.SetWeights` (set labels, first and second weights),
@@ -154,13 +154,13 @@ class LossEngine(nn.Module):
         self.condition = condition if condition is not None else make_condition(cfg)
         self._stats = TaskStatistics(len(task_names), cfg)
         self._grouping = TaskGrouping(task_names, cfg)
-        self._weights = SetWeights(torch.tensor([float(cfg.fixed_weights.get(n, 1.0)) for n in task_names]), cfg)
-        self._state = StepState()
         if cfg.fixed_sets is not None:
             labels = labels_from_sets(cfg.fixed_sets, task_names)
         else:
             labels = np.arange(len(task_names))                  # singletons until the first grouping
-        self._weights.install(labels, torch.ones(int(labels.max()) + 1), self._stats.device)
+        prior = torch.tensor([float(cfg.fixed_weights.get(n, 1.0)) for n in task_names])
+        self._weights = SetWeights(prior, labels, cfg)
+        self._state = StepState()
 
     # ------------------------------------------------------------------ read-only views
     @property

@@ -28,17 +28,16 @@ class SetWeights:
     of the first-weight lag rule; ``history`` records the second weights at every condition call.
     """
 
-    def __init__(self, prior: Tensor, cfg: LossEngineConfig):
+    def __init__(self, prior: Tensor, labels: np.ndarray, cfg: LossEngineConfig):
+        """``prior`` [T] and the first set labels [T] (CPU); the second weights start at 1."""
         self.cfg = cfg
         self.prior = prior
         self.progress = ProgressGate(cfg.progress_windows, cfg.progress_threshold)
         self.history: list[dict[str, Any]] = []
-        self.labels = torch.zeros(len(prior), dtype=torch.long)     # set in install()
-        self.first = torch.zeros(1, len(prior))
-        self.second = torch.ones(1)
+        self.install(labels, torch.ones(int(labels.max()) + 1), prior.device)
 
     def install(self, labels: np.ndarray, second: Tensor, device: torch.device) -> None:
-        """Install set labels [T] (CPU) and second weights [N]; first weights from the priors."""
+        """Install set labels [T] (CPU) and second weights [N] on ``device``; first weights from the priors."""
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         num_tasks = len(self.prior)
         onehot = torch.zeros(int(self.labels.max()) + 1, num_tasks)
