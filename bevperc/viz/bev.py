@@ -21,7 +21,7 @@ from matplotlib.patches import Circle, Polygon, Rectangle
 
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.geometry import box_corners
-from bevperc.viz.cameras import as_boxes, as_numpy, legend_handles
+from bevperc.viz.cameras import as_boxes, as_numpy, legend_handles, scored_predictions
 from bevperc.viz.colors import EGO_COLOR, GT_LINESTYLE, class_color
 
 DEFAULT_BEV_RANGE = (-51.2, 51.2, -51.2, 51.2)
@@ -141,11 +141,7 @@ def plot_bev_scene(
     draw_ego(ax)
     gt_boxes_arr = as_boxes(gt_boxes, "gt_boxes")
     draw_bev_boxes(ax, gt_boxes_arr, [] if gt_labels is None else gt_labels, dashed=True)
-    pred_boxes_arr = as_boxes(pred_boxes, "pred_boxes")
-    if len(pred_boxes_arr):
-        scores = np.ones(len(pred_boxes_arr)) if pred_scores is None else as_numpy(pred_scores).reshape(-1)
-        keep = scores >= score_threshold
-        draw_bev_boxes(ax, pred_boxes_arr[keep], as_numpy(pred_labels, np.int64).reshape(-1)[keep], scores[keep])
+    draw_bev_boxes(ax, *scored_predictions(pred_boxes, pred_scores, pred_labels, score_threshold))
     left, right, bottom, top = plot_extent(bev_range)
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)

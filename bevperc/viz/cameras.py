@@ -301,6 +301,35 @@ def legend_handles(labels: Sequence[int], with_gt: bool = True, with_pred: bool 
     return handles
 
 
+def scored_predictions(pred_boxes: Any | None, pred_scores: Any | None, pred_labels: Any | None,
+                        score_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted boxes ``(K, 9)``, labels ``(K,)`` and scores ``(K,)`` (1 when not given) scoring at least
+    ``score_threshold``."""
+    boxes = as_boxes(pred_boxes, "pred_boxes")
+    labels = np.zeros(0, np.int64) if pred_labels is None else as_numpy(pred_labels, np.int64).reshape(-1)
+    scores = np.ones(len(boxes)) if pred_scores is None else as_numpy(pred_scores).reshape(-1)
+    if len(boxes):
+        keep = scores >= score_threshold
+        boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+    return boxes, labels, scores
+
+
+def _draw_camera_cell(ax: Axes, image: np.ndarray, name: str, intrinsics: np.ndarray, ego_from_camera: np.ndarray,
+                      gt: tuple[np.ndarray, np.ndarray], pred: tuple[np.ndarray, np.ndarray, np.ndarray],
+                      count_pred: bool) -> None:
+    """One camera image ``(H, W, 3)`` with GT (boxes ``(M, 9)``, labels ``(M,)``) dashed and predictions
+    (boxes, labels, scores) solid, titled with the camera name and the boxes drawn (predictions: if
+    ``count_pred``)."""
+    h, w = image.shape[:2]
+    ax.imshow(image)
+    drawn_gt = draw_boxes_on_axes(ax, gt[0], gt[1], intrinsics, ego_from_camera, (w, h), dashed=True)
+    drawn_pred = draw_boxes_on_axes(ax, pred[0], pred[1], intrinsics, ego_from_camera, (w, h), scores=pred[2])
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    counts = f"GT {drawn_gt}" + (f", pred {drawn_pred}" if count_pred else "")
+    ax.set_title(f"{name}  ({counts})", fontsize=9)
+
+
 def plot_camera_views(
     images: Any,
     intrinsics: Any,
@@ -342,16 +371,9 @@ def plot_camera_views(
             f"intrinsics/ego_from_camera: expected {num_cameras} cameras, got {len(intrinsics)} / {len(ego_from_camera)}"
         )
     image_aug_arr = None if image_aug is None else as_numpy(image_aug).reshape(-1, 3, 3)
-    gt_boxes_arr = as_boxes(gt_boxes, "gt_boxes")
-    gt_labels_arr = np.zeros(0, np.int64) if gt_labels is None else as_numpy(gt_labels, np.int64).reshape(-1)
-    pred_boxes_arr = as_boxes(pred_boxes, "pred_boxes")
-    pred_labels_arr = np.zeros(0, np.int64) if pred_labels is None else as_numpy(pred_labels, np.int64).reshape(-1)
-    pred_scores_arr = np.ones(len(pred_boxes_arr)) if pred_scores is None else as_numpy(pred_scores).reshape(-1)
-    if len(pred_boxes_arr):
-        keep = pred_scores_arr >= score_threshold
-        pred_boxes_arr, pred_labels_arr, pred_scores_arr = (
-            pred_boxes_arr[keep], pred_labels_arr[keep], pred_scores_arr[keep]
-        )  # fmt: skip
+    gt = (as_boxes(gt_boxes, "gt_boxes"),
+          np.zeros(0, np.int64) if gt_labels is None else as_numpy(gt_labels, np.int64).reshape(-1))
+    pred = scored_predictions(pred_boxes, pred_scores, pred_labels, score_threshold)
 
     height, width = display[0].shape[:2]
     rows = 2 if num_cameras > 3 else 1
@@ -367,22 +389,10 @@ def plot_camera_views(
     for cam, (row, col) in enumerate(_grid_slots(names)):
         if row >= rows:
             continue
-        ax = axes[row, col]
-        image = display[cam]
-        h, w = image.shape[:2]
-        ax.imshow(image)
         k = effective_intrinsics(intrinsics[cam], None if image_aug_arr is None else image_aug_arr[cam])
-        drawn_gt = draw_boxes_on_axes(ax, gt_boxes_arr, gt_labels_arr, k, ego_from_camera[cam], (w, h), dashed=True)
-        drawn_pred = draw_boxes_on_axes(
-            ax, pred_boxes_arr, pred_labels_arr, k, ego_from_camera[cam], (w, h), scores=pred_scores_arr
-        )
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-        counts = f"GT {drawn_gt}" + ("" if pred_boxes is None else f", pred {drawn_pred}")
-        ax.set_title(f"{names[cam]}  ({counts})", fontsize=9)
-    handles = legend_handles(
-        np.concatenate([gt_labels_arr, pred_labels_arr]), with_gt=len(gt_boxes_arr) > 0, with_pred=pred_boxes is not None
-    )
+        _draw_camera_cell(axes[row, col], display[cam], names[cam], k, ego_from_camera[cam], gt, pred,
+                          count_pred=pred_boxes is not None)
+    handles = legend_handles(np.concatenate([gt[1], pred[1]]), with_gt=len(gt[0]) > 0, with_pred=pred_boxes is not None)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     if title:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from bevperc.viz.cameras import as_numpy, effective_intrinsics, project_points, to_display_image
@@ -122,15 +123,26 @@ def plot_depth(
         ax.set_ylim(height, 0)
         ax.set_axis_off()
 
+    _plot_probes(ax_dist, (ax_image, ax_expected, ax_lidar), probes, probs, bins, expected, lidar, vmin, vmax)
+    return fig
+
+
+def _plot_probes(ax_dist: Axes, image_axes: Sequence[Axes], probes: Sequence[tuple[int, int]], probs: np.ndarray,
+                 bins: np.ndarray, expected: np.ndarray, lidar: np.ndarray, vmin: float, vmax: float) -> None:
+    """Mark each probe pixel ``(u, v)`` on the image panels and draw its predicted distribution
+    ``probs[:, cell]`` (``probs`` ``(D, h, w)``, ``bins`` ``(D,)``, ``expected`` ``(h, w)``) with the LiDAR
+    depth ``lidar`` ``(H, W)`` near the pixel (dashed)."""
     import matplotlib
 
+    grid_h, grid_w = expected.shape
+    height, width = lidar.shape
     probe_colors = matplotlib.colormaps["tab10"]
     bar_width = float(np.median(np.diff(bins))) if len(bins) > 1 else 1.0
     for i, (u, v) in enumerate(probes):
         color = probe_colors(i % 10)
         cell_col = int(np.clip(u * grid_w / width, 0, grid_w - 1))
         cell_row = int(np.clip(v * grid_h / height, 0, grid_h - 1))
-        for ax in (ax_image, ax_expected, ax_lidar):
+        for ax in image_axes:
             ax.plot(u, v, marker="o", markersize=7, markerfacecolor="none", markeredgecolor=color, markeredgewidth=2)
             ax.text(u + 8, v - 8, str(i), color=color, fontsize=9, fontweight="bold")
         distribution = probs[:, cell_row, cell_col]
@@ -144,7 +156,6 @@ def plot_depth(
     ax_dist.set_xlim(vmin - bar_width, vmax + bar_width)
     ax_dist.legend(fontsize=8, loc="upper right")
     ax_dist.set_title("predicted depth distribution at the probe pixels", fontsize=9)
-    return fig
 
 
 def _nearest_lidar_depth(depth_map: np.ndarray, u: int, v: int, radius: int = 4) -> float | None:

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from bevperc.data.infos import CAMERA_NAMES
 from bevperc.viz.bev import DEFAULT_BEV_RANGE, plot_bev_overview
-from bevperc.viz.cameras import as_boxes, as_numpy, plot_camera_views
+from bevperc.viz.cameras import as_boxes, as_numpy, plot_camera_views, scored_predictions
 from bevperc.viz.depth import plot_depth
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,21 @@ def write_sample_figures(
             )  # fmt: skip
             written[f"depth_{name}"] = save_figure(fig, out_dir / f"{prefix}depth_{name}.png", dpi)
     if with_3d and lidar_points is not None:
-        from bevperc.viz.lidar3d import render_scene_png, save_scene_ply
-
-        ply = save_scene_ply(out_dir, lidar_points, gt_boxes, gt_labels, pred_boxes, pred_labels, stem=f"{prefix}scene")
-        written.update({f"ply_{kind}": path for kind, path in ply.items()})
-        boxes = as_boxes(pred_boxes, "pred_boxes")
-        labels = np.zeros(0, np.int64) if pred_labels is None else as_numpy(pred_labels, np.int64).reshape(-1)
-        scores = np.ones(len(boxes)) if pred_scores is None else as_numpy(pred_scores).reshape(-1)
-        keep = scores >= score_threshold
-        result = render_scene_png(
-            out_dir / f"{prefix}lidar3d.png", lidar_points, gt_boxes, gt_labels, boxes[keep], labels[keep]
-        )
-        written["lidar3d"] = result.path
+        written.update(_write_lidar3d(out_dir, f"{prefix}scene", f"{prefix}lidar3d.png", lidar_points, gt_boxes,
+                                      gt_labels, pred_boxes, pred_scores, pred_labels, score_threshold))
     log.info("wrote %d figures to %s", len(written), out_dir)
+    return written
+
+
+def _write_lidar3d(out_dir: Path, stem: str, png_name: str, lidar_points: Any, gt_boxes: Any, gt_labels: Any,
+                   pred_boxes: Any, pred_scores: Any, pred_labels: Any, score_threshold: float) -> dict[str, Path]:
+    """The LiDAR scene ``(P, >=3)`` with GT and scored predictions as .ply files and a 3D PNG."""
+    from bevperc.viz.lidar3d import render_scene_png, save_scene_ply
+
+    ply = save_scene_ply(out_dir, lidar_points, gt_boxes, gt_labels, pred_boxes, pred_labels, stem=stem)
+    written = {f"ply_{kind}": path for kind, path in ply.items()}
+    boxes, labels, _ = scored_predictions(pred_boxes, pred_scores, pred_labels, score_threshold)
+    written["lidar3d"] = render_scene_png(out_dir / png_name, lidar_points, gt_boxes, gt_labels, boxes, labels).path
     return written
 
 

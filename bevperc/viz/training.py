@@ -103,74 +103,14 @@ def plot_training_curves(history: Mapping[str, Any], steps_per_epoch: int | None
     moving-average window in steps (default: about 1/20 of the run, 1-50).
     """
     loss = np.asarray(history.get("loss", []), dtype=np.float64).reshape(-1)
-    lr = np.asarray(history.get("lr", []), dtype=np.float64).reshape(-1)
-    steps = np.arange(1, len(loss) + 1)
     steps_per_epoch = steps_per_epoch or history.get("steps_per_epoch")
     fig = Figure(figsize=(15, 4.4), layout="constrained")
     ax_loss, ax_lr, ax_val = fig.subplots(1, 3, width_ratios=[1.5, 1.0, 1.2])
-
-    # ---- loss
-    finite = np.isfinite(loss)
-    if len(loss):
-        window = smoothing or int(np.clip(len(loss) // 20, 1, 50))
-        ax_loss.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss per step",
-                     gid="loss")
-        if window > 1:
-            ax_loss.plot(steps, moving_average(loss, window), color="tab:blue", linewidth=1.8,
-                         label=f"moving average ({window} steps)", gid="loss_average")
-        if finite.any() and (loss[finite] > 0).all() and loss[finite].max() / loss[finite].min() > 10:
-            ax_loss.set_yscale("log")
-        skipped = np.asarray(history.get("skipped_steps", []), dtype=np.float64).reshape(-1)
-        if len(skipped):
-            ax_loss.plot(skipped, np.full(len(skipped), 0.02), "|", color="tab:red", markersize=10,
-                         transform=ax_loss.get_xaxis_transform(), label=f"skipped step ({len(skipped)})",
-                         gid="skipped_steps")
-        last = loss[finite][-window:].mean() if finite.any() else float("nan")
-        ax_loss.set_title(f"training loss ({len(loss)} steps; last {min(window, int(finite.sum()))}: {last:.4g})",
-                          fontsize=10)
-        ax_loss.legend(fontsize=8, loc="upper right")
-    else:
-        ax_loss.set_title("training loss", fontsize=10)
-        _note(ax_loss, "no training step recorded")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (total, weighted)")
-
-    # ---- learning rate
-    if len(lr):
-        ax_lr.plot(np.arange(1, len(lr) + 1), lr, color="tab:green", linewidth=1.5, gid="lr")
-        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        ax_lr.set_ylim(bottom=0)
-        ax_lr.set_title(f"learning rate (peak {np.nanmax(lr):.3g})", fontsize=10)
-    else:
-        ax_lr.set_title("learning rate", fontsize=10)
-        _note(ax_lr, "no learning rate recorded")
-    ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
-
-    # ---- validation
-    points, estimated = validation_points(history, steps_per_epoch)
-    if points:
-        upper = 0.0
-        for name, (xs, ys) in points.items():
-            ax_val.plot(xs, ys, "o-", color=VAL_COLORS.get(name), linewidth=1.5, markersize=5,
-                        label=f"{name} (last {ys[-1]:.4g})", gid=f"val/{name}")
-            upper = max(upper, float(np.nanmax(ys)) if len(ys) else 0.0)
-            if len(xs) <= 12:
-                for x, y in zip(xs, ys):
-                    ax_val.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                                    fontsize=7, color=VAL_COLORS.get(name, "0.3"))
-        if all((ys >= 0).all() for _, ys in points.values()):
-            ax_val.set_ylim(0, max(upper * 1.25, 1e-3))
-        ax_val.legend(fontsize=8, loc="upper left")
-        ax_val.set_title("validation after epochs" + (" (steps estimated)" if estimated else ""), fontsize=10)
-    else:
-        ax_val.set_title("validation after epochs", fontsize=10)
-        _note(ax_val, "no in-training validation\n(train.val_every: 0, or no validate callback)")
+    _plot_loss_panel(ax_loss, loss, history.get("skipped_steps", []), smoothing)
+    _plot_lr_panel(ax_lr, np.asarray(history.get("lr", []), dtype=np.float64).reshape(-1))
+    _plot_validation_panel(ax_val, history, steps_per_epoch)
     if len(loss):
         ax_val.set_xlim(ax_loss.get_xlim())  # same steps as the loss panel
-    ax_val.set_xlabel("step")
-    ax_val.set_ylabel("metric")
-
     if steps_per_epoch and len(loss):
         for ax in (ax_loss, ax_lr, ax_val):
             for boundary in np.arange(steps_per_epoch, len(loss) + 1, steps_per_epoch):
@@ -182,6 +122,71 @@ def plot_training_curves(history: Mapping[str, Any], steps_per_epoch: int | None
                                       f" (dotted: epoch ends)" if steps_per_epoch and len(loss) else "")
     fig.suptitle(f"{title}: {summary}" if title else f"training curves: {summary}", fontsize=11)
     return fig
+
+
+def _plot_loss_panel(ax: Axes, loss: np.ndarray, skipped_steps: Any, smoothing: int | None) -> None:
+    """Loss per step [S] (step i + 1 at index i), its moving average and the skipped steps."""
+    finite = np.isfinite(loss)
+    if len(loss):
+        steps = np.arange(1, len(loss) + 1)
+        window = smoothing or int(np.clip(len(loss) // 20, 1, 50))
+        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss per step", gid="loss")
+        if window > 1:
+            ax.plot(steps, moving_average(loss, window), color="tab:blue", linewidth=1.8,
+                    label=f"moving average ({window} steps)", gid="loss_average")
+        if finite.any() and (loss[finite] > 0).all() and loss[finite].max() / loss[finite].min() > 10:
+            ax.set_yscale("log")
+        skipped = np.asarray(skipped_steps, dtype=np.float64).reshape(-1)
+        if len(skipped):
+            ax.plot(skipped, np.full(len(skipped), 0.02), "|", color="tab:red", markersize=10,
+                    transform=ax.get_xaxis_transform(), label=f"skipped step ({len(skipped)})", gid="skipped_steps")
+        last = loss[finite][-window:].mean() if finite.any() else float("nan")
+        ax.set_title(f"training loss ({len(loss)} steps; last {min(window, int(finite.sum()))}: {last:.4g})",
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
+    else:
+        ax.set_title("training loss", fontsize=10)
+        _note(ax, "no training step recorded")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (total, weighted)")
+
+
+def _plot_lr_panel(ax: Axes, lr: np.ndarray) -> None:
+    """Learning rate per step [S]."""
+    if len(lr):
+        ax.plot(np.arange(1, len(lr) + 1), lr, color="tab:green", linewidth=1.5, gid="lr")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"learning rate (peak {np.nanmax(lr):.3g})", fontsize=10)
+    else:
+        ax.set_title("learning rate", fontsize=10)
+        _note(ax, "no learning rate recorded")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+
+
+def _plot_validation_panel(ax: Axes, history: Mapping[str, Any], steps_per_epoch: int | None) -> None:
+    """Validation metrics at their steps (:func:`validation_points`), values written beside few points."""
+    points, estimated = validation_points(history, steps_per_epoch)
+    if points:
+        upper = 0.0
+        for name, (xs, ys) in points.items():
+            ax.plot(xs, ys, "o-", color=VAL_COLORS.get(name), linewidth=1.5, markersize=5,
+                    label=f"{name} (last {ys[-1]:.4g})", gid=f"val/{name}")
+            upper = max(upper, float(np.nanmax(ys)) if len(ys) else 0.0)
+            if len(xs) <= 12:
+                for x, y in zip(xs, ys):
+                    ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=7, color=VAL_COLORS.get(name, "0.3"))
+        if all((ys >= 0).all() for _, ys in points.values()):
+            ax.set_ylim(0, max(upper * 1.25, 1e-3))
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_title("validation after epochs" + (" (steps estimated)" if estimated else ""), fontsize=10)
+    else:
+        ax.set_title("validation after epochs", fontsize=10)
+        _note(ax, "no in-training validation\n(train.val_every: 0, or no validate callback)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("metric")
 
 
 def _note(ax: Axes, text: str) -> None:
