@@ -13,15 +13,17 @@ import json
 import math
 import operator
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bevperc.evaluation import submission_chunks
 from bevperc.evaluation import workers as worker_pool
+from bevperc.evaluation.columns import float_fields, struct_field_floats
 from bevperc.evaluation.fast_eval import FastDetectionEval, load_ground_truth, to_jsonable
 from bevperc.evaluation.ground_truth import _RECORD_BOUNDARY, annotation_range
 from bevperc.evaluation.metrics import quaternion_yaw
@@ -67,6 +69,15 @@ def _msgspec_decoded_everything(path: Path) -> bool:
     layout = submission_chunks._layout(path)
     raw = path.read_bytes()[layout.start:layout.end]
     return all(m.structs for m in submission_chunks._scan(raw))
+
+
+def _whole_pieces_take(path: Path) -> bool:
+    """Whether the range of the whole file decodes piece by piece (one msgspec call per piece, no
+    member-by-member fallback)."""
+    layout = submission_chunks._layout(path)
+    raw = path.read_bytes()[layout.start:layout.end]
+    task = submission_chunks._ChunkOptions(str(path), 500, False, None, None)
+    return submission_chunks._whole_pieces(task, raw, submission_chunks._for_msgspec(raw)) is not None
 
 
 def assert_same_boxes(a: PredictionBoxes, b: PredictionBoxes) -> None:
@@ -118,7 +129,7 @@ ADVERSARIAL_VALID = {
 def test_adversarial_valid_values_decode_like_the_json_module(tmp_path):
     boxes = [_box(TOKENS[0], **{name: text}) for name, texts in ADVERSARIAL_VALID.items() for text in texts]
     path = _write(tmp_path / "adversarial.json", [(TOKENS[0], boxes), (TOKENS[1], [])])
-    assert _msgspec_decoded_everything(path)
+    assert _msgspec_decoded_everything(path) and _whole_pieces_take(path)
     fast = assert_fast_equals_stream(path, TOKENS[:2])
     assert fast is not None and len(fast) == len(boxes)
     translation = fast.translation[:6]
@@ -212,6 +223,107 @@ def test_quaternion_yaw_normalises_as_the_devkit_does():
         expected = [devkit_yaw(Quaternion(q)) for q in rotation]
         np.testing.assert_allclose(quaternion_yaw(rotation), expected, rtol=0, atol=1e-12, err_msg=str(scale))
     assert quaternion_yaw(base[:1] * 1e160)[0] == 0.0  # q / inf == 0 in the devkit too
+
+
+# --------------------------------------------------------------------------- columns through msgpack
+def _float_from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+_ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(0, 2 ** 64 - 1).map(_float_from_bits),  # any bits: NaN payloads, subnormals
+                       # bytes a1 4e (how msgpack writes the string "N") inside the float
+                       st.tuples(st.integers(0, 6), st.binary(min_size=6, max_size=6)).map(
+                           lambda t: struct.unpack(">d", t[1][:t[0]] + b"\xa1\x4e" + t[1][t[0]:])[0]))
+
+
+def _bits(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(records=st.lists(st.tuples(st.tuples(_ANY_FLOAT, _ANY_FLOAT, _ANY_FLOAT), st.tuples(_ANY_FLOAT, _ANY_FLOAT),
+                                  _ANY_FLOAT), max_size=40))
+def test_float_fields_are_the_bits_of_the_floats(records):
+    """The msgpack columns equal the floats converted one by one, bit for bit (any bits)."""
+    getter = operator.itemgetter(0, 1, 2)
+    fast = float_fields(records, getter, (3, 2, 0))
+    for index, width in enumerate((3, 2, 0)):
+        reference = struct_field_floats(records, getter, index, width)
+        assert fast[index].dtype == np.float64 and fast[index].shape == reference.shape
+        assert _bits(fast[index]) == _bits(reference)
+
+
+def test_float_fields_headers_and_other_values():
+    """Arrays of >= 16 and >= 65536 records (longer msgpack headers); values that are not all floats
+    (the layout does not hold) are converted one by one."""
+    rng = np.random.default_rng(0)
+    for n in (15, 16, 65535, 65536, 70000):
+        values = rng.normal(size=(n, 4)) * 10.0 ** rng.integers(-300, 300, size=(n, 4))
+        records = [(tuple(row[:3]), row[3]) for row in values.tolist()]
+        translation, score = float_fields(records, operator.itemgetter(0, 1), (3, 0))
+        assert _bits(translation) == _bits(values[:, :3]) and _bits(score) == _bits(values[:, 3])
+    mixed = [((1.0, 2, 3.5), True), ((2 ** 70, -0.0, 1e-320), 0.5)]
+    translation, score = float_fields(mixed, operator.itemgetter(0, 1), (3, 0))
+    assert translation.tolist() == [[1.0, 2.0, 3.5], [2.0 ** 70, -0.0, 1e-320]] and score.tolist() == [1.0, 0.5]
+
+
+@settings(max_examples=80, deadline=None)
+@example(velocities=[(struct.unpack(">d", bytes([0x40, 0xA1, 0x4E, 1, 2, 3, 4, 5]))[0], "N"), ("N", "N"),
+                     (1.5, struct.unpack(">d", bytes([0xA1, 0x4E, 0xA1, 0x4E, 0xA1, 0x4E, 0xA1, 0x4E]))[0]),
+                     ("N", struct.unpack(">d", bytes([1, 2, 3, 4, 5, 6, 0xA1, 0x4E]))[0])] * 9)
+@given(velocities=st.lists(st.tuples(st.one_of(st.just("N"), _ANY_FLOAT), st.one_of(st.just("N"), _ANY_FLOAT)),
+                           max_size=60))
+def test_velocities_read_n_as_nan(velocities):
+    """"N" (a NaN velocity) anywhere, next to floats whose bytes look like msgpack's "N": NaN there,
+    every other value bit for bit."""
+    boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v, "car",
+                                       0.5, "vehicle.moving") for v in velocities]
+    flat = [value for v in velocities for value in v]
+    reference = np.array([math.nan if value == "N" else value for value in flat], dtype=np.float64).reshape(-1, 2)
+    assert _bits(submission_chunks._velocities(boxes)) == _bits(reference)
+
+
+def test_velocities_of_many_boxes():
+    """41294 = 0xa14e boxes: the msgpack header holds the bytes of "N" too; 70000 boxes (longer header)."""
+    rng = np.random.default_rng(1)
+    for n in (0xA14E, 70000):
+        values = rng.normal(size=(n, 2))
+        velocities = [tuple(v) for v in values.tolist()]
+        for i in rng.choice(n, 50, replace=False).tolist():
+            velocities[i] = ("N", velocities[i][1]) if i % 3 else ("N", "N")
+            values[i, 0] = math.nan
+            values[i, 1] = values[i, 1] if i % 3 else math.nan
+        boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v,
+                                           "car", 0.5, "vehicle.moving") for v in velocities]
+        assert _bits(submission_chunks._velocities(boxes)) == _bits(values)
+
+
+def test_pieces_cut_inside_strings_and_repeated_samples(tmp_path, monkeypatch):
+    """Pieces of a few hundred bytes: cuts inside strings (a piece that does not decode: the
+    member-by-member path reads the range), a sample listed twice inside a piece, optional and
+    unknown fields in some members: the json reader's columns or error."""
+    monkeypatch.setattr(submission_chunks, "_PIECE_BYTES", 300)
+    tricky = [_box(TOKENS[0], note='"a}], b"'), _box(TOKENS[0], velocity="[NaN, 2.5]")]
+    optional = [_box(TOKENS[1], num_pts="7"), _box(TOKENS[1], ego_translation="[1.0, 2.0, 3.0]", note="[[1]]")]
+    plain = [(token, [_box(token), _box(token, velocity="[1.5, NaN]")]) for token in TOKENS[2:]]
+    path = _write(tmp_path / "tricky.json", [(TOKENS[0], tricky), (TOKENS[1], optional)] + plain)
+    assert not _whole_pieces_take(path)
+    assert_fast_equals_stream(path, TOKENS) is not None
+    path = _write(tmp_path / "optional.json", [(TOKENS[1], optional)] + plain + [(TOKENS[0], [])])
+    assert _whole_pieces_take(path)
+    assert_fast_equals_stream(path, TOKENS) is not None
+    bad = _box(TOKENS[2], size="[1.0, 0.0, 1.0]")
+    for name, results, message in [
+            ("repeated", plain[:2] + [plain[0]] + plain[2:], "listed twice"),
+            ("bad, then repeated", [(TOKENS[2], [bad])] + plain[1:] + [plain[1]], "field 'size' must be > 0"),
+            ("repeated, then bad", plain[:2] + [plain[1], (TOKENS[2], [bad])], "listed twice")]:
+        path = _write(tmp_path / "case.json", results)
+        with pytest.raises(SubmissionError) as stream:
+            read_submission_stream(path)
+        with pytest.raises(SubmissionError) as fast:
+            _fast(path)
+        assert str(fast.value) == str(stream.value) and message in str(stream.value), name
 
 
 # --------------------------------------------------------------------------- layouts and fallbacks
