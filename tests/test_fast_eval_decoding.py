@@ -484,3 +484,52 @@ def _annotation_context(root: Path):
     return ground_truth._AnnotationContext(
         path=str(table_dir / "sample_annotation.json"), table_row=samples.table_row, split_index=samples.split_index,
         kinds=ground_truth._instance_kinds(table_dir), attribute_index={})
+
+
+def _string_and_compact_links(links: dict[str, list[str]]):
+    from bevperc.evaluation.ground_truth import TokenLinks
+
+    compact = TokenLinks.compact(links)
+    assert compact is not None
+    return links, compact
+
+
+@pytest.mark.parametrize("weak_hash", [False, True])
+def test_token_links_find_the_rows_a_dict_finds(monkeypatch, weak_hash):
+    """prev/next rows from sorted hashes (TokenLinks) = from a dict of tokens: repeated tokens (the
+    last row wins), empty links, tokens sharing a hash (a one-byte hash: every candidate compared)."""
+    from bevperc.evaluation import ground_truth
+
+    if weak_hash:
+        monkeypatch.setattr(ground_truth.TokenLinks, "_keys", staticmethod(lambda tokens: tokens[:, 0].astype(np.uint64)))
+    rng = np.random.default_rng(3)
+    tokens = [f"{x:032x}" for x in rng.integers(0, 2 ** 62, size=300)]
+    tokens[10] = tokens[20] = tokens[250]  # repeated: the dict keeps the last
+    pool = tokens + [""] * 60
+    links = {"token": tokens, "prev": [pool[i] for i in rng.integers(0, len(pool), 300)],
+             "next": [pool[i] for i in rng.integers(0, len(pool), 300)]}
+    strings, compact = _string_and_compact_links(links)
+    for name in ("prev", "next"):
+        assert compact.rows(name).tolist() == ground_truth._link_rows(strings, name).tolist()
+    joined = ground_truth.TokenLinks.join([ground_truth.TokenLinks.compact({k: v[:100] for k, v in links.items()}),
+                                           ground_truth.TokenLinks.compact({k: v[100:] for k, v in links.items()})])
+    assert joined.rows("prev").tolist() == compact.rows("prev").tolist()
+    mixed = ground_truth.TokenLinks.join([compact, {"token": ["x"], "prev": [""], "next": [tokens[0]]}])
+    assert isinstance(mixed, dict) and mixed["token"] == tokens + ["x"] and mixed["prev"] == links["prev"] + [""]
+
+
+def test_token_links_unknown_neighbour_and_other_tokens():
+    """An unknown prev/next: the same error from both joins; tokens of several lengths, non-ASCII or
+    with NUL: the dict of strings."""
+    from bevperc.evaluation import ground_truth
+
+    links = {"token": ["a" * 32, "b" * 32, "c" * 32], "prev": ["", "a" * 32, "d" * 32], "next": ["b" * 32, "", ""]}
+    translation, timestamps = np.zeros((3, 3)), np.arange(3) * 500_000
+    messages = []
+    for form in _string_and_compact_links(links):
+        with pytest.raises(ValueError) as error:
+            ground_truth._box_velocity(form, translation, timestamps, Path("sample_annotation.json"))
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and f"annotation {'d' * 32!r} (the prev of GT annotation {'c' * 32!r}" in messages[0]
+    for tokens in (["a" * 32, "b" * 31], ["a" * 31 + "é", "b" * 32], ["a" * 31 + "\x00", "b" * 32], ["", "b"]):
+        assert ground_truth.TokenLinks.compact({"token": tokens, "prev": ["", ""], "next": ["", ""]}) is None
