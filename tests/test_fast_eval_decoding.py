@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -375,6 +376,17 @@ def mini(tmp_path_factory, eval_bench):
     results = root / "results.json"
     bench.write_synthetic_submission(root, "v1.0-mini", tokens, results, preds_per_sample=50, seed=12)
     return root, tokens, results
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text("}][, \n\tab", max_size=40), pos=st.integers(0, 40))
+def test_boundary_is_the_first_match_of_the_alternation(text, pos):
+    alternation = re.compile(rb"(?:\}[ \t\n\r]*\]|\[[ \t\n\r]*\])(?P<cut>)[ \t\n\r]*,")
+    data = text.encode()
+    expected, found = alternation.search(data, pos), submission_chunks._BOUNDARY.search(data, pos)
+    assert (expected is None) == (found is None)
+    if found is not None:
+        assert (found.start(), found.start("cut"), found.end()) == (expected.start(), expected.start("cut"), expected.end())
 
 
 def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_path, monkeypatch):
