@@ -545,3 +545,15 @@ def test_token_links_unknown_neighbour_and_other_tokens():
     assert messages[0] == messages[1] and f"annotation {'d' * 32!r} (the prev of GT annotation {'c' * 32!r}" in messages[0]
     for tokens in (["a" * 32, "b" * 31], ["a" * 31 + "é", "b" * 32], ["a" * 31 + "\x00", "b" * 32], ["", "b"]):
         assert ground_truth.TokenLinks.compact({"token": tokens, "prev": ["", ""], "next": ["", ""]}) is None
+
+
+def test_reused_buffer_keeps_its_memory_unless_viewed():
+    from bevperc.evaluation.columns import reused_buffer
+
+    first = reused_buffer("test", 1000)
+    first[:] = b"x" * 1000
+    assert len(first) == 1000 and reused_buffer("test", 900) is first and len(first) == 900
+    assert reused_buffer("test", 1100) is first and len(first) == 1100
+    view = memoryview(first)
+    other = reused_buffer("test", 500)  # a view is alive: a new buffer
+    assert other is not first and len(other) == 500 and len(view) == 1100

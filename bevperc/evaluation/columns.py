@@ -137,6 +137,27 @@ def struct_field_floats(records: Sequence, getter: Callable, index: int, width: 
     return np.fromiter(chain.from_iterable(values), dtype=np.float64, count=width * len(records)).reshape(-1, width)
 
 
+_BUFFERS: dict[str, bytearray] = {}
+
+
+def reused_buffer(slot: str, size: int) -> bytearray:
+    """A bytearray of ``size`` bytes (contents left over) whose memory is kept from one call to the
+    next: a worker that reads range after range of a file writes into the same pages instead of fresh
+    ones, which the kernel would first have to map and clear (a page fault per 4 KiB, dearer than
+    reading the bytes). Use the buffer before the next call with the same slot."""
+    buffer = _BUFFERS.get(slot)
+    try:
+        if buffer is None:
+            raise BufferError
+        if len(buffer) > size:
+            del buffer[size:]  # keeps the allocation unless it shrinks to less than half
+        elif len(buffer) < size:
+            buffer.extend(bytes(size - len(buffer)))
+    except BufferError:  # new, or a view of it is still alive
+        buffer = _BUFFERS[slot] = bytearray(size)
+    return buffer
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: decoding creates ~10^5 objects per chunk, none in cycles,

@@ -49,7 +49,14 @@ from typing import Any, Iterable, Iterator, Literal, Union
 import msgspec
 import numpy as np
 
-from bevperc.evaluation.columns import FLOAT64_TAG, BoxColumns, float_fields, gc_paused, msgpack_array_header
+from bevperc.evaluation.columns import (
+    FLOAT64_TAG,
+    BoxColumns,
+    float_fields,
+    gc_paused,
+    msgpack_array_header,
+    reused_buffer,
+)
 from bevperc.evaluation.metrics import BoxFilter
 from bevperc.evaluation.submission import (
     ATTRIBUTE_INDEX,
@@ -257,7 +264,8 @@ def _for_msgspec(raw: bytes) -> tuple[bytes | bytearray, bool]:
         at = raw.find(b"N", at + 1)
     if not nan_at:
         return raw, True
-    patched = bytearray(raw)
+    patched = reused_buffer("patched", len(raw))
+    patched[:] = raw
     for at in nan_at:
         patched[at:at + 3] = b'"N"'
     return patched, True
@@ -492,9 +500,11 @@ def _filtered_by_class(columns: dict[str, np.ndarray], tokens: list[str], task: 
 def read_chunk(task: _ChunkOptions, byte_range: tuple[int, int]) -> _ChunkResult:
     """Decode, validate (and filter) one byte range of ``results`` (runs in a worker process)."""
     started = time.process_time()
+    buf = reused_buffer("range", byte_range[1] - byte_range[0])
     with open(task.path, "rb") as handle:
         handle.seek(byte_range[0])
-        buf = handle.read(byte_range[1] - byte_range[0])
+        read = handle.readinto(buf)
+    del buf[read:]  # a file that got shorter
     with gc_paused():
         return _read_range(task, buf, started)
 
@@ -561,7 +571,7 @@ def _whole_pieces(task: _ChunkOptions, buf: bytes,
     return (tokens, [columns], cpu) if valid else None
 
 
-def _read_range(task: _ChunkOptions, buf: bytes, started: float) -> _ChunkResult:
+def _read_range(task: _ChunkOptions, buf: bytes | bytearray, started: float) -> _ChunkResult:
     msgspec_input = _for_msgspec(buf)
     whole = _whole_pieces(task, buf, msgspec_input)
     if whole is not None:
