@@ -27,7 +27,7 @@ from typing import Iterator
 import msgspec
 import numpy as np
 
-from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns, float_fields, gc_paused
+from bevperc.evaluation.columns import CLASS_INDEX, BoxColumns, RackColumns, float_fields, gc_paused, reused_buffer
 from bevperc.evaluation.submission import ATTRIBUTE_NAMES, iter_json_array
 from bevperc.evaluation.timing import StageTimer
 from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
@@ -378,12 +378,17 @@ def _annotation_parts(context: _AnnotationContext, workers: int) -> list[_Annota
 def annotation_range(context: _AnnotationContext, byte_range: tuple[int, int]) -> _AnnotationPart | None:
     """The annotations in a byte range of whole records (a worker task); None if msgspec cannot decode it."""
     started = time.process_time()
+    size = byte_range[1] - byte_range[0]
+    data = reused_buffer("annotations", size + 2)  # "[" + the records + "]"
     with open(context.path, "rb") as handle:
         handle.seek(byte_range[0])
-        data = handle.read(byte_range[1] - byte_range[0])
+        with memoryview(data) as view:
+            read = handle.readinto(view[1:size + 1])
+    data[0], data[read + 1] = ord("["), ord("]")
+    del data[read + 2:]  # a file that got shorter
     with gc_paused():
         try:
-            records = _ANNOTATIONS.decode(b"[" + data + b"]")
+            records = _ANNOTATIONS.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         part = _annotation_part(context, records)
