@@ -27,10 +27,6 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 RANGE_BYTES = 1 << 22  # a worker holds ~5x the byte range it decodes: 4 MiB ranges keep a worker near 80 MiB
 _QUEUED_PER_WORKER = 4  # tasks sent ahead to each worker
-# glibc malloc in the workers: blocks of up to 32 MiB from the heap, which keeps up to 256 MiB freed:
-# each task reuses the memory of the last instead of mapping fresh pages (a page fault per 4 KiB, which
-# cost ~2/3 of the kernel time of decoding a range); a worker keeps its peak memory while it lives.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _MAX_TASK_BYTES = 4096  # 4 queued tasks stay far below a pipe's 64 KiB: sending one never blocks
 
 
@@ -48,8 +44,6 @@ def default_workers() -> int:
 class _Worker:
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        for name, value in _MALLOC_ENV.items():
-            env.setdefault(name, value)
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from bevperc.evaluation.workers import serve; serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
