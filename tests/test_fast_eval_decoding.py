@@ -386,7 +386,8 @@ def test_boundary_is_the_first_match_of_the_alternation(text, pos):
     expected, found = alternation.search(data, pos), submission_chunks._BOUNDARY.search(data, pos)
     assert (expected is None) == (found is None)
     if found is not None:
-        assert (found.start(), found.start("cut"), found.end()) == (expected.start(), expected.start("cut"), expected.end())
+        assert ((found.start(), found.start("cut"), found.end())
+                == (expected.start(), expected.start("cut"), expected.end()))
 
 
 def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_path, monkeypatch):
@@ -513,7 +514,8 @@ def test_token_links_find_the_rows_a_dict_finds(monkeypatch, weak_hash):
     from bevperc.evaluation import ground_truth
 
     if weak_hash:
-        monkeypatch.setattr(ground_truth.TokenLinks, "_keys", staticmethod(lambda tokens: tokens[:, 0].astype(np.uint64)))
+        monkeypatch.setattr(ground_truth.TokenLinks, "_keys",
+                            staticmethod(lambda tokens: tokens[:, 0].astype(np.uint64)))
     rng = np.random.default_rng(3)
     tokens = [f"{x:032x}" for x in rng.integers(0, 2 ** 62, size=300)]
     tokens[10] = tokens[20] = tokens[250]  # repeated: the dict keeps the last
@@ -542,7 +544,8 @@ def test_token_links_unknown_neighbour_and_other_tokens():
         with pytest.raises(ValueError) as error:
             ground_truth._box_velocity(form, translation, timestamps, Path("sample_annotation.json"))
         messages.append(str(error.value))
-    assert messages[0] == messages[1] and f"annotation {'d' * 32!r} (the prev of GT annotation {'c' * 32!r}" in messages[0]
+    assert messages[0] == messages[1]
+    assert f"annotation {'d' * 32!r} (the prev of GT annotation {'c' * 32!r}" in messages[0]
     for tokens in (["a" * 32, "b" * 31], ["a" * 31 + "é", "b" * 32], ["a" * 31 + "\x00", "b" * 32], ["", "b"]):
         assert ground_truth.TokenLinks.compact({"token": tokens, "prev": ["", ""], "next": ["", ""]}) is None
 

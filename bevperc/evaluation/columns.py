@@ -7,10 +7,11 @@ construction_vehicle, pedestrian, motorcycle, bicycle, traffic_cone, barrier) fo
 from __future__ import annotations
 
 import gc
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from itertools import chain
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Callable, Iterator, Sequence
 
 import msgspec
@@ -78,12 +79,6 @@ class RackColumns:
     rotation: np.ndarray  # float64 [R, 4]
 
 
-def struct_floats(records: Sequence, name: str, width: int) -> np.ndarray:
-    """float64 [len(records), width] from a tuple field of decoded structs (one copy, no lists)."""
-    values = chain.from_iterable(map(attrgetter(name), records))
-    return np.fromiter(values, dtype=np.float64, count=width * len(records)).reshape(-1, width)
-
-
 _MSGPACK = msgspec.msgpack.Encoder()
 FLOAT64_TAG = 0xCB  # msgpack: a float 64 follows (8 bytes, big-endian)
 
@@ -137,7 +132,7 @@ def struct_field_floats(records: Sequence, getter: Callable, index: int, width: 
     return np.fromiter(chain.from_iterable(values), dtype=np.float64, count=width * len(records)).reshape(-1, width)
 
 
-_BUFFERS: dict[str, bytearray] = {}
+_BUFFERS = threading.local()  # slot -> bytearray, per thread (evaluations in threads of one process)
 
 
 def reused_buffer(slot: str, size: int) -> bytearray:
@@ -145,7 +140,8 @@ def reused_buffer(slot: str, size: int) -> bytearray:
     next: a worker that reads range after range of a file writes into the same pages instead of fresh
     ones, which the kernel would first have to map and clear (a page fault per 4 KiB, dearer than
     reading the bytes). Use the buffer before the next call with the same slot."""
-    buffer = _BUFFERS.get(slot)
+    buffers = _BUFFERS.__dict__
+    buffer = buffers.get(slot)
     try:
         if buffer is None:
             raise BufferError
@@ -154,7 +150,7 @@ def reused_buffer(slot: str, size: int) -> bytearray:
         elif len(buffer) < size:
             buffer.extend(bytes(size - len(buffer)))
     except BufferError:  # new, or a view of it is still alive
-        buffer = _BUFFERS[slot] = bytearray(size)
+        buffer = buffers[slot] = bytearray(size)
     return buffer
 
 
