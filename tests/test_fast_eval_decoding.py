@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import math
 import operator
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bevperc.evaluation import submission_chunks
 from bevperc.evaluation import workers as worker_pool
+from bevperc.evaluation.columns import float_fields, struct_field_floats
 from bevperc.evaluation.fast_eval import FastDetectionEval, load_ground_truth, to_jsonable
 from bevperc.evaluation.ground_truth import _RECORD_BOUNDARY, annotation_range
 from bevperc.evaluation.submission import (
@@ -67,6 +70,15 @@ def _msgspec_decoded_everything(path: Path) -> bool:
     layout = submission_chunks._layout(path)
     raw = path.read_bytes()[layout.start:layout.end]
     return all(m.structs for m in submission_chunks._scan(raw))
+
+
+def _whole_pieces_take(path: Path) -> bool:
+    """Whether the range of the whole file decodes piece by piece (one msgspec call per piece, no
+    member-by-member fallback)."""
+    layout = submission_chunks._layout(path)
+    raw = path.read_bytes()[layout.start:layout.end]
+    task = submission_chunks._ChunkOptions(str(path), 500, False, None, None)
+    return submission_chunks._whole_pieces(task, raw, submission_chunks._for_msgspec(raw)) is not None
 
 
 def assert_same_boxes(a: PredictionBoxes, b: PredictionBoxes) -> None:
@@ -118,7 +130,7 @@ ADVERSARIAL_VALID = {
 def test_adversarial_valid_values_decode_like_the_json_module(tmp_path):
     boxes = [_box(TOKENS[0], **{name: text}) for name, texts in ADVERSARIAL_VALID.items() for text in texts]
     path = _write(tmp_path / "adversarial.json", [(TOKENS[0], boxes), (TOKENS[1], [])])
-    assert _msgspec_decoded_everything(path)
+    assert _msgspec_decoded_everything(path) and _whole_pieces_take(path)
     fast = assert_fast_equals_stream(path, TOKENS[:2])
     assert fast is not None and len(fast) == len(boxes)
     translation = fast.translation[:6]
@@ -214,6 +226,107 @@ def test_quaternion_yaw_normalises_as_the_devkit_does():
     assert devkit_quaternion_yaws(base[:1] * 1e160)[0] == 0.0  # q / inf == 0 in the devkit too
 
 
+# --------------------------------------------------------------------------- columns through msgpack
+def _float_from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+_ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(0, 2 ** 64 - 1).map(_float_from_bits),  # any bits: NaN payloads, subnormals
+                       # bytes a1 4e (how msgpack writes the string "N") inside the float
+                       st.tuples(st.integers(0, 6), st.binary(min_size=6, max_size=6)).map(
+                           lambda t: struct.unpack(">d", t[1][:t[0]] + b"\xa1\x4e" + t[1][t[0]:])[0]))
+
+
+def _bits(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(records=st.lists(st.tuples(st.tuples(_ANY_FLOAT, _ANY_FLOAT, _ANY_FLOAT), st.tuples(_ANY_FLOAT, _ANY_FLOAT),
+                                  _ANY_FLOAT), max_size=40))
+def test_float_fields_are_the_bits_of_the_floats(records):
+    """The msgpack columns equal the floats converted one by one, bit for bit (any bits)."""
+    getter = operator.itemgetter(0, 1, 2)
+    fast = float_fields(records, getter, (3, 2, 0))
+    for index, width in enumerate((3, 2, 0)):
+        reference = struct_field_floats(records, getter, index, width)
+        assert fast[index].dtype == np.float64 and fast[index].shape == reference.shape
+        assert _bits(fast[index]) == _bits(reference)
+
+
+def test_float_fields_headers_and_other_values():
+    """Arrays of >= 16 and >= 65536 records (longer msgpack headers); values that are not all floats
+    (the layout does not hold) are converted one by one."""
+    rng = np.random.default_rng(0)
+    for n in (15, 16, 65535, 65536, 70000):
+        values = rng.normal(size=(n, 4)) * 10.0 ** rng.integers(-300, 300, size=(n, 4))
+        records = [(tuple(row[:3]), row[3]) for row in values.tolist()]
+        translation, score = float_fields(records, operator.itemgetter(0, 1), (3, 0))
+        assert _bits(translation) == _bits(values[:, :3]) and _bits(score) == _bits(values[:, 3])
+    mixed = [((1.0, 2, 3.5), True), ((2 ** 70, -0.0, 1e-320), 0.5)]
+    translation, score = float_fields(mixed, operator.itemgetter(0, 1), (3, 0))
+    assert translation.tolist() == [[1.0, 2.0, 3.5], [2.0 ** 70, -0.0, 1e-320]] and score.tolist() == [1.0, 0.5]
+
+
+@settings(max_examples=80, deadline=None)
+@example(velocities=[(struct.unpack(">d", bytes([0x40, 0xA1, 0x4E, 1, 2, 3, 4, 5]))[0], "N"), ("N", "N"),
+                     (1.5, struct.unpack(">d", bytes([0xA1, 0x4E, 0xA1, 0x4E, 0xA1, 0x4E, 0xA1, 0x4E]))[0]),
+                     ("N", struct.unpack(">d", bytes([1, 2, 3, 4, 5, 6, 0xA1, 0x4E]))[0])] * 9)
+@given(velocities=st.lists(st.tuples(st.one_of(st.just("N"), _ANY_FLOAT), st.one_of(st.just("N"), _ANY_FLOAT)),
+                           max_size=60))
+def test_velocities_read_n_as_nan(velocities):
+    """"N" (a NaN velocity) anywhere, next to floats whose bytes look like msgpack's "N": NaN there,
+    every other value bit for bit."""
+    boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v, "car",
+                                       0.5, "vehicle.moving") for v in velocities]
+    flat = [value for v in velocities for value in v]
+    reference = np.array([math.nan if value == "N" else value for value in flat], dtype=np.float64).reshape(-1, 2)
+    assert _bits(submission_chunks._velocities(boxes)) == _bits(reference)
+
+
+def test_velocities_of_many_boxes():
+    """41294 = 0xa14e boxes: the msgpack header holds the bytes of "N" too; 70000 boxes (longer header)."""
+    rng = np.random.default_rng(1)
+    for n in (0xA14E, 70000):
+        values = rng.normal(size=(n, 2))
+        velocities = [tuple(v) for v in values.tolist()]
+        for i in rng.choice(n, 50, replace=False).tolist():
+            velocities[i] = ("N", velocities[i][1]) if i % 3 else ("N", "N")
+            values[i, 0] = math.nan
+            values[i, 1] = values[i, 1] if i % 3 else math.nan
+        boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v,
+                                           "car", 0.5, "vehicle.moving") for v in velocities]
+        assert _bits(submission_chunks._velocities(boxes)) == _bits(values)
+
+
+def test_pieces_cut_inside_strings_and_repeated_samples(tmp_path, monkeypatch):
+    """Pieces of a few hundred bytes: cuts inside strings (a piece that does not decode: the
+    member-by-member path reads the range), a sample listed twice inside a piece, optional and
+    unknown fields in some members: the json reader's columns or error."""
+    monkeypatch.setattr(submission_chunks, "_PIECE_BYTES", 300)
+    tricky = [_box(TOKENS[0], note='"a}], b"'), _box(TOKENS[0], velocity="[NaN, 2.5]")]
+    optional = [_box(TOKENS[1], num_pts="7"), _box(TOKENS[1], ego_translation="[1.0, 2.0, 3.0]", note="[[1]]")]
+    plain = [(token, [_box(token), _box(token, velocity="[1.5, NaN]")]) for token in TOKENS[2:]]
+    path = _write(tmp_path / "tricky.json", [(TOKENS[0], tricky), (TOKENS[1], optional)] + plain)
+    assert not _whole_pieces_take(path)
+    assert_fast_equals_stream(path, TOKENS) is not None
+    path = _write(tmp_path / "optional.json", [(TOKENS[1], optional)] + plain + [(TOKENS[0], [])])
+    assert _whole_pieces_take(path)
+    assert_fast_equals_stream(path, TOKENS) is not None
+    bad = _box(TOKENS[2], size="[1.0, 0.0, 1.0]")
+    for name, results, message in [
+            ("repeated", plain[:2] + [plain[0]] + plain[2:], "listed twice"),
+            ("bad, then repeated", [(TOKENS[2], [bad])] + plain[1:] + [plain[1]], "field 'size' must be > 0"),
+            ("repeated, then bad", plain[:2] + [plain[1], (TOKENS[2], [bad])], "listed twice")]:
+        path = _write(tmp_path / "case.json", results)
+        with pytest.raises(SubmissionError) as stream:
+            read_submission_stream(path)
+        with pytest.raises(SubmissionError) as fast:
+            _fast(path)
+        assert str(fast.value) == str(stream.value) and message in str(stream.value), name
+
+
 # --------------------------------------------------------------------------- layouts and fallbacks
 def test_layouts_and_fallbacks(tmp_path):
     nan_boxes = [_box(TOKENS[0], velocity="[NaN, 1.0]"), _box(TOKENS[0])]
@@ -263,6 +376,18 @@ def mini(tmp_path_factory, eval_bench):
     results = root / "results.json"
     bench.write_synthetic_submission(root, "v1.0-mini", tokens, results, preds_per_sample=50, seed=12)
     return root, tokens, results
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text("}][, \n\tab", max_size=40), pos=st.integers(0, 40))
+def test_boundary_is_the_first_match_of_the_alternation(text, pos):
+    alternation = re.compile(rb"(?:\}[ \t\n\r]*\]|\[[ \t\n\r]*\])(?P<cut>)[ \t\n\r]*,")
+    data = text.encode()
+    expected, found = alternation.search(data, pos), submission_chunks._BOUNDARY.search(data, pos)
+    assert (expected is None) == (found is None)
+    if found is not None:
+        assert ((found.start(), found.start("cut"), found.end())
+                == (expected.start(), expected.start("cut"), expected.end()))
 
 
 def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_path, monkeypatch):
@@ -372,3 +497,66 @@ def _annotation_context(root: Path):
     return ground_truth._AnnotationContext(
         path=str(table_dir / "sample_annotation.json"), table_row=samples.table_row, split_index=samples.split_index,
         kinds=ground_truth._instance_kinds(table_dir), attribute_index={})
+
+
+def _string_and_compact_links(links: dict[str, list[str]]):
+    from bevperc.evaluation.ground_truth import TokenLinks
+
+    compact = TokenLinks.compact(links)
+    assert compact is not None
+    return links, compact
+
+
+@pytest.mark.parametrize("weak_hash", [False, True])
+def test_token_links_find_the_rows_a_dict_finds(monkeypatch, weak_hash):
+    """prev/next rows from sorted hashes (TokenLinks) = from a dict of tokens: repeated tokens (the
+    last row wins), empty links, tokens sharing a hash (a one-byte hash: every candidate compared)."""
+    from bevperc.evaluation import ground_truth
+
+    if weak_hash:
+        monkeypatch.setattr(ground_truth.TokenLinks, "_keys",
+                            staticmethod(lambda tokens: tokens[:, 0].astype(np.uint64)))
+    rng = np.random.default_rng(3)
+    tokens = [f"{x:032x}" for x in rng.integers(0, 2 ** 62, size=300)]
+    tokens[10] = tokens[20] = tokens[250]  # repeated: the dict keeps the last
+    pool = tokens + [""] * 60
+    links = {"token": tokens, "prev": [pool[i] for i in rng.integers(0, len(pool), 300)],
+             "next": [pool[i] for i in rng.integers(0, len(pool), 300)]}
+    strings, compact = _string_and_compact_links(links)
+    for name in ("prev", "next"):
+        assert compact.rows(name).tolist() == ground_truth._link_rows(strings, name).tolist()
+    joined = ground_truth.TokenLinks.join([ground_truth.TokenLinks.compact({k: v[:100] for k, v in links.items()}),
+                                           ground_truth.TokenLinks.compact({k: v[100:] for k, v in links.items()})])
+    assert joined.rows("prev").tolist() == compact.rows("prev").tolist()
+    mixed = ground_truth.TokenLinks.join([compact, {"token": ["x"], "prev": [""], "next": [tokens[0]]}])
+    assert isinstance(mixed, dict) and mixed["token"] == tokens + ["x"] and mixed["prev"] == links["prev"] + [""]
+
+
+def test_token_links_unknown_neighbour_and_other_tokens():
+    """An unknown prev/next: the same error from both joins; tokens of several lengths, non-ASCII or
+    with NUL: the dict of strings."""
+    from bevperc.evaluation import ground_truth
+
+    links = {"token": ["a" * 32, "b" * 32, "c" * 32], "prev": ["", "a" * 32, "d" * 32], "next": ["b" * 32, "", ""]}
+    translation, timestamps = np.zeros((3, 3)), np.arange(3) * 500_000
+    messages = []
+    for form in _string_and_compact_links(links):
+        with pytest.raises(ValueError) as error:
+            ground_truth._box_velocity(form, translation, timestamps, Path("sample_annotation.json"))
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    assert f"annotation {'d' * 32!r} (the prev of GT annotation {'c' * 32!r}" in messages[0]
+    for tokens in (["a" * 32, "b" * 31], ["a" * 31 + "é", "b" * 32], ["a" * 31 + "\x00", "b" * 32], ["", "b"]):
+        assert ground_truth.TokenLinks.compact({"token": tokens, "prev": ["", ""], "next": ["", ""]}) is None
+
+
+def test_reused_buffer_keeps_its_memory_unless_viewed():
+    from bevperc.evaluation.columns import reused_buffer
+
+    first = reused_buffer("test", 1000)
+    first[:] = b"x" * 1000
+    assert len(first) == 1000 and reused_buffer("test", 900) is first and len(first) == 900
+    assert reused_buffer("test", 1100) is first and len(first) == 1100
+    view = memoryview(first)
+    other = reused_buffer("test", 500)  # a view is alive: a new buffer
+    assert other is not first and len(other) == 500 and len(view) == 1100

@@ -18,8 +18,8 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, fields
-from itertools import compress, repeat
+from dataclasses import dataclass, field, fields
+from itertools import chain, compress, repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 
 from bevperc.data.classes import ATTRIBUTE_NAMES, CATEGORY_TO_DETECTION_NAME, DETECTION_NAME_INDEX
-from bevperc.evaluation.columns import BoxColumns, RackColumns, gc_paused, struct_floats
+from bevperc.evaluation.columns import BoxColumns, RackColumns, float_fields, gc_paused, reused_buffer
 from bevperc.evaluation.submission import iter_json_array
 from bevperc.evaluation.timing import StageTimer
 from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
@@ -309,7 +309,7 @@ class _AnnotationPart:
     """The split's annotations among some records of the table."""
 
     gt: dict[str, np.ndarray]  # BoxColumns fields of the GT rows (no velocity, score) + table_sample
-    links: dict[str, list[str]]  # token, prev, next of the GT rows (for the velocities)
+    links: "TokenLinks | dict[str, list[str]]"  # token, prev, next of the GT rows (for the velocities)
     racks: RackColumns
     cpu_s: float = 0.0  # CPU time of the task that decoded these records
 
@@ -318,6 +318,7 @@ _RECORD_BOUNDARY = re.compile(rb"\}(?P<cut>)[ \t\n\r]*,[ \t\n\r]*(?=\{)")
 _ARRAY_START = re.compile(rb"[ \t\n\r]*\[")
 _ARRAY_END = re.compile(rb"\][ \t\n\r]*\Z")
 _ANNOTATIONS = msgspec.json.Decoder(list[_Annotation])
+_BOX_FLOATS = attrgetter("translation", "size", "rotation")
 
 
 def _annotations(table_dir: Path, samples: _SplitSamples, workers: int,
@@ -332,9 +333,9 @@ def _annotations(table_dir: Path, samples: _SplitSamples, workers: int,
     parts = _annotation_parts(context, workers)
     timer.add_task_cpu("gt_annotation_ranges", sum(p.cpu_s for p in parts))
     columns = {key: np.concatenate([p.gt[key] for p in parts]) for key in parts[0].gt}
-    links = {name: [token for p in parts for token in p.links[name]] for name in parts[0].links}
     table_sample = columns.pop("table_sample")
-    velocity = _box_velocity(links, columns["translation"], samples.timestamps[table_sample], path)
+    velocity = _box_velocity(TokenLinks.join([p.links for p in parts]), columns["translation"],
+                             samples.timestamps[table_sample], path)
     boxes = BoxColumns(**columns, velocity=velocity, score=np.full(len(table_sample), -1.0))
     racks = RackColumns(**{f.name: np.concatenate([getattr(p.racks, f.name) for p in parts]) for f in fields(RackColumns)})
     return boxes.take(np.argsort(boxes.sample_index, kind="stable")), racks
@@ -361,15 +362,21 @@ def _annotation_parts(context: _AnnotationContext, workers: int) -> list[_Annota
 def annotation_range(context: _AnnotationContext, byte_range: tuple[int, int]) -> _AnnotationPart | None:
     """The annotations in a byte range of whole records (a worker task); None if msgspec cannot decode it."""
     started = time.process_time()
+    size = byte_range[1] - byte_range[0]
+    data = reused_buffer("annotations", size + 2)  # "[" + the records + "]"
     with open(context.path, "rb") as handle:
         handle.seek(byte_range[0])
-        data = handle.read(byte_range[1] - byte_range[0])
+        with memoryview(data) as view:
+            read = handle.readinto(view[1:size + 1])
+    data[0], data[read + 1] = ord("["), ord("]")
+    del data[read + 2:]  # a file that got shorter
     with gc_paused():
         try:
-            records = _ANNOTATIONS.decode(b"[" + data + b"]")
+            records = _ANNOTATIONS.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         part = _annotation_part(context, records)
+        del records  # before the collector runs again
     part.cpu_s = time.process_time() - started
     return part
 
@@ -390,22 +397,26 @@ def _annotation_part(context: _AnnotationContext, batch: list[_Annotation]) -> _
                + np.fromiter(map(attrgetter("num_radar_pts"), records), dtype=np.int64, count=len(records)))
     gt = {"sample_index": split_sample[is_gt], "table_sample": table_sample[is_gt], "class_index": kind[is_gt],
           "attribute_index": _attribute_indices(records, context.attribute_index, context.path),
-          "translation": struct_floats(records, "translation", 3), "size": struct_floats(records, "size", 3),
-          "rotation": struct_floats(records, "rotation", 4), "num_pts": num_pts}
+          "num_pts": num_pts}
+    gt["translation"], gt["size"], gt["rotation"] = float_fields(records, _BOX_FLOATS, (3, 3, 4))
     is_rack = (split_sample >= 0) & (kind == _RACK)
     racks = list(compress(batch, is_rack))
-    return _AnnotationPart(gt=gt, links={name: list(map(attrgetter(name), records)) for name in ("token", "prev", "next")},
-                           racks=RackColumns(sample_index=split_sample[is_rack],
-                                             translation=struct_floats(racks, "translation", 3),
-                                             size=struct_floats(racks, "size", 3), rotation=struct_floats(racks, "rotation", 4)))
+    links = {name: list(map(attrgetter(name), records)) for name in ("token", "prev", "next")}
+    return _AnnotationPart(gt=gt, links=TokenLinks.compact(links) or links,
+                           racks=RackColumns(split_sample[is_rack], *float_fields(racks, _BOX_FLOATS, (3, 3, 4))))
 
 
 def _attribute_indices(records: list[_Annotation], attribute_index: dict[str, int], path: str) -> np.ndarray:
     """int64 [len(records)]: the attribute of each GT annotation (-1: none); at most one is allowed."""
     attributes = list(map(attrgetter("attribute_tokens"), records))
-    index = np.fromiter((attribute_index.get(a[0], -3) if a else -1 for a in attributes), dtype=np.int64,
-                        count=len(records))
     counts = np.fromiter(map(len, attributes), dtype=np.int64, count=len(records))
+    if (counts <= 1).all():  # the attribute of each row with one
+        index = np.full(len(records), -1, dtype=np.int64)
+        index[counts == 1] = np.fromiter(map(attribute_index.get, chain.from_iterable(attributes), repeat(-3)),
+                                         dtype=np.int64, count=int(counts.sum()))
+    else:
+        index = np.fromiter((attribute_index.get(a[0], -3) if a else -1 for a in attributes), dtype=np.int64,
+                            count=len(records))
     bad = np.flatnonzero((counts > 1) | (index < -1))
     if len(bad):
         record = records[bad[0]]
@@ -417,27 +428,142 @@ def _attribute_indices(records: list[_Annotation], attribute_index: dict[str, in
     return index
 
 
-def _box_velocity(links: dict[str, list[str]], translation: np.ndarray, timestamps: np.ndarray, path: Path,
-                  max_time_diff: float = 1.5) -> np.ndarray:
+@dataclass
+class TokenLinks:
+    """The token, prev and next of GT rows as fixed-width ASCII bytes (nuScenes tokens are 32 hex
+    digits): one bytes object per column instead of three Python strings per row, so that the join
+    of the rows of all ranges is a sort and binary searches (:meth:`rows`) instead of hashing each
+    token. prev and next of "" (no neighbour) are left out of ``prev`` / ``next`` (``has_prev`` /
+    ``has_next`` False)."""
+
+    width: int  # bytes of each token (0: no rows)
+    token: bytes
+    prev: bytes
+    next: bytes
+    has_prev: np.ndarray  # bool [N]
+    has_next: np.ndarray  # bool [N]
+    _own: tuple | None = field(default=None, repr=False, compare=False)  # rows(): tokens, their order, sorted hashes
+
+    @classmethod
+    def compact(cls, links: dict[str, list[str]]) -> "TokenLinks | None":
+        """None unless every token is ASCII without NUL, all of one length (prev, next: or "")."""
+        if not links["token"]:
+            return cls(0, b"", b"", b"", np.zeros(0, dtype=bool), np.zeros(0, dtype=bool))
+        width = len(links["token"][0])
+        columns, present = {}, {}
+        for name, tokens in links.items():
+            text = "".join(tokens)
+            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+            present[name] = lengths > 0
+            if (not text.isascii() or "\x00" in text or width == 0 or (lengths[present[name]] != width).any()
+                    or (name == "token" and not present[name].all())):
+                return None
+            columns[name] = text.encode("ascii")
+        return cls(width, columns["token"], columns["prev"], columns["next"], present["prev"], present["next"])
+
+    @staticmethod
+    def join(parts: list["TokenLinks | dict[str, list[str]]"]) -> "TokenLinks | dict[str, list[str]]":
+        """The links of consecutive parts: TokenLinks if every part has them with one width, else strings."""
+        widths = {p.width for p in parts if isinstance(p, TokenLinks) and p.width}
+        if len(widths) <= 1 and all(isinstance(p, TokenLinks) for p in parts):
+            return TokenLinks(widths.pop() if widths else 0, *(b"".join(getattr(p, name) for p in parts)
+                                                                for name in ("token", "prev", "next")),
+                              np.concatenate([p.has_prev for p in parts]), np.concatenate([p.has_next for p in parts]))
+        return {name: [token for p in parts for token in (p.strings()[name] if isinstance(p, TokenLinks) else p[name])]
+                for name in ("token", "prev", "next")}
+
+    def _column(self, name: str) -> np.ndarray:
+        return np.frombuffer(getattr(self, name), dtype=f"S{max(self.width, 1)}")
+
+    def _bytes(self, name: str) -> np.ndarray:
+        """uint8 [M, width]: the tokens of column ``name``, zero-padded to whole 8-byte words."""
+        values = np.frombuffer(getattr(self, name), dtype=np.uint8).reshape(-1, max(self.width, 1))
+        padded = np.zeros((len(values), -(-values.shape[1] // 8) * 8), dtype=np.uint8)
+        padded[:, :values.shape[1]] = values
+        return padded
+
+    @staticmethod
+    def _keys(tokens: np.ndarray) -> np.ndarray:
+        """uint64 [M]: a hash of each token's bytes (equal tokens, equal keys)."""
+        words = tokens.view(np.uint64)
+        keys = words[:, 0].copy()
+        for j in range(1, words.shape[1]):
+            keys = keys * np.uint64(0x9E3779B97F4A7C15) + words[:, j]  # wraps around
+        return keys
+
+    def strings(self) -> dict[str, list[str]]:
+        links = {"token": [t.decode("ascii") for t in self._column("token")]}
+        for name in ("prev", "next"):
+            values = iter([t.decode("ascii") for t in self._column(name)])
+            links[name] = [next(values) if has else "" for has in getattr(self, f"has_{name}")]
+        return links
+
+    def rows(self, name: str) -> np.ndarray:
+        """int64 [N]: the row whose token is ``name`` (prev or next) of each row (the last such row,
+        as a dict from token to row keeps it), -1 without one, -2 if no row has that token. Hashes
+        sorted and searched (the queries sorted too: the searches then stay in the CPU cache); the
+        bytes of every candidate are compared."""
+        if self._own is None:
+            own = self._bytes("token")
+            keys = self._keys(own)
+            order = np.argsort(keys)
+            self._own = own, order, keys[order]
+        own, order, ordered = self._own
+        wanted = self._bytes(name)
+        keys = self._keys(wanted)
+        by_key = np.argsort(keys)
+        first, stop = (np.empty(len(keys), dtype=np.int64) for _ in range(2))
+        first[by_key] = np.searchsorted(ordered, keys[by_key], side="left")
+        stop[by_key] = np.searchsorted(ordered, keys[by_key], side="right")
+        candidate = order[np.minimum(first, len(order) - 1)] if len(order) else first
+        found = np.where(stop - first == 1, (own[candidate] == wanted).all(axis=1), False)
+        match = np.where(found, candidate, -2)
+        for k in np.flatnonzero(stop - first > 1).tolist():  # equal hashes: equal tokens or a collision
+            same = [row for row in order[first[k]:stop[k]].tolist() if (own[row] == wanted[k]).all()]
+            match[k] = max(same) if same else -2
+        row = np.full(len(self.has_prev), -1, dtype=np.int64)
+        row[getattr(self, f"has_{name}")] = match
+        return row
+
+    def token_of(self, name: str, row: int) -> str:
+        """The token ``name`` (token, prev or next) of a row."""
+        if name == "token":
+            return self._column("token")[row].decode("ascii")
+        has = getattr(self, f"has_{name}")
+        return self._column(name)[int(has[:row].sum())].decode("ascii") if has[row] else ""
+
+
+def _link_rows(links: TokenLinks | dict[str, list[str]], name: str) -> np.ndarray:
+    """int64 [N]: the row of the ``name`` (prev or next) of each row, -1 without one, -2 if unknown."""
+    if isinstance(links, TokenLinks):
+        return links.rows(name)
+    row_of_token = dict(zip(links["token"], range(len(links["token"]))))
+    row_of_token[""] = -1  # no prev / next
+    tokens = links[name]
+    return np.fromiter(map(row_of_token.get, tokens, repeat(-2)), dtype=np.int64, count=len(tokens))
+
+
+def _box_velocity(links: TokenLinks | dict[str, list[str]], translation: np.ndarray, timestamps: np.ndarray,
+                  path: Path, max_time_diff: float = 1.5) -> np.ndarray:
     """``NuScenes.box_velocity(token)[:2]`` of the GT annotations -> float64 [N, 2].
 
     ``links``: the ``token``, ``prev`` and ``next`` of each annotation; ``translation`` [N, 3] and
     ``timestamps`` [N] (of their samples). The previous and next annotations of a track are
     annotations of the same instance in the same scene, so they are among these annotations.
     """
-    n = len(links["token"])
-    row_of_token = dict(zip(links["token"], range(n)))
-    row_of_token[""] = -1  # no prev / next
+    n = len(translation)
     rows = np.arange(n)
     neighbours = []
     for name in ("prev", "next"):
-        tokens = links[name]
-        row = np.fromiter(map(row_of_token.get, tokens, repeat(-2)), dtype=np.int64, count=n)
+        row = _link_rows(links, name)
         unknown = np.flatnonzero(row == -2)
         if len(unknown):
-            raise ValueError(f"{path}: annotation {tokens[unknown[0]]!r} (the {name} of GT annotation "
-                             f"{links['token'][unknown[0]]!r} of the split) is not an annotation of the same "
-                             "category in a sample of the split")
+            if isinstance(links, TokenLinks):
+                neighbour, own = links.token_of(name, int(unknown[0])), links.token_of("token", int(unknown[0]))
+            else:
+                neighbour, own = links[name][unknown[0]], links["token"][unknown[0]]
+            raise ValueError(f"{path}: annotation {neighbour!r} (the {name} of GT annotation {own!r} of the split) "
+                             "is not an annotation of the same category in a sample of the split")
         neighbours.append((row >= 0, np.where(row >= 0, row, rows)))
     (has_prev, first), (has_next, last) = neighbours
     pos_diff = translation[last] - translation[first]

@@ -7,14 +7,21 @@ decoded by msgspec straight into columns, in worker processes.
 2. **Ranges**: the members of ``results`` are cut into byte ranges of about
    :data:`~bevperc.evaluation.workers.RANGE_BYTES` after a sample's list of boxes (``}]`` or ``[]``
    followed by ``,``).
-3. **Decoding** (a worker per range): each member is a JSON key and a list of boxes; the list ends at
-   the first ``}]`` and msgspec decodes it into structs (types, lengths, integers and the class and
-   attribute names checked; every number it returns is finite). The non-standard ``NaN`` literal (NaN velocities, which the devkit
-   allows) is first overwritten with the string ``"N"`` (same length: offsets hold), which is accepted
-   only in ``velocity``, and only when the range has no ``"N"`` of its own. A list msgspec does not
-   take (null, Infinity, numbers beyond float range, wrong types, NaN elsewhere, a ``}]`` inside a
-   string) is decoded by the json module from the original bytes, as the stream reader would.
-4. **Validation**: the structs become columns and are checked with array operations
+3. **Decoding** (a worker per range): the range is cut into pieces of about :data:`_PIECE_BYTES`
+   (same cuts), and msgspec decodes each piece in one call as a JSON object ``{token: [box, ...]}``
+   into structs (types, lengths, integers and the class and attribute names checked; every number it
+   returns is finite; a sample listed twice stays two entries, in file order). The non-standard
+   ``NaN`` literal (NaN velocities, which the devkit allows) is first overwritten with the string
+   ``"N"`` (same length: offsets hold), which is accepted only in ``velocity``, and only when the
+   range has no ``"N"`` of its own. If a piece does not decode or validate, the range is read member
+   by member: each member is a JSON key and a list of boxes, the list ends at the first ``}]`` and
+   msgspec decodes it; a list msgspec does not take (null, Infinity, numbers beyond float range, wrong
+   types, NaN elsewhere, a ``}]`` inside a string) is decoded by the json module from the original
+   bytes, as the stream reader would.
+4. **Columns and validation**: each piece's structs become columns right after decoding, while they
+   are in the CPU cache: msgspec's msgpack encoder writes their floats as IEEE doubles in one call, a
+   fixed layout that NumPy reads as strided columns (the bits: nothing is converted one by one, see
+   :func:`~bevperc.evaluation.columns.float_fields`). The columns are checked with array operations
    (:func:`~bevperc.evaluation.submission.columns_valid`); a batch that fails is decoded again by the
    json module and checked box by box, so the error names the sample, the box and the field exactly
    as the stream reader does. The first problem in file order wins (a repeated sample included).
@@ -37,13 +44,20 @@ from functools import cached_property
 from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Iterable, Iterator, Literal, Union
 
 import msgspec
 import numpy as np
 
 from bevperc.data.classes import ATTRIBUTE_NAMES, DETECTION_NAME_INDEX, DETECTION_NAMES
-from bevperc.evaluation.columns import BoxColumns, gc_paused, struct_floats
+from bevperc.evaluation.columns import (
+    FLOAT64_TAG,
+    BoxColumns,
+    float_fields,
+    gc_paused,
+    msgpack_array_header,
+    reused_buffer,
+)
 from bevperc.evaluation.metrics import BoxFilter
 from bevperc.evaluation.submission import (
     ATTRIBUTE_INDEX,
@@ -67,7 +81,24 @@ _HEAD_RESULTS_FIRST = re.compile(rb"\A" + _WS + rb"\{" + _WS + rb'"results"' + _
 _TAIL_META_FIRST = re.compile(rb"\}" + _WS + rb"\}" + _WS + rb"\Z")
 _TAIL_RESULTS_FIRST = re.compile(rb"\}" + _WS + rb"," + _WS + rb'"meta"' + _WS + rb":" + _WS + _META + _WS
                                  + rb"\}" + _WS + rb"\Z")
-_BOUNDARY = re.compile(rb"(?:\}" + _WS + rb"\]|\[" + _WS + rb"\])(?P<cut>)" + _WS + rb",")  # after a list of boxes
+
+
+class _Boundary:
+    """Where a range may end: after a list of boxes (``}]`` or ``[]``, any whitespace inside) and before
+    a comma; ``search`` is ``re.Pattern.search`` of ``(?:}WS]|[WS])(?P<cut>)WS,``, found as the earlier of
+    its two branches: each starts with a literal byte, which the re module finds much faster than
+    it tries the alternation at every byte."""
+
+    close = re.compile(rb"\}" + _WS + rb"\](?P<cut>)" + _WS + rb",")
+    empty = re.compile(rb"\[" + _WS + rb"\](?P<cut>)" + _WS + rb",")
+
+    def search(self, data: bytes, pos: int = 0) -> re.Match | None:
+        close = self.close.search(data, pos)
+        empty = self.empty.search(data, pos, close.start() if close is not None else len(data))
+        return empty or close
+
+
+_BOUNDARY = _Boundary()
 _KEY = re.compile(_WS + rb'("(?:[^"\\]|\\.)*")' + _WS + rb":" + _WS, re.DOTALL)
 _EMPTY_LIST = re.compile(rb"\[" + _WS + rb"\]")
 _LIST_END = re.compile(rb"\}" + _WS + rb"\]")
@@ -76,7 +107,9 @@ _REST_IS_SPACE = re.compile(_WS + rb"\Z")
 _JSON = json.JSONDecoder()
 
 
-class _Box(msgspec.Struct, gc=False):
+class _Box(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """A box with the 8 fields of the result format and no other (what nearly every file has)."""
+
     sample_token: str
     translation: tuple[float, float, float]
     size: tuple[float, float, float]
@@ -85,17 +118,58 @@ class _Box(msgspec.Struct, gc=False):
     detection_name: Literal[DETECTION_NAMES]
     detection_score: float
     attribute_name: Literal[ATTRIBUTE_NAMES + ("",)]
+
+
+class _NanBox(_Box, gc=False, forbid_unknown_fields=True):
+    velocity: tuple[Union[float, Literal["N"]], Union[float, Literal["N"]]]  # "N": NaN (see _for_msgspec)
+
+
+class _FullBox(_Box, gc=False, forbid_unknown_fields=False):
+    """A box that may have the devkit's optional fields, and fields it ignores."""
+
     num_pts: int = -1
     ego_translation: Union[tuple[float, float, float], msgspec.UnsetType] = msgspec.UNSET
 
 
-class _NanBox(_Box, gc=False):
-    velocity: tuple[Union[float, Literal["N"]], Union[float, Literal["N"]]]  # "N": NaN (see _for_msgspec)
+class _FullNanBox(_FullBox, gc=False, forbid_unknown_fields=False):
+    velocity: tuple[Union[float, Literal["N"]], Union[float, Literal["N"]]]
 
 
-_BOXES = msgspec.json.Decoder(list[_Box])
-_NAN_BOXES = msgspec.json.Decoder(list[_NanBox])
+class _Key:
+    """The key of a member of ``results`` decoded by msgspec as a dict key: hashed by identity, so that
+    a sample listed twice stays two entries of the dict (in file order)."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str):
+        self.token = token
+
+
+def _key_hook(type_: type, value: Any) -> Any:
+    if type_ is _Key and isinstance(value, str):
+        return _Key(value)
+    raise NotImplementedError
+
+
+def _decoders(box_types: tuple[type, type]) -> tuple[tuple, tuple]:
+    """msgspec decoders of a list of boxes and of an object of lists ``{token: boxes}`` (a piece of a
+    range), for boxes with the 8 fields only and for any box: tried in this order."""
+    return (tuple(msgspec.json.Decoder(list[t]) for t in box_types),
+            tuple(msgspec.json.Decoder(dict[_Key, list[t]], dec_hook=_key_hook) for t in box_types))
+
+
+# [nan_ok]: whether "N" is read as a NaN velocity (see _for_msgspec)
+_LIST_DECODERS, _OBJECT_DECODERS = zip(_decoders((_Box, _FullBox)), _decoders((_NanBox, _FullNanBox)))
 _NAN = {"N": float("nan")}
+_BATCH_BOXES = 2048  # member by member: boxes turned into columns at a time (their structs still in the CPU cache)
+_PIECE_BYTES = 1 << 19  # whole pieces: bytes decoded by one msgspec call, then turned into columns
+_TOKEN = attrgetter("sample_token")
+_FIXED = attrgetter("translation", "size", "rotation", "detection_score")
+_FIXED_WIDTHS = (3, 3, 4, 0)
+_VELOCITY = attrgetter("velocity")
+_MSGPACK = msgspec.msgpack.Encoder()
+_VELOCITY_RECORD = 19  # msgpack bytes of a (float, float) tuple: header, then 0xcb + 8 bytes per float
+_N_SHORTER = 7  # the string "N" takes 2 bytes instead of 9
 
 
 class _ScanError(Exception):
@@ -166,40 +240,46 @@ class _ChunkResult:
 @dataclass
 class _Member:
     token: str
-    boxes: Any  # list of _Box, or what the json module decoded
-    structs: bool  # boxes are _Box structs
+    boxes: Any  # list of _Box (until turned into columns), or what the json module decoded
+    structs: bool  # boxes are msgspec structs
     start: int  # byte range of the value in the chunk
     end: int
+    optional: bool = False  # structs of _FullBox (optional or unknown fields)
 
 
-def _for_msgspec(raw: bytes) -> tuple[bytes | bytearray, msgspec.json.Decoder]:
-    """What msgspec decodes the lists of a range from, and with which decoder: NaN literals overwritten
-    by ``"N"`` (same length) for the decoder that reads ``"N"`` in ``velocity`` as NaN; the original
-    bytes and the decoder that takes numbers only when the range has a ``"N"`` of its own (its lists
-    with NaN then go to the json module)."""
+def _for_msgspec(raw: bytes) -> tuple[bytes | bytearray, bool]:
+    """What msgspec decodes the lists of a range from, and whether "N" is read as NaN: NaN literals
+    overwritten by ``"N"`` (same length) for the decoders that read ``"N"`` in ``velocity`` as NaN;
+    the original bytes and the decoders that take numbers only when the range has a ``"N"`` of its
+    own (its lists with NaN then go to the json module)."""
     nan_at = []
     at = raw.find(b"N")  # a capital N is rare in a submission: this is a fast scan
     while at >= 0:
         if raw.startswith(b"NaN", at):
             nan_at.append(at)
         elif at > 0 and raw.startswith(b'"N"', at - 1):
-            return raw, _BOXES
+            return raw, False
         at = raw.find(b"N", at + 1)
     if not nan_at:
-        return raw, _NAN_BOXES
-    patched = bytearray(raw)
+        return raw, True
+    patched = reused_buffer("patched", len(raw))
+    patched[:] = raw
     for at in nan_at:
         patched[at:at + 3] = b'"N"'
-    return patched, _NAN_BOXES
+    return patched, True
 
 
-def _decode_boxes(msgspec_input: tuple[bytes | bytearray, msgspec.json.Decoder], start: int, end: int) -> list | None:
-    """msgspec structs of the list of boxes at [start, end), or None."""
-    data, decoder = msgspec_input
-    try:
-        return decoder.decode(memoryview(data)[start:end])
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+def _decode_boxes(msgspec_input: tuple[bytes | bytearray, bool], start: int, end: int) -> tuple[list | None, bool]:
+    """msgspec structs of the list of boxes at [start, end) (None if msgspec does not take it), and
+    whether they are _FullBox structs (a box has a field beyond the 8 of the format)."""
+    data, nan_ok = msgspec_input
+    text = memoryview(data)[start:end]
+    for optional, decoder in enumerate(_LIST_DECODERS[nan_ok]):
+        try:
+            return decoder.decode(text), bool(optional)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    return None, False
 
 
 def _decode_json(buf: bytes, start: int) -> tuple[Any, int]:
@@ -215,26 +295,25 @@ def _decode_json(buf: bytes, start: int) -> tuple[Any, int]:
     raise _ScanError
 
 
-def _member_value(raw: bytes, msgspec_input: tuple[bytes | bytearray, msgspec.json.Decoder], token: str,
-                  start: int) -> _Member:
+def _member_value(raw: bytes, msgspec_input: tuple[bytes | bytearray, bool], token: str, start: int) -> _Member:
     empty = _EMPTY_LIST.match(raw, start)
     if empty is not None:
         return _Member(token, [], True, start, empty.end())
     close = _LIST_END.search(raw, start) if raw.startswith(b"[", start) else None
     if close is not None:
-        boxes = _decode_boxes(msgspec_input, start, close.end())
+        boxes, optional = _decode_boxes(msgspec_input, start, close.end())
         if boxes is not None:
-            return _Member(token, boxes, True, start, close.end())
+            return _Member(token, boxes, True, start, close.end(), optional)
     value, end = _decode_json(raw, start)
     return _Member(token, value, False, start, end)
 
 
-def _scan(raw: bytes) -> list[_Member]:
-    """The members of a range of ``results``, decoded; raises :class:`_ScanError`."""
-    members: list[_Member] = []
+def _members(raw: bytes, msgspec_input: tuple[bytes | bytearray, bool] | None = None) -> Iterator[_Member]:
+    """The members of a range of ``results``, decoded, in order; raises :class:`_ScanError` (after
+    the members before the problem). ``msgspec_input``: :func:`_for_msgspec` of ``raw``."""
     if _REST_IS_SPACE.match(raw):
-        return members
-    msgspec_input = _for_msgspec(raw)
+        return
+    msgspec_input = msgspec_input or _for_msgspec(raw)
     pos = 0
     while True:
         key = _KEY.match(raw, pos)
@@ -245,33 +324,70 @@ def _scan(raw: bytes) -> list[_Member]:
         except ValueError:
             raise _ScanError from None
         member = _member_value(raw, msgspec_input, token, key.end())
-        members.append(member)
+        yield member
         separator = _SEPARATOR.match(raw, member.end)
         if separator is not None:
             pos = separator.end()
         elif _REST_IS_SPACE.match(raw, member.end):
-            return members
+            return
         else:
             raise _ScanError
 
 
-def _struct_fields(boxes: list[_Box], expected_tokens: list[str]) -> dict[str, Any] | None:
-    """Raw columns of msgspec-decoded boxes (types and lengths already checked by msgspec)."""
-    if list(map(attrgetter("sample_token"), boxes)) != expected_tokens:
+def _scan(raw: bytes) -> list[_Member]:
+    """The members of a range of ``results``, decoded; raises :class:`_ScanError`."""
+    return list(_members(raw))
+
+
+def _velocities(boxes: list[_Box]) -> np.ndarray:
+    """float64 [n, 2]: the velocities of structs, "N" read as NaN.
+
+    Through msgpack, as :func:`~bevperc.evaluation.columns.float_fields`: a (float, float) tuple is
+    19 bytes; a "N" is 2 bytes (0xa1 "N") instead of 9. The boxes with a "N" are found in those bytes
+    (each "N" shifts the rest by 7), their tuples are replaced by ones with NaN, and the whole list is
+    encoded again; the floats-only layout of that encoding proves that no "N" is left."""
+    n = len(boxes)
+    if n == 0:
+        return np.zeros((0, 2))
+    velocities = list(map(_VELOCITY, boxes))
+    data = _MSGPACK.encode(velocities)
+    header = msgpack_array_header(n)
+    count, rest = divmod(header + n * _VELOCITY_RECORD - len(data), _N_SHORTER)
+    if count and not rest:
+        raw = np.frombuffer(data, dtype=np.uint8, offset=header)
+        found = 0
+        for at in np.flatnonzero((raw[:-1] == 0xA1) & (raw[1:] == 0x4E)).tolist():
+            box, offset = divmod(at - 1 + _N_SHORTER * found, _VELOCITY_RECORD)
+            if offset in (0, 9) and 0 <= box < n:  # an element starts here, given the "N" found before
+                velocities[box] = tuple(map(_NAN.get, velocities[box], velocities[box]))
+                found += 1
+        data = _MSGPACK.encode(velocities)
+    if len(data) == header + n * _VELOCITY_RECORD:
+        records = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(n, _VELOCITY_RECORD)
+        if (records[:, [1, 10]] == FLOAT64_TAG).all():  # floats only
+            return np.ndarray((n, 2), dtype="V8", buffer=data, offset=header + 2,
+                              strides=(_VELOCITY_RECORD, 9)).copy().view(">f8").astype(np.float64)
+    values = list(chain.from_iterable(velocities))  # not the layout expected: one value at a time
+    return np.fromiter(map(_NAN.get, values, values), dtype=np.float64, count=2 * n).reshape(n, 2)
+
+
+def _struct_fields(boxes: list[_Box], expected_tokens: list[str], optional: bool) -> dict[str, Any] | None:
+    """Raw columns of msgspec-decoded boxes (types and lengths already checked by msgspec);
+    ``optional``: some are _FullBox structs (num_pts and ego_translation are read)."""
+    if list(map(_TOKEN, boxes)) != expected_tokens:
         return None
     n = len(boxes)
-    egos = [b.ego_translation for b in boxes if b.ego_translation is not msgspec.UNSET]
-    if egos and not np.isfinite(np.array(egos, dtype=np.float64)).all():
-        return None
-    try:
-        num_pts = np.fromiter(map(attrgetter("num_pts"), boxes), dtype=np.int64, count=n)
-    except OverflowError:
-        return None
-    velocity = list(chain.from_iterable(map(attrgetter("velocity"), boxes)))
-    return dict(translation=struct_floats(boxes, "translation", 3), size=struct_floats(boxes, "size", 3),
-                rotation=struct_floats(boxes, "rotation", 4),
-                velocity=np.fromiter(map(_NAN.get, velocity, velocity), dtype=np.float64, count=2 * n).reshape(n, 2),
-                score=np.fromiter(map(attrgetter("detection_score"), boxes), dtype=np.float64, count=n),
+    num_pts = np.full(n, -1, dtype=np.int64)
+    if optional:
+        egos = [b.ego_translation for b in boxes if getattr(b, "ego_translation", msgspec.UNSET) is not msgspec.UNSET]
+        if egos and not np.isfinite(np.array(egos, dtype=np.float64)).all():
+            return None
+        try:
+            num_pts = np.fromiter((getattr(b, "num_pts", -1) for b in boxes), dtype=np.int64, count=n)
+        except OverflowError:
+            return None
+    translation, size, rotation, score = float_fields(boxes, _FIXED, _FIXED_WIDTHS)
+    return dict(translation=translation, size=size, rotation=rotation, velocity=_velocities(boxes), score=score,
                 class_index=np.fromiter(map(DETECTION_NAME_INDEX.__getitem__, map(attrgetter("detection_name"), boxes)),
                                         dtype=np.int64, count=n),
                 attribute_index=np.fromiter(map(ATTRIBUTE_INDEX.__getitem__, map(attrgetter("attribute_name"), boxes)),
@@ -280,8 +396,9 @@ def _struct_fields(boxes: list[_Box], expected_tokens: list[str]) -> dict[str, A
 
 
 def _struct_columns(members: list[_Member], first: int, task: _ChunkOptions,
-                    attributes: np.ndarray) -> dict[str, np.ndarray] | None:
-    """Columns of consecutive struct members (sample_index: ``first`` + position), None if invalid."""
+                    attributes: np.ndarray | None) -> dict[str, np.ndarray] | None:
+    """Columns of consecutive struct members (sample_index: ``first`` + position), None if invalid;
+    ``attributes`` None: the checks of :func:`columns_valid` are left to the caller."""
     if any(len(m.boxes) > task.max_boxes_per_sample for m in members):
         return None
     boxes = list(chain.from_iterable(m.boxes for m in members))
@@ -289,8 +406,8 @@ def _struct_columns(members: list[_Member], first: int, task: _ChunkOptions,
         return empty_columns()
     counts = [len(m.boxes) for m in members]
     expected = list(chain.from_iterable(repeat(m.token, c) for m, c in zip(members, counts)))
-    columns = _struct_fields(boxes, expected)
-    if not columns_valid(columns, len(boxes), attributes):
+    columns = _struct_fields(boxes, expected, any(m.optional for m in members))
+    if columns is None or attributes is not None and not columns_valid(columns, len(boxes), attributes):
         return None
     columns["sample_index"] = np.repeat(np.arange(first, first + len(members), dtype=np.int64), counts)
     return columns
@@ -319,22 +436,52 @@ class _MemberError(Exception):
         self.member, self.error = member, error
 
 
-def _chunk_columns(buf: bytes, members: list[_Member], task: _ChunkOptions) -> dict[str, np.ndarray]:
-    """Validated columns of the range's boxes, runs of struct and json members in order."""
-    attributes = attribute_table(task.allow_empty_attribute)
-    parts = []
-    start = 0
-    while start < len(members):
-        stop = start + 1
-        while stop < len(members) and members[stop].structs == members[start].structs:
-            stop += 1
-        run = members[start:stop]
-        columns = _struct_columns(run, start, task, attributes) if run[0].structs else None
-        parts.append(columns if columns is not None else _json_columns(buf, run, start, task, attributes))
-        start = stop
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+class _RangeColumns:
+    """Validated columns of a range's members, built as they are decoded: runs of struct members
+    (up to about :data:`_BATCH_BOXES` boxes) and of json members, in order. The first invalid run is
+    checked by the json module (:func:`_json_columns`), which names the member; later members are
+    still decoded (a range that does not scan goes to the stream reader whatever came before) but
+    no longer converted."""
+
+    def __init__(self, buf: bytes, task: _ChunkOptions):
+        self.buf, self.task = buf, task
+        self.attributes = attribute_table(task.allow_empty_attribute)
+        self.tokens: list[str] = []
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.run: list[_Member] = []  # members of one kind not yet in parts
+        self.run_first = 0  # index of run[0] among the range's members
+        self.run_boxes = 0
+        self.failure: _MemberError | None = None
+        self.cpu = 0.0  # CPU seconds spent turning structs into columns and validating them
+
+    def add(self, member: _Member) -> None:
+        index = len(self.tokens)
+        self.tokens.append(member.token)
+        if self.failure is not None:
+            return
+        if self.run and self.run[0].structs != member.structs:
+            self.flush()
+        if not self.run:
+            self.run_first = index
+        self.run.append(member)
+        if member.structs:
+            self.run_boxes += len(member.boxes)
+            if self.run_boxes >= _BATCH_BOXES:
+                self.flush()
+
+    def flush(self) -> None:
+        run, first = self.run, self.run_first
+        self.run, self.run_boxes = [], 0
+        if not run or self.failure is not None:
+            return
+        started = time.process_time()
+        try:
+            columns = _struct_columns(run, first, self.task, self.attributes) if run[0].structs else None
+            self.parts.append(columns if columns is not None
+                              else _json_columns(self.buf, run, first, self.task, self.attributes))
+        except _MemberError as failure:
+            self.failure = failure
+        self.cpu += time.process_time() - started
 
 
 def _filtered_by_class(columns: dict[str, np.ndarray], tokens: list[str], task: _ChunkOptions) -> dict[int, BoxColumns]:
@@ -351,29 +498,98 @@ def _filtered_by_class(columns: dict[str, np.ndarray], tokens: list[str], task: 
 def read_chunk(task: _ChunkOptions, byte_range: tuple[int, int]) -> _ChunkResult:
     """Decode, validate (and filter) one byte range of ``results`` (runs in a worker process)."""
     started = time.process_time()
+    buf = reused_buffer("range", byte_range[1] - byte_range[0])
     with open(task.path, "rb") as handle:
         handle.seek(byte_range[0])
-        buf = handle.read(byte_range[1] - byte_range[0])
+        read = handle.readinto(buf)
+    del buf[read:]  # a file that got shorter
     with gc_paused():
         return _read_range(task, buf, started)
 
 
-def _read_range(task: _ChunkOptions, buf: bytes, started: float) -> _ChunkResult:
-    cpu = {}
-    try:
-        members = _scan(buf)
-    except _ScanError:
-        return _ChunkResult(readable=False)
-    cpu["sub_decode"] = time.process_time() - started
-    result = _ChunkResult(readable=True, tokens=[m.token for m in members], task_cpu=cpu)
+def _pieces(buf: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of about :data:`_PIECE_BYTES` that cover ``buf``, cut as the ranges are, but only
+    after a list that is not empty (a cut inside a string makes a piece that does not decode)."""
+    pieces, begin = [], 0
+    while len(buf) - begin > 2 * _PIECE_BYTES:
+        found = _Boundary.close.search(buf, begin + _PIECE_BYTES)
+        if found is None:
+            break
+        pieces.append((begin, found.start("cut")))
+        begin = found.end()
+    pieces.append((begin, len(buf)))
+    return pieces
+
+
+def _whole_pieces(task: _ChunkOptions, buf: bytes,
+                  msgspec_input: tuple[bytes | bytearray, bool]) -> tuple[list[str], list[dict], float] | None:
+    """The members of a valid range, decoded piece by piece (:func:`_pieces`), each piece by one
+    msgspec call as a JSON object ``{token: boxes}`` and turned into columns right away, then
+    validated: the tokens, the columns and the CPU seconds spent on columns. None when a piece
+    does not decode (a NaN or "N" where the fast decoders do not take it, null, Infinity, wrong types,
+    a cut inside a string, invalid JSON) or the range does not validate: then the member-by-member path
+    (:func:`_members`) reads the range, with the json module where msgspec does not take a list, and
+    names the first problem.
+
+    A piece that decodes is a sequence of complete members read as the member-by-member path reads
+    them (the same text, decoders and checks; the keys decoded by msgspec, which takes a string only
+    when the json module gives the same one), so its end is a member's end and the next piece
+    starts at the next member: by induction, the same members, values and columns."""
+    data, nan_ok = msgspec_input
+    decoders = _OBJECT_DECODERS[nan_ok]
+    attributes = attribute_table(task.allow_empty_attribute)
+    view = memoryview(data)
+    tokens: list[str] = []
+    parts: list[dict] = []
+    cpu = 0.0
+    for begin, end in _pieces(buf):
+        text = b"".join((b"{", view[begin:end], b"}"))
+        for optional, decoder in enumerate(decoders):
+            try:
+                decoded = decoder.decode(text)
+                break
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+        else:
+            return None
+        started = time.process_time()
+        members = [_Member(key.token, boxes, True, begin, end, bool(optional)) for key, boxes in decoded.items()]
+        del decoded
+        columns = _struct_columns(members, len(tokens), task, None)
+        if columns is None:
+            return None
+        tokens.extend(member.token for member in members)
+        parts.append(columns)
+        del members
+        cpu += time.process_time() - started
     started = time.process_time()
-    try:
-        columns = _chunk_columns(buf, members, task)
-    except _MemberError as failure:
-        result.error, result.error_sample = failure.error, failure.member
+    columns = _concatenated(parts)
+    valid = columns_valid(columns, len(columns["score"]), attributes)  # once for the range: fewer NumPy calls
+    cpu += time.process_time() - started
+    return (tokens, [columns], cpu) if valid else None
+
+
+def _read_range(task: _ChunkOptions, buf: bytes | bytearray, started: float) -> _ChunkResult:
+    msgspec_input = _for_msgspec(buf)
+    whole = _whole_pieces(task, buf, msgspec_input)
+    if whole is not None:
+        tokens, parts, convert_cpu = whole
+    else:
+        range_columns = _RangeColumns(buf, task)
+        try:
+            for member in _members(buf, msgspec_input):
+                range_columns.add(member)
+            range_columns.flush()
+        except _ScanError:
+            return _ChunkResult(readable=False)
+        tokens, parts, convert_cpu = range_columns.tokens, range_columns.parts, range_columns.cpu
+    cpu = {"sub_decode": time.process_time() - started - convert_cpu, "sub_validate": convert_cpu}
+    result = _ChunkResult(readable=True, tokens=tokens, task_cpu=cpu)
+    if whole is None and range_columns.failure is not None:
+        result.error, result.error_sample = range_columns.failure.error, range_columns.failure.member
         return result
-    del buf, members
-    cpu["sub_validate"] = time.process_time() - started
+    del buf, msgspec_input
+    columns = _concatenated(parts)
     if task.box_filter is None:
         result.columns = columns
     else:
@@ -381,6 +597,14 @@ def _read_range(task: _ChunkOptions, buf: bytes, started: float) -> _ChunkResult
         result.by_class = _filtered_by_class(columns, result.tokens, task)
         cpu["pred_filter"] = time.process_time() - started
     return result
+
+
+def _concatenated(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return empty_columns()
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 # --------------------------------------------------------------------------- the whole file
