@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="evaluation split (default: data.val_split with --config, else mini_val)")
     parser.add_argument("--figures", type=int, default=None,
                         help="with --config: draw this many best and worst samples (default: eval.figures)")
-    parser.add_argument("--engine", choices=("fast", "devkit"), default="fast",
-                        help="fast: bevperc's vectorised exact engine; devkit: nuscenes DetectionEval")
+    parser.add_argument("--engine", choices=("fast", "devkit"), default=None,
+                        help="fast: bevperc's vectorised exact engine; devkit: nuscenes DetectionEval "
+                             "(default: eval.engine with --config, else fast)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the metrics JSON files")
     parser.add_argument("--render-curves", action="store_true", help="also write the devkit's PR/TP plots")
     parser.add_argument("--allow-empty-attribute", action="store_true",
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--results needs --dataroot")
             results = args.results
         version, split = args.version or "v1.0-mini", args.split or "mini_val"
+        args.engine = args.engine or (cfg.eval.engine if cfg is not None else "fast")
         summary = evaluate(results, args.dataroot, version, split, args.engine, args.out,
                            render_curves=args.render_curves, allow_empty_attribute=args.allow_empty_attribute,
                            gt_cache=args.gt_cache, verbose=args.verbose)

@@ -350,6 +350,11 @@ def test_the_observation_angle_follows_the_image_not_the_mirror(mirror):
     sign = torch.tensor([-1.0 if image_flip else 1.0, 1.0])
     torch.testing.assert_close(found.observation, plain.observation * sign, atol=1e-6, rtol=0)
     assert (plain.observation[:, 0].abs() > 0.1).any()  # the sine matters for some box
+    # heading_as_imaged=False: the angle of the augmented ego frame, whatever the image shows
+    ego_frame = image_targets(mirrored, cfg.view, as_imaged=False).observation
+    bev_mirrored = mirror in ("BEV mirror", "both")
+    torch.testing.assert_close(ego_frame, plain.observation * torch.tensor([-1.0 if bev_mirrored else 1.0, 1.0]),
+                               atol=1e-6, rtol=0)
 
     rays = build_detector(cfg).view_transformer.ray_inputs(mirrored)  # [N, 7, h, w]
     height, width = cfg.view.feature_size

@@ -222,6 +222,11 @@ class ImageHeadConfig:
     and for ``decode.direction_from_image``)."""
     heading_weight: float = 0.25
     """Fixed weight of the ``image_heading`` task (the BEV regressions' 0.25)."""
+    heading_as_imaged: bool = True
+    """The observation angle is the one the image shows: negated where an image flip or a BEV mirror
+    (one of them) is applied, and turned back with the camera's handedness when lifted. False: the
+    angle in the augmented ego frame whatever the mirror (the same picture then comes with both signs
+    of the sine); ``configs/demo_cpu.yaml`` keeps False, measured in docs/learning.md."""
 
 
 @dataclass

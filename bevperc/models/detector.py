@@ -86,7 +86,7 @@ def build_detector(cfg: ModelConfig) -> BEVDetector:
     backbone = build_backbone(cfg.backbone, cfg.view.feature_stride)
     neck = FPNNeck(backbone.out_channels, cfg.neck.out_channels)
     image_head = ImageHeatmapHead(cfg.neck.out_channels, cfg.image_head.channels, cfg.view, cfg.image_head.min_radius,
-                                  cfg.image_head.heading) if cfg.image_head.enabled else None
+                                  cfg.image_head.heading, cfg.image_head.heading_as_imaged) if cfg.image_head.enabled else None
     view_transformer = LSSViewTransformer(cfg.neck.out_channels, cfg.view, cfg.grid, image_head, cfg.image_head.lift_scores)
     bev_encoder = BEVEncoder(view_transformer.out_channels, cfg.bev_encoder)
     head = CenterPointHead(bev_encoder.out_channels, cfg.head, cfg.grid)

@@ -46,9 +46,10 @@ class ImageTargets:
     a coin toss for the network: the same image comes with both signs."""
 
 
-def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1) -> ImageTargets:
+def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1, as_imaged: bool = True) -> ImageTargets:
     """Image-head targets at the feature stride.
 
+    ``as_imaged=False``: the observation angle is not negated under a mirror (see ``ImageTargets``).
     Box centres (augmented ego frame) go to each augmented image by
     ``image_aug @ K @ inv(bev_aug @ ego_from_camera)``; a box is drawn where its centre lands inside
     the image, in front of the camera (all 8 corners too).
@@ -67,6 +68,8 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1)
     pixels_from_camera = image_aug @ intrinsics  # [B, N, 3, 3]
     # sign of det(pixel -> augmented-ego ray map): -1 where the camera is mirrored (RAY_HANDEDNESS)
     handedness = torch.sign(torch.linalg.det(aug_ego_from_camera[..., :3, :3]) * torch.linalg.det(pixels_from_camera))
+    if not as_imaged:
+        handedness = torch.ones_like(handedness)
     for b, (boxes, labels) in enumerate(zip(batch["gt_boxes"], batch["gt_labels"])):
         if len(boxes) == 0:
             continue
@@ -103,9 +106,10 @@ class ImageHeatmapHead(nn.Module):
     with ``heading`` the ``(sin, cos)`` of the observation angle (2 more channels, read at box centres)."""
 
     def __init__(self, in_channels: int, channels: int, view: ViewTransformerConfig, min_radius: int = 1,
-                 heading: bool = False):
+                 heading: bool = False, heading_as_imaged: bool = True):
         super().__init__()
         self.view_cfg, self.min_radius, self.heading = view, min_radius, heading
+        self.heading_as_imaged = heading_as_imaged
         self.num_classes = len(DETECTION_CLASSES)
         final = nn.Conv2d(channels, self.num_classes + (2 if heading else 0), kernel_size=1)
         nn.init.constant_(final.bias, HEATMAP_INIT_BIAS)
@@ -120,7 +124,7 @@ class ImageHeatmapHead(nn.Module):
     def loss(self, outputs: torch.Tensor, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``image_heatmap``: focal loss over all cameras / positive cells of the batch (and per sample);
         with ``heading``, ``image_heading``: L1 of the observation angle's (sin, cos) at the box centres."""
-        targets = image_targets(batch, self.view_cfg, self.min_radius)
+        targets = image_targets(batch, self.view_cfg, self.min_radius, self.heading_as_imaged)
         batch_size = targets.heatmap.shape[0]
         logits = outputs[:, : self.num_classes]
         sums, positives = gaussian_focal_loss_sums(logits.reshape(batch_size, -1, *logits.shape[-2:]),

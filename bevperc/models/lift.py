@@ -338,8 +338,9 @@ class LSSViewTransformer(nn.Module):
             scores = torch.sigmoid(image_logits[:, : self.image_head.num_classes])
             context.append(scores)
         if self.lift_heading:
+            handedness = rays[:, RAY_HANDEDNESS] if self.image_head.heading_as_imaged else torch.ones_like(rays[:, RAY_HANDEDNESS])
             context.append(ego_heading(image_logits[:, self.image_head.num_classes :], rays[:, RAY_AZIMUTH].to(scores),
-                                       rays[:, RAY_HANDEDNESS].to(scores))
+                                       handedness.to(scores))
                            * scores.amax(dim=1, keepdim=True))
         context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
         return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
