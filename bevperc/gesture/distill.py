@@ -48,11 +48,10 @@ from torch import Tensor, nn
 from bevperc.gesture.config import DistillConfig
 from bevperc.gesture.data import GestureDataset
 from bevperc.gesture.train import (
-    DET_TASKS,
     GestureTask,
-    build_loss_engine,
     det_task_weights,
     fit,
+    gesture_loss_engine,
     load_detector,
     save_run,
 )
@@ -362,7 +361,7 @@ def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDat
     task_weights = det_task_weights(cfg.optim)
     for link in links:
         task_weights.update(link.task_weights())
-    engine = build_loss_engine(list(task_weights), task_weights, cfg.optim)
+    engine = gesture_loss_engine(task_weights, cfg.optim)
     task = GestureTask(student, num_classes, cfg.data.input_size, links)
     trainer = fit(task, engine, dataset, cfg.optim, out, resume, on_start=[lambda: save_config(cfg, out / "config.yaml")])
     return save_run(trainer, out, cfg.data.classes, cfg.data.input_size, "student_distilled",
@@ -370,4 +369,4 @@ def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDat
                     {"tasks": task_weights, "aligned_stages": {link.name: link.stages for link in links}})
 
 
-__all__ = ["distill_student", "build_teacher_links", "distillation_losses", "DET_TASKS"]
+__all__ = ["distill_student", "build_teacher_links", "distillation_losses"]

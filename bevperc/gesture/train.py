@@ -38,7 +38,6 @@ from bevperc.utils.io import atomic_torch_save, atomic_write_json
 if TYPE_CHECKING:
     from bevperc.gesture.distill import TeacherLink
 
-DET_TASKS = ("det_heatmap", "det_wh", "det_offset")
 Batch = dict[str, Any]  # collate_gestures: "images" list of [B,3,S_k,S_k], "boxes"/"labels" lists of [M,4]/[M]
 
 
@@ -76,16 +75,18 @@ def detection_losses(out: FeatureSet, targets: dict[str, Tensor]) -> tuple[dict[
 
 
 def det_task_weights(optim: OptimConfig) -> dict[str, float]:
+    """The detection tasks (``detection_losses``'s names) and their first weights."""
     return {"det_heatmap": optim.det_heatmap_weight, "det_wh": optim.det_wh_weight, "det_offset": optim.det_offset_weight}
 
 
 # ----------------------------------------------------------------------------- what the Trainer trains
 
 
-def build_loss_engine(task_names: list[str], fixed_weights: dict[str, float], optim: OptimConfig) -> LossEngine:
-    """The project's LossEngine over ``task_names`` with first weights ``fixed_weights``."""
-    cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(fixed_weights)}, source="optim.engine")
-    return LossEngine(list(task_names), cfg)
+def gesture_loss_engine(task_weights: dict[str, float], optim: OptimConfig) -> LossEngine:
+    """The project's LossEngine over the tasks of ``task_weights`` (in that order), which are its
+    first weights, with the settings ``optim.engine``."""
+    cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(task_weights)}, source="optim.engine")
+    return LossEngine(list(task_weights), cfg)
 
 
 def engine_summary(engine: LossEngine) -> dict:
@@ -155,8 +156,10 @@ def _teachers_not_expected(task: GestureTask, incompatible: Any) -> None:
 
 
 def trainer_config(optim: OptimConfig, dataset_len: int) -> TrainConfig:
-    """The Trainer's settings for ``optim``: every sample every epoch (no dropped batch), cosine
-    schedule with ``warmup_epochs`` of linear warm-up rising as ``(step + 1) / (warmup + 1)``."""
+    """The Trainer's settings for ``optim``: every sample every epoch (no dropped batch), the cosine
+    schedule to ``lr * min_lr_ratio`` at the last step after ``warmup_epochs`` of linear warm-up
+    rising as ``(step + 1) / (warmup + 1)``; the rest are the Trainer's defaults (AdamW betas,
+    epoch-end and every-1000-step checkpoints, TensorBoard; no EMA, no AMP)."""
     per_rank = math.ceil(dataset_len / dist_info().world_size)
     warmup = max(0, int(round(optim.warmup_epochs * iterations_per_epoch(per_rank, optim.batch_size, False))))
     return TrainConfig(epochs=optim.epochs, batch_size=optim.batch_size, num_workers=optim.num_workers,
@@ -248,6 +251,6 @@ def train_detector(cfg: GestureTrainConfig, out_dir: str | Path, dataset: Gestur
     if dataset is None:
         dataset = GestureDataset(cfg.data, [cfg.data.input_size], seed=cfg.optim.seed)
     task = GestureTask(model, len(cfg.data.classes), cfg.data.input_size)
-    engine = build_loss_engine(list(DET_TASKS), det_task_weights(cfg.optim), cfg.optim)
+    engine = gesture_loss_engine(det_task_weights(cfg.optim), cfg.optim)
     trainer = fit(task, engine, dataset, cfg.optim, out, resume, on_start=[lambda: save_config(cfg, out / "config.yaml")])
     return save_run(trainer, out, cfg.data.classes, cfg.data.input_size, cfg.role, {"train_config": to_dict(cfg)})
