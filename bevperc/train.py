@@ -30,7 +30,7 @@ from bevperc.data.infos import DataError
 from bevperc.engine.checkpoint import CheckpointError, WorkDirLocked, lock_work_dir
 from bevperc.engine.distributed import cleanup_distributed, dist_info
 from bevperc.engine.trainer import Trainer
-from bevperc.inference import predict_dataset, unwrap
+from bevperc.inference import predict_dataset
 from bevperc.losses.engine import LossEngine
 from bevperc.models.centerpoint_head import default_task_weights, task_names
 from bevperc.models.detector import build_detector
@@ -46,20 +46,6 @@ def build_loss_engine(cfg: Config) -> LossEngine:
     """
     weights = {**default_task_weights(cfg.model), **cfg.loss.fixed_weights}
     return LossEngine(task_names(cfg.model), dataclasses.replace(cfg.loss, fixed_weights=weights))
-
-
-class DetectionLoss:
-    """``compute_loss(model, batch)`` for the trainer: detector task losses -> loss engine."""
-
-    def __init__(self, engine: LossEngine) -> None:
-        self.engine = engine
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = model(batch)
-        task_losses, per_sample = unwrap(model).loss(outputs, batch)
-        total = self.engine(task_losses, per_sample)
-        logs = {f"task/{name}": value.detach() for name, value in task_losses.items()}
-        return total, logs
 
 
 class FastValidation:
@@ -132,21 +118,10 @@ def train(cfg: Config, args: argparse.Namespace, work_dir: Path) -> None:
     model = build_detector(cfg.model)
     engine = build_loss_engine(cfg)
     validate = None if args.no_validate or cfg.train.val_every == 0 else FastValidation(cfg, work_dir)
-    trainer = Trainer(
-        model,
-        DetectionLoss(engine),
-        train_set,
-        cfg.train,
-        work_dir,
-        collate_fn=collate_bev,
-        extra_state={"loss_engine": engine},
-        extra_parameters=list(engine.parameters()),
-        # The engine's second process; under DDP it all-reduces its statistics itself so every
-        # rank takes the same grouping and weight decisions.
-        after_step=[lambda step: engine.step()],
-        on_start=[lambda: save_config(cfg, work_dir / "config.yaml")],
-        validate=validate,
-    )
+    # The detector's loss(outputs, batch) gives the task losses; the trainer feeds them to the
+    # engine, checkpoints it and steps it after every optimizer step.
+    trainer = Trainer(model, engine, train_set, cfg.train, work_dir, collate_fn=collate_bev,
+                      on_start=[lambda: save_config(cfg, work_dir / "config.yaml")], validate=validate)
     trainer.fit(resume=args.resume)
     if trainer.dist.is_main:
         summary = engine.summary()

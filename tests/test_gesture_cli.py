@@ -69,6 +69,12 @@ def test_cli_end_to_end(tmp_path: Path, capsys) -> None:
         cfg = _write_yaml(tmp_path / f"{role}.yaml", {"model": model, "data": {**data_cfg, "input_size": size},
                                                       "optim": optim, "role": role})
         assert main(["train", "--config", cfg, "--out", str(runs / role)]) == 0
+    # --resume of a finished run loads its last checkpoint, trains no further and rewrites the same model
+    trained = torch.load(runs / "student" / "model.pt", weights_only=True)["model"]
+    assert main(["train", "--config", str(tmp_path / "student.yaml"), "--out", str(runs / "student"), "--resume"]) == 0
+    again = torch.load(runs / "student" / "model.pt", weights_only=True)["model"]
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    assert (runs / "student" / "checkpoints" / "latest.pth").is_file() and (runs / "student" / "train.log").is_file()
     distill_cfg = _write_yaml(tmp_path / "distill.yaml", {
         "student": tiny, "data": data_cfg,
         "optim": {**optim, "engine": {"enabled": True, "warmup_steps": 1, "affinity_steps": 1, "scale_warmup_steps": 1}},

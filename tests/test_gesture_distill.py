@@ -77,16 +77,73 @@ def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers
     assert not _state_equal(a, torch.load(kd, weights_only=True)["model"])
 
 
-def test_lr_schedule_warmup_then_cosine() -> None:
-    import math
+def test_gesture_training_settings_are_the_trainers_cosine_with_a_linear_warmup() -> None:
+    """``OptimConfig`` -> the Trainer's ``TrainConfig``: every sample every epoch (10 samples, batch 4:
+    3 iterations), ``warmup_epochs`` of linear warm-up rising as (step + 1) / (warmup + 1), never 0,
+    then the Trainer's cosine to ``min_lr_ratio`` at the last step."""
+    from bevperc.engine.schedule import lr_factor
+    from bevperc.gesture.config import OptimConfig
+    from bevperc.gesture.train import trainer_config
 
-    from bevperc.gesture.train import lr_factor_schedule
+    optim = OptimConfig(epochs=5, batch_size=4, lr=3e-3, weight_decay=1e-3, grad_clip=2.0, seed=7,
+                        warmup_epochs=4 / 3, progress=False)
+    cfg = trainer_config(optim, dataset_len=10)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.seed) == (5, 4, 3e-3, 1e-3, 2.0, 7)
+    assert cfg.schedule == "cosine" and not cfg.drop_last and cfg.device == "cpu" and not cfg.progress_bar
+    assert cfg.warmup_iters == 4
+    factors = [lr_factor(cfg, step, 15) for step in range(15)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(cfg.min_lr_ratio)
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert trainer_config(dataclasses.replace(optim, warmup_epochs=0.0), 10).warmup_iters == 0
 
-    plain = lr_factor_schedule(10)
-    assert [plain(i) for i in range(12)] == [0.5 * (1 + math.cos(math.pi * min(i, 10) / 10)) for i in range(12)]
-    warm = lr_factor_schedule(10, warmup=4)
-    assert [round(warm(i), 6) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]  # linear ramp, never 0
-    assert warm(4) == 1.0 and warm(10) == 0.0 and all(warm(i) > warm(i + 1) for i in range(4, 10))
+
+def test_distillation_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_set: Path, teachers, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A distillation with the loss engine on stops (an exception, as a crash) after step 5 of 9 with the newest
+    checkpoint at step 4 (mid-epoch 2); ``resume=True`` continues from it: the Trainer's checkpoint (weights,
+    optimizer, loss-engine state, RNG, per-step history) and model.pt equal the uninterrupted run's bit for bit."""
+    import bevperc.gesture.train as gesture_train
+    from bevperc.engine.checkpoint import load_checkpoint
+    from bevperc.engine.trainer import Trainer
+    from helpers.toy_train import assert_same
+
+    settings = gesture_train.trainer_config
+    monkeypatch.setattr(gesture_train, "trainer_config",
+                        lambda optim, n: dataclasses.replace(settings(optim, n), checkpoint_every=2, tensorboard=False))
+    cfgs = _configs(tiny_set)
+    cfg = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(teachers["teacher1"]),
+                              teacher2_checkpoint=str(teachers["teacher2"]),
+                              optim=dataclasses.replace(cfgs["distill"].optim, epochs=3, engine={
+                                  "enabled": True, "first_weighting": "fixed", "warmup_steps": 3, "affinity_steps": 3,
+                                  "condition_every": 2, "scale_warmup_steps": 2}))
+    reference = distill_student(cfg, tmp_path / "reference")
+
+    class Crash(Exception):
+        pass
+
+    step = Trainer.train_one_step
+
+    def crash_after_step_5(trainer: Trainer, batch):
+        if trainer.global_step == 5:
+            raise Crash
+        return step(trainer, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_one_step", crash_after_step_5)
+        with pytest.raises(Crash):
+            distill_student(cfg, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pth")["progress"]["global_step"] == 4
+    steps_run = []
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_one_step", lambda trainer, batch: steps_run.append(1) or step(trainer, batch))
+        resumed = distill_student(cfg, tmp_path / "resumed", resume=True)
+    assert len(steps_run) == 5  # steps 5..9 only
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+    final = {name: load_checkpoint(tmp_path / name / "checkpoints" / "latest.pth") for name in ("reference", "resumed")}
+    assert final["reference"]["progress"]["global_step"] == 9
+    assert_same(final["reference"], final["resumed"])
+    assert _state_equal(torch.load(reference, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"])
 
 
 def _bench_module():

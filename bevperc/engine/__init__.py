@@ -2,7 +2,8 @@
 torchrun, atomic checkpoints, exact resume), its ``TrainConfig``, and seeding helpers.
 
     from bevperc.engine import Trainer, TrainConfig
-    trainer = Trainer(model, compute_loss, train_dataset, cfg, work_dir, extra_state={"loss_engine": engine})
+    # model: forward(batch) and loss(outputs, batch) -> (task_losses, per_sample) (TaskModel)
+    trainer = Trainer(model, loss_engine, train_dataset, cfg, work_dir, validate=validate)
     history = trainer.fit(resume=args.resume)
 """
 
@@ -11,10 +12,11 @@ from bevperc.engine.distributed import DistInfo, cleanup_distributed, dist_info,
 from bevperc.engine.ema import ModelEMA
 from bevperc.engine.logging import setup_logger, write_run_info
 from bevperc.engine.seeding import sample_rng, sample_torch_generator, seed_process
+from bevperc.engine.task_loss import TaskModel
 from bevperc.engine.trainer import StepResult, Trainer, move_to_device
 
 __all__ = [
-    "DistInfo", "ModelEMA", "StepResult", "TrainConfig", "Trainer", "cleanup_distributed", "dist_info",
+    "DistInfo", "ModelEMA", "StepResult", "TaskModel", "TrainConfig", "Trainer", "cleanup_distributed", "dist_info",
     "init_distributed", "move_to_device", "sample_rng", "sample_torch_generator", "seed_process",
     "setup_logger", "write_run_info",
 ]

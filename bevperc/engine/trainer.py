@@ -3,18 +3,28 @@
 The trainer knows nothing about detection. It is given
 
 * ``model``: an ``nn.Module`` (moved to the device and, under torchrun, wrapped in DDP);
-* ``compute_loss(model, batch) -> (loss, logs)``: ``loss`` a scalar tensor to minimise,
-  ``logs`` a ``dict[str, float | Tensor]`` of scalars to log (same keys on every rank);
+* ``loss``, one of two things:
+
+  - a :class:`~bevperc.losses.engine.LossEngine`, for a model with the task-model contract
+    (:class:`~bevperc.engine.task_loss.TaskModel`): ``outputs = model(batch)``,
+    ``model.loss(outputs, batch) -> (task_losses {name: scalar}, per_sample {name: [B]})`` with the
+    engine's task names. The step's loss is ``engine(task_losses, per_sample)``, each task is logged
+    as ``task/<name>``, and the trainer owns the engine: it checkpoints it (extra state
+    ``loss_engine``), optimises its parameters (as extra parameters, first) and calls
+    ``engine.step()`` after every applied optimizer step (first of the ``after_step`` callbacks).
+    The BEV detector and the gesture models train this way;
+  - ``compute_loss(model, batch) -> (loss, logs)`` for anything else: ``loss`` a scalar tensor to
+    minimise, ``logs`` a ``dict[str, float | Tensor]`` of scalars to log (same keys on every rank);
 * ``train_dataset``: a map-style dataset (``len`` + ``__getitem__``); see
   :mod:`bevperc.engine.seeding` for the augmentation-randomness rule that makes resume exact;
 * ``extra_state``: objects with ``state_dict``/``load_state_dict`` saved in checkpoints
-  (e.g. the loss engine); ``nn.Module`` ones are moved to the device; any with a
+  (e.g. a running normaliser); ``nn.Module`` ones are moved to the device; any with a
   ``log_scalars(writer, step)`` method are asked to log to TensorBoard;
 * ``extra_parameters``: parameters optimised besides the model's (e.g. learned loss
   weights). AdamW updates them without weight decay and, under DDP, the trainer averages
   their gradients over ranks itself (DDP only averages the wrapped model's gradients);
 * ``after_step``: callbacks ``f(global_step)`` run after every *applied* optimizer step
-  (e.g. ``lambda step: loss_engine.step()``);
+  (e.g. a running normaliser's update);
 * ``on_start``: callbacks ``f()`` run on rank 0 once training starts, after a resume succeeded
   (e.g. writing the run's config: a resume that fails leaves the work dir as it was);
 * ``validate(model, epoch) -> dict``: run on every rank after every ``val_every`` epochs (and
@@ -60,6 +70,8 @@ from bevperc.engine.ema import ModelEMA
 from bevperc.engine.logging import setup_logger, write_run_info
 from bevperc.engine.schedule import build_scheduler
 from bevperc.engine.seeding import loader_generator, preserved_rng_state, seed_process, seed_worker
+from bevperc.engine.task_loss import TaskLoss, engine_hooks
+from bevperc.losses.engine import LossEngine
 
 CHECKPOINT_FORMAT = 1
 
@@ -101,9 +113,9 @@ def _resolve_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
 
 
 class Trainer:
-    """Trains ``model`` with ``compute_loss`` on ``train_dataset``; see the module docstring."""
+    """Trains ``model`` with ``loss`` (a loss engine or a compute_loss) on ``train_dataset``; see the module docstring."""
 
-    def __init__(self, model: nn.Module, compute_loss: ComputeLoss, train_dataset: Dataset, cfg: TrainConfig,
+    def __init__(self, model: nn.Module, loss: LossEngine | ComputeLoss, train_dataset: Dataset, cfg: TrainConfig,
                  work_dir: str | Path, *, collate_fn: Callable[[list], Any] | None = None,
                  extra_state: Mapping[str, Any] | None = None,
                  extra_parameters: Iterable[nn.Parameter] | None = None,
@@ -115,7 +127,12 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         self.device = _resolve_device(cfg, self.dist)
         self.logger = setup_logger(self.work_dir, self.dist.rank)
-        self.compute_loss = compute_loss
+        self.loss_engine = loss if isinstance(loss, LossEngine) else None
+        if self.loss_engine is not None:
+            extra_state, extra_parameters, after_step = engine_hooks(self.loss_engine, model, extra_state,
+                                                                     extra_parameters, after_step)
+            loss = TaskLoss(self.loss_engine)
+        self.compute_loss: ComputeLoss = loss
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn
         self.after_step = list(after_step or [])

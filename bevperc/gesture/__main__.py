@@ -1,7 +1,9 @@
 """``python -m bevperc.gesture {synth,train,distill,eval,detect,export,demo}``.
 
 Configs are YAML files of the dataclasses in ``bevperc.gesture.config`` plus ``--set a.b=value``
-overrides (see configs/gesture_*.yaml). Bad input (a config, an annotation, an image, a checkpoint)
+overrides (see configs/gesture_*.yaml). ``train`` and ``distill`` run ``bevperc.engine.Trainer``:
+``--resume`` continues a killed run, ``torchrun --nproc_per_node N -m bevperc.gesture train ...``
+trains data-parallel. Bad input (a config, an annotation, an image, a checkpoint)
 ends the command with exit code 2 and a message naming the file or field.
 """
 
@@ -29,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from bevperc.gesture.train import train_detector
 
     cfg = load_config(GestureTrainConfig, args.config, args.set)
-    print(train_detector(cfg, args.out))
+    print(train_detector(cfg, args.out, resume=args.resume))
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
@@ -37,7 +39,7 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from bevperc.gesture.distill import distill_student
 
     cfg = load_config(DistillConfig, args.config, args.set)
-    print(distill_student(cfg, args.out))
+    print(distill_student(cfg, args.out, resume=args.resume))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", help="YAML config (configs/gesture_*.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=5")
-        p.add_argument("--out", required=True, help="run directory (model.pt, history.json, engine_summary.json)")
+        p.add_argument("--out", required=True, help="run directory (model.pt, history.json, engine_summary.json, "
+                                                    "train.log, tensorboard/, checkpoints/)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (after a kill)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="COCO mAP@0.5 and mAP@[0.5:0.95] of checkpoints")
@@ -133,12 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bevperc.engine.checkpoint import WorkDirLocked
+    from bevperc.engine.distributed import cleanup_distributed
+
     start = time.perf_counter()
     try:
         args.func(args)
-    except (ValueError, OSError) as err:  # ConfigError, AnnotationError, CheckpointError; missing files
+    except (ValueError, OSError, WorkDirLocked) as err:  # ConfigError, AnnotationError, CheckpointError; files
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        cleanup_distributed()  # train/distill under torchrun
     print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

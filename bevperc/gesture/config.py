@@ -6,8 +6,8 @@ Two run types:
 * :class:`DistillConfig` - distil a student from frozen teacher checkpoints.
 
 Both share :class:`GestureDataConfig` (where the HaGRID-format data lives) and
-:class:`OptimConfig` (the training loop), so plain student training and distillation with all
-distillation weights at 0 run literally the same loop.
+:class:`OptimConfig` (the training settings), so plain student training and distillation with all
+distillation weights at 0 run literally the same training.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class GestureDataConfig:
 
 @dataclass
 class OptimConfig:
-    """The training loop shared by plain training and distillation."""
+    """Training settings shared by plain training and distillation (``gesture.train.trainer_config``
+    turns them into the ``bevperc.engine.Trainer``'s ``TrainConfig``)."""
 
     epochs: int = 20
     batch_size: int = 16
@@ -55,6 +56,7 @@ class OptimConfig:
     seed: int = 0
     num_workers: int = 0
     num_threads: int = 0  # 0 = torch default; >0 calls torch.set_num_threads
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # the Trainer's device ("auto": CUDA when available)
     # First weights of the ordinary detection tasks (CenterNet: heatmap 1, size 0.1, offset 1).
     det_heatmap_weight: float = 1.0
     det_wh_weight: float = 0.1

@@ -40,6 +40,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bevperc.engine.seeding import sample_rng
 from bevperc.gesture.config import SYNTHETIC_CLASSES, GestureDataConfig
 from bevperc.models.centerpoint_head import gaussian_radius  # the CenterNet radius, one implementation
 from bevperc.utils.io import atomic_write_json
@@ -231,11 +232,16 @@ class GestureDataset(Dataset):
     Item: {"images": list of [3,S_k,S_k] float32 (one per ``input_sizes`` entry, normalised),
     "boxes": [M,4] float32 xyxy normalised to the padded square, "labels": [M] int64,
     "image_id": str}. Boxes are resolution-free, so student and teacher 2 share them.
+    With ``cfg.hflip`` a sample is flipped when ``sample_rng(seed, epoch, index)`` says so (the
+    Trainer's rule for augmentation: the same flips after a resume, whatever the workers).
     """
 
-    def __init__(self, cfg: GestureDataConfig, input_sizes: Sequence[int], records: list[GestureRecord] | None = None):
+    def __init__(self, cfg: GestureDataConfig, input_sizes: Sequence[int], records: list[GestureRecord] | None = None,
+                 seed: int = 0):
         self.cfg = cfg
         self.input_sizes = list(input_sizes)
+        self.seed = seed
+        self.epoch = 0
         if records is None:
             records = read_hagrid_annotations(cfg.annotations_dir, cfg.images_dir, cfg.classes, cfg.ignored_labels)
         if cfg.max_images > 0:
@@ -249,6 +255,10 @@ class GestureDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch's loader starts (the flips change per epoch)."""
+        self.epoch = epoch
 
     def _load(self, index: int) -> tuple[list[Tensor], np.ndarray]:
         rec = self.records[index]
@@ -269,7 +279,7 @@ class GestureDataset(Dataset):
         images, boxes = self._cache[index] if self._cache is not None else self._load(index)
         labels = torch.from_numpy(self.records[index].labels.copy())
         boxes_t = torch.from_numpy(boxes.copy())
-        if self.cfg.hflip and np.random.default_rng((index, torch.initial_seed() % 2**32)).random() < 0.5:
+        if self.cfg.hflip and sample_rng(self.seed, self.epoch, index).random() < 0.5:
             images = [im.flip(-1) for im in images]
             boxes_t = torch.stack([1 - boxes_t[:, 2], boxes_t[:, 1], 1 - boxes_t[:, 0], boxes_t[:, 3]], 1)
         return {

@@ -24,10 +24,11 @@ Per training step (image 1 = student resolution S, image 2 = L*S):
    Distillation runs it with ``config.DISTILL_ENGINE`` (raw terms x the priors above inside a set,
    lag measured from each set's formation); why: docs/methods.md, part B.
 
-A weight of 0 removes a task (a teacher with both weights 0 is not even run). With all
-distillation weights 0 the run is ``train.train_detector`` bit for bit: the student is built
-from the same seed first, teachers/adapters are built under a forked RNG, and the loop is
-``train.run_training``.
+A weight of 0 removes a task (a teacher with both weights 0 is not even loaded, a teacher
+whose features are not distilled gets no adapters). With all distillation weights 0 the run is
+``train.train_detector`` bit for bit: the student is built from the same seed first,
+teachers/adapters are built under a forked RNG, and the training is ``train.fit`` of a
+``train.GestureTask`` without teachers.
 
 ``teacher2_align="resize"`` is the comparison alternative: a teacher 2 with the student's strides
 sees image 2 and its maps are bilinearly resized (antialiased) onto the student grid; all stages
@@ -37,30 +38,22 @@ resampling) is not distilled.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevperc.gesture.config import DistillConfig
-from bevperc.gesture.data import GestureDataset, build_targets
+from bevperc.gesture.data import GestureDataset
 from bevperc.gesture.train import (
-    DET_TASKS,
-    build_detector,
-    build_loss_engine,
+    GestureTask,
     det_task_weights,
-    detection_losses,
-    engine_summary,
-    grid_of,
+    fit,
+    gesture_loss_engine,
     load_detector,
-    make_loader,
-    run_training,
-    save_detector,
-    seed_everything,
+    save_run,
 )
 from bevperc.models.centernet import (
     CenterNet,
@@ -70,7 +63,6 @@ from bevperc.models.centernet import (
     stage_shapes,
 )
 from bevperc.utils.config import save_config, to_dict
-from bevperc.utils.io import atomic_write_json
 
 
 HEAD_MAP_PRIORS: dict[str, float] = {"heatmap": 1.0, "wh": 0.1, "offset": 1.0}
@@ -83,7 +75,9 @@ class TeacherLink:
 
     name: "t1" or "t2"; image_index: which batch image it sees (0 = S, 1 = L*S);
     stages: student stage indices with a feature task; resize: interpolate its maps onto the
-    student grid (and divide wh by ``scale``); weights of its feature and head tasks.
+    student grid (and divide wh by ``scale``); weights of its feature and head tasks; adapters
+    (student stage -> teacher channels, only while features are distilled); the loss settings
+    of the run (``DistillConfig.heatmap_temperature``, ``feature_norm``, ``feature_region``).
     """
 
     name: str
@@ -96,6 +90,14 @@ class TeacherLink:
     head_weight: float
     head_maps: tuple[str, ...] = ("heatmap", "wh", "offset")
     adapters: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    temperature: float = 1.0
+    feature_norm: str = "global"
+    feature_region: str = "all"
+
+    def losses(self, student_out: FeatureSet, teacher_out: FeatureSet) -> dict[str, Tensor]:
+        """Per-sample [B] losses of this teacher's tasks (``distillation_losses``)."""
+        return distillation_losses(student_out, teacher_out, self, self.temperature, self.feature_norm,
+                                   self.feature_region)
 
     def task_weights(self) -> dict[str, float]:
         """First weights (engine priors / fixed weights) of this teacher's tasks.
@@ -270,63 +272,82 @@ def _check_classes(payload: dict, classes: list[str], path: str) -> None:
         raise ValueError(f"{path}: teacher classes {payload['classes']} != student data.classes {classes}")
 
 
+def _link(cfg: DistillConfig, student: CenterNet, teacher: CenterNet, stages: list[int], *, teacher2: bool,
+          resize: bool = False) -> TeacherLink:
+    """The frozen ``teacher`` (1, or 2 when ``teacher2``) linked to the student with ``cfg``'s weights
+    and loss settings; adapters only while its features are distilled (no parameter left unused)."""
+    w = cfg.weights
+    feature_weight, head_weight = (w.teacher2_features, w.teacher2_heads) if teacher2 else \
+        (w.teacher1_features, w.teacher1_heads)
+    adapters = _make_adapters(student, teacher, stages) if feature_weight > 0 else nn.ModuleDict()
+    return TeacherLink("t2" if teacher2 else "t1", _freeze(teacher), int(teacher2), stages, resize,
+                       cfg.teacher2_scale if teacher2 else 1, feature_weight, head_weight,
+                       head_maps=("heatmap", "wh") if resize else ("heatmap", "wh", "offset"), adapters=adapters,
+                       temperature=cfg.heatmap_temperature, feature_norm=cfg.feature_norm,
+                       feature_region=cfg.feature_region)
+
+
+def _teacher1_link(cfg: DistillConfig, student: CenterNet) -> TeacherLink:
+    if not cfg.teacher1_checkpoint:
+        raise ValueError("teacher1_checkpoint: required while teacher-1 weights are non-zero")
+    t1, payload = load_detector(cfg.teacher1_checkpoint)
+    _check_classes(payload, cfg.data.classes, cfg.teacher1_checkpoint)
+    s_size = cfg.data.input_size
+    if payload["input_size"] != s_size:
+        raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 input {payload['input_size']} != student {s_size}")
+    if t1.cfg.num_stages != student.cfg.num_stages:
+        raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 has {t1.cfg.num_stages} stages, student {student.cfg.num_stages}")
+    s_shapes, t_shapes = stage_shapes(student.cfg, s_size), stage_shapes(t1.cfg, s_size)
+    if s_shapes[-1] != t_shapes[-1]:
+        raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 head grid {t_shapes[-1]} != student {s_shapes[-1]}")
+    stages = [i for i in range(student.cfg.num_stages) if s_shapes[i] == t_shapes[i]]
+    return _link(cfg, student, t1, stages, teacher2=False)
+
+
+def _teacher2_link(cfg: DistillConfig, student: CenterNet) -> TeacherLink:
+    if not cfg.teacher2_checkpoint:
+        raise ValueError("teacher2_checkpoint: required while teacher-2 weights are non-zero")
+    t2, payload = load_detector(cfg.teacher2_checkpoint)
+    _check_classes(payload, cfg.data.classes, cfg.teacher2_checkpoint)
+    L, s_size = cfg.teacher2_scale, cfg.data.input_size
+    if cfg.teacher2_align == "stride":
+        stages = assert_stride_alignment(student.cfg, s_size, t2.cfg, payload["input_size"], L, cfg.teacher2_stage_k)
+        return _link(cfg, student, t2, stages, teacher2=True)
+    if payload["input_size"] != L * s_size:
+        raise StrideAlignmentError(
+            f"{cfg.teacher2_checkpoint}: teacher 2 input {payload['input_size']} != L*student = {L}*{s_size}")
+    if t2.cfg.stage_strides != student.cfg.stage_strides:
+        raise ValueError(
+            f"{cfg.teacher2_checkpoint}: resize alignment expects the student's strides "
+            f"{student.cfg.stage_strides}, got {t2.cfg.stage_strides}")
+    return _link(cfg, student, t2, list(range(student.cfg.num_stages)), teacher2=True, resize=True)
+
+
 def build_teacher_links(cfg: DistillConfig, student: CenterNet) -> list[TeacherLink]:
     """Load, check and freeze the teachers that have a non-zero weight; create adapters."""
-    links: list[TeacherLink] = []
     w = cfg.weights
-    s_size = cfg.data.input_size
+    links: list[TeacherLink] = []
     if w.teacher1_features > 0 or w.teacher1_heads > 0:
-        if not cfg.teacher1_checkpoint:
-            raise ValueError("teacher1_checkpoint: required while teacher-1 weights are non-zero")
-        t1, payload = load_detector(cfg.teacher1_checkpoint)
-        _check_classes(payload, cfg.data.classes, cfg.teacher1_checkpoint)
-        if payload["input_size"] != s_size:
-            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 input {payload['input_size']} != student {s_size}")
-        if t1.cfg.num_stages != student.cfg.num_stages:
-            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 has {t1.cfg.num_stages} stages, student {student.cfg.num_stages}")
-        s_shapes, t_shapes = stage_shapes(student.cfg, s_size), stage_shapes(t1.cfg, s_size)
-        if s_shapes[-1] != t_shapes[-1]:
-            raise ValueError(f"{cfg.teacher1_checkpoint}: teacher 1 head grid {t_shapes[-1]} != student {s_shapes[-1]}")
-        stages = [i for i in range(student.cfg.num_stages) if s_shapes[i] == t_shapes[i]]
-        links.append(TeacherLink("t1", _freeze(t1), 0, stages, False, 1, w.teacher1_features, w.teacher1_heads,
-                                 adapters=_make_adapters(student, t1, stages)))
+        links.append(_teacher1_link(cfg, student))
     if w.teacher2_features > 0 or w.teacher2_heads > 0:
-        if not cfg.teacher2_checkpoint:
-            raise ValueError("teacher2_checkpoint: required while teacher-2 weights are non-zero")
-        t2, payload = load_detector(cfg.teacher2_checkpoint)
-        _check_classes(payload, cfg.data.classes, cfg.teacher2_checkpoint)
-        L = cfg.teacher2_scale
-        if cfg.teacher2_align == "stride":
-            stages = assert_stride_alignment(student.cfg, s_size, t2.cfg, payload["input_size"], L, cfg.teacher2_stage_k)
-            links.append(TeacherLink("t2", _freeze(t2), 1, stages, False, L, w.teacher2_features, w.teacher2_heads,
-                                     adapters=_make_adapters(student, t2, stages)))
-        else:
-            if payload["input_size"] != L * s_size:
-                raise StrideAlignmentError(
-                    f"{cfg.teacher2_checkpoint}: teacher 2 input {payload['input_size']} != L*student = {L}*{s_size}")
-            if t2.cfg.stage_strides != student.cfg.stage_strides:
-                raise ValueError(
-                    f"{cfg.teacher2_checkpoint}: resize alignment expects the student's strides "
-                    f"{student.cfg.stage_strides}, got {t2.cfg.stage_strides}")
-            stages = list(range(student.cfg.num_stages))
-            links.append(TeacherLink("t2", _freeze(t2), 1, stages, True, L, w.teacher2_features, w.teacher2_heads,
-                                     head_maps=("heatmap", "wh"), adapters=_make_adapters(student, t2, stages)))
+        links.append(_teacher2_link(cfg, student))
     return links
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDataset | None = None) -> Path:
-    """Distil a student; writes model.pt, history.json, engine_summary.json, config.yaml."""
+def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDataset | None = None,
+                    resume: bool = False) -> Path:
+    """Distil a student in the run directory ``out_dir`` (the layout of ``train.train_detector``'s,
+    ``history.json`` adding the tasks and the aligned stages); returns its model.pt.
+
+    ``resume=True`` continues from ``out_dir/checkpoints`` (a finished run just rewrites its outputs).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.optim.num_threads > 0:
-        torch.set_num_threads(cfg.optim.num_threads)
-    seed_everything(cfg.optim.seed)
     num_classes = len(cfg.data.classes)
-    # The student is built first, from the seed, exactly as train_detector builds it.
-    student = build_detector(cfg.student, num_classes)
+    torch.manual_seed(cfg.optim.seed)  # the student first, from the seed, exactly as train_detector builds it
+    student = CenterNet(cfg.student, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.optim.seed + 7919)  # adapters: own stream, student RNG untouched
         links = build_teacher_links(cfg, student)
@@ -334,40 +355,18 @@ def distill_student(cfg: DistillConfig, out_dir: str | Path, dataset: GestureDat
     if any(link.image_index == 1 for link in links):
         sizes.append(cfg.teacher2_scale * cfg.data.input_size)
     if dataset is None:
-        dataset = GestureDataset(cfg.data, sizes)
+        dataset = GestureDataset(cfg.data, sizes, seed=cfg.optim.seed)
     elif dataset.input_sizes[: len(sizes)] != sizes:
         raise ValueError(f"dataset input sizes {dataset.input_sizes} do not start with the needed {sizes}")
-    grid = grid_of(student, cfg.data.input_size)
     task_weights = det_task_weights(cfg.optim)
     for link in links:
         task_weights.update(link.task_weights())
-    engine = build_loss_engine(list(task_weights), task_weights, cfg.optim)
-
-    def compute_losses(batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        targets = build_targets(batch["boxes"], batch["labels"], num_classes, grid)
-        student_out = student(batch["images"][0])
-        losses, per_sample = detection_losses(student_out, targets)
-        for link in links:
-            with torch.no_grad():
-                teacher_out = link.model(batch["images"][link.image_index])
-            per_sample.update(distillation_losses(student_out, teacher_out, link, cfg.heatmap_temperature,
-                                                 cfg.feature_norm, cfg.feature_region))
-        for name, values in per_sample.items():
-            if name not in losses:
-                losses[name] = values.mean()
-        return losses, per_sample
-
-    start = time.perf_counter()
-    history = run_training(student, [link.adapters for link in links], make_loader(dataset, cfg.optim),
-                           compute_losses, engine, cfg.optim, desc="distill")
-    seconds = time.perf_counter() - start
-    path = save_detector(out / "model.pt", student, cfg.data.classes, cfg.data.input_size, "student_distilled",
-                         {"distill_config": to_dict(cfg)})
-    atomic_write_json(out / "history.json", {"history": history, "train_seconds": seconds, "tasks": task_weights,
-                                             "aligned_stages": {l.name: l.stages for l in links}})
-    atomic_write_json(out / "engine_summary.json", engine_summary(engine))
-    save_config(cfg, out / "config.yaml")
-    return path
+    engine = gesture_loss_engine(task_weights, cfg.optim)
+    task = GestureTask(student, num_classes, cfg.data.input_size, links)
+    trainer = fit(task, engine, dataset, cfg.optim, out, resume, on_start=[lambda: save_config(cfg, out / "config.yaml")])
+    return save_run(trainer, out, cfg.data.classes, cfg.data.input_size, "student_distilled",
+                    {"distill_config": to_dict(cfg)},
+                    {"tasks": task_weights, "aligned_stages": {link.name: link.stages for link in links}})
 
 
-__all__ = ["distill_student", "build_teacher_links", "distillation_losses", "DET_TASKS"]
+__all__ = ["distill_student", "build_teacher_links", "distillation_losses"]

@@ -1,34 +1,44 @@
-"""Training of one CenterNet gesture detector on labels, and the loop shared with distillation.
+"""Training of one CenterNet gesture detector on labels, through :class:`bevperc.engine.Trainer`.
 
-``train_detector`` trains a student or a teacher. Its losses (CenterNet focal heatmap loss, L1 on
-size and offset at the centres) are tasks of the loss engine (``bevperc.losses.engine``); with the
-engine disabled (the default for plain training) the total is the fixed-weight sum
-``1*heatmap + 0.1*wh + 1*offset``. ``run_training`` is the loop that ``distill.distill_student``
-reuses unchanged, which is what makes zero-weight distillation equal plain training bit for bit.
+``train_detector`` trains a student or a teacher; ``distill.distill_student`` trains a student
+the same way with frozen teachers beside it. Both hand the Trainer a :class:`GestureTask` (the
+Trainer's task-model contract: ``forward(batch)`` and ``loss(outputs, batch) -> (task_losses,
+per_sample)``) and a loss engine (``bevperc.losses.engine``) over its tasks, so gestures get the
+Trainer's schedule, clipping, NaN-safe steps, checkpoints and exact resume, DDP and TensorBoard.
+The detection losses (CenterNet focal heatmap loss, L1 on size and offset at the centres) are
+three engine tasks; with the engine disabled (the default for plain training) the total is the
+fixed-weight sum ``1*heatmap + 0.1*wh + 1*offset``. A GestureTask without teachers *is* plain
+training, which is what makes zero-weight distillation equal plain training bit for bit.
+
+A run directory holds ``model.pt`` (the detector, ``save_detector``), ``history.json``,
+``engine_summary.json``, ``config.yaml`` and the Trainer's ``train.log``, ``run_info.json``,
+``tensorboard/`` and ``checkpoints/`` (what ``resume=True`` continues from).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
+from bevperc.engine import TrainConfig, Trainer
 from bevperc.engine.checkpoint import load_checkpoint, load_weights
+from bevperc.engine.distributed import dist_info, iterations_per_epoch
 from bevperc.gesture.config import GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
 from bevperc.losses.engine import LossEngine, LossEngineConfig
 from bevperc.models.centernet import CenterNet, DetectorConfig, FeatureSet
-from bevperc.utils.config import from_dict, to_dict
+from bevperc.utils.config import from_dict, save_config, to_dict
 from bevperc.utils.io import atomic_torch_save, atomic_write_json
 
-DET_TASKS = ("det_heatmap", "det_wh", "det_offset")
-LossFn = Callable[[dict[str, Any]], tuple[dict[str, Tensor], dict[str, Tensor]]]
+if TYPE_CHECKING:
+    from bevperc.gesture.distill import TeacherLink
+
+Batch = dict[str, Any]  # collate_gestures: "images" list of [B,3,S_k,S_k], "boxes"/"labels" lists of [M,4]/[M]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -65,131 +75,133 @@ def detection_losses(out: FeatureSet, targets: dict[str, Tensor]) -> tuple[dict[
 
 
 def det_task_weights(optim: OptimConfig) -> dict[str, float]:
+    """The detection tasks (``detection_losses``'s names) and their first weights."""
     return {"det_heatmap": optim.det_heatmap_weight, "det_wh": optim.det_wh_weight, "det_offset": optim.det_offset_weight}
 
 
-# ----------------------------------------------------------------------------- loss engine
+# ----------------------------------------------------------------------------- what the Trainer trains
 
 
-def build_loss_engine(task_names: list[str], fixed_weights: dict[str, float], optim: OptimConfig) -> nn.Module:
-    """The project's LossEngine over ``task_names`` with first weights ``fixed_weights``."""
-    cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(fixed_weights)}, source="optim.engine")
-    return LossEngine(list(task_names), cfg)
+def gesture_loss_engine(task_weights: dict[str, float], optim: OptimConfig) -> LossEngine:
+    """The project's LossEngine over the tasks of ``task_weights`` (in that order), which are its
+    first weights, with the settings ``optim.engine``."""
+    cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(task_weights)}, source="optim.engine")
+    return LossEngine(list(task_weights), cfg)
 
 
-def engine_summary(engine: nn.Module) -> dict:
+def engine_summary(engine: LossEngine) -> dict:
     summary = engine.summary()
     return summary if isinstance(summary, dict) else {"summary": summary}
 
 
-# ----------------------------------------------------------------------------- shared loop
+class GestureTask(nn.Module):
+    """A CenterNet ``detector`` and, for distillation, frozen teachers with the student's adapters.
 
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
-def make_loader(dataset: GestureDataset, optim: OptimConfig, shuffle: bool = True) -> DataLoader:
-    generator = torch.Generator().manual_seed(optim.seed)
-    return DataLoader(
-        dataset,
-        batch_size=optim.batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=collate_gestures,
-        num_workers=optim.num_workers,
-        drop_last=False,
-    )
-
-
-def warmup_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
-    """Linear warm-up length in steps (``optim.warmup_epochs`` x steps per epoch, rounded)."""
-    return max(0, int(round(optim.warmup_epochs * steps_per_epoch)))
-
-
-def lr_factor_schedule(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total_steps``.
-
-    With ``warmup=0`` it is exactly the plain cosine ``0.5 * (1 + cos(pi * step / total))``.
+    ``teachers``: the links' frozen CenterNets (kept in eval mode whatever ``train()`` says; inputs
+    of the run, read from their checkpoint files, so left out of ``state_dict``); ``adapters``: per
+    link the trainable 1x1 convs from student stages to teacher channels. Parameters in order:
+    detector, adapters (the teachers' do not train). ``grid``: the detector's output grid (h, w)
+    at ``input_size``.
     """
-    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
 
-    def factor(step: int) -> float:
-        if warmup <= 0:
-            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        span = total_steps - warmup
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+    def __init__(self, detector: CenterNet, num_classes: int, input_size: int,
+                 links: Sequence[TeacherLink] = ()) -> None:
+        super().__init__()
+        self.detector = detector
+        self.adapters = nn.ModuleDict({link.name: link.adapters for link in links})
+        self.teachers = nn.ModuleDict({link.name: link.model for link in links})
+        self.links = list(links)
+        self.num_classes = num_classes
+        self.grid = grid_of(detector, input_size)
+        self.register_state_dict_post_hook(_without_teachers)
+        self.register_load_state_dict_post_hook(_teachers_not_expected)
 
-    return factor
+    def train(self, mode: bool = True) -> GestureTask:
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def forward(self, batch: Batch) -> tuple[FeatureSet, dict[str, FeatureSet]]:
+        """(the detector's FeatureSet on ``images[0]``, {link name: the teacher's FeatureSet on its image})."""
+        student = self.detector(batch["images"][0])
+        teachers = {}
+        with torch.no_grad():
+            for link in self.links:
+                teachers[link.name] = link.model(batch["images"][link.image_index])
+        return student, teachers
+
+    def loss(self, outputs: tuple[FeatureSet, dict[str, FeatureSet]], batch: Batch,
+             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(task losses {name: scalar}, per sample {name: [B]}): the detection tasks on the labels,
+        then each link's distillation tasks (``TeacherLink.losses``)."""
+        student, teachers = outputs
+        targets = build_targets(batch["boxes"], batch["labels"], self.num_classes, self.grid)
+        targets = {name: value.to(student.heatmap.device) for name, value in targets.items()}
+        losses, per_sample = detection_losses(student, targets)
+        for link in self.links:
+            per_sample.update(link.losses(student, teachers[link.name]))
+        for name, values in per_sample.items():
+            if name not in losses:
+                losses[name] = values.mean()
+        return losses, per_sample
 
 
-def run_training(
-    model: nn.Module,
-    extra_modules: list[nn.Module],
-    loader: DataLoader,
-    compute_losses: LossFn,
-    engine: nn.Module,
-    optim: OptimConfig,
-    desc: str = "train",
-) -> list[dict[str, float]]:
-    """Optimise ``model`` (+ ``extra_modules``, e.g. adapters, + engine parameters) with the engine.
+def _without_teachers(task: GestureTask, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    for key in [key for key in state if key.startswith(prefix + "teachers.")]:
+        del state[key]
 
-    Per step: losses -> ``engine(losses, per_sample)`` -> backward -> clip -> AdamW step ->
-    ``engine.step()`` (the engine's second process) -> LR schedule (optional linear warm-up, then
-    cosine; ``lr_factor_schedule``). Returns per-epoch
-    mean task losses.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    for module in extra_modules:
-        params += [p for p in module.parameters() if p.requires_grad]
-    engine_params = [p for p in engine.parameters() if p.requires_grad]
-    groups = [{"params": params}]
-    if engine_params:
-        groups.append({"params": engine_params, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-    total_steps = max(1, optim.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_schedule(total_steps, warmup_steps(optim, len(loader))))
-    history = []
-    model.train()
-    bar = None
-    if optim.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, desc=desc, leave=False)
-    for epoch in range(optim.epochs):
-        sums: dict[str, float] = {}
-        steps = 0
-        for batch in loader:
-            losses, per_sample = compute_losses(batch)
-            total = engine(losses, per_sample)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            optimizer.step()
-            engine.step()
-            scheduler.step()
-            steps += 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            sums["total"] = sums.get("total", 0.0) + float(total.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
-        history.append({"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}})
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
+def _teachers_not_expected(task: GestureTask, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if not key.startswith("teachers.")]
+
+
+def trainer_config(optim: OptimConfig, dataset_len: int) -> TrainConfig:
+    """The Trainer's settings for ``optim``: every sample every epoch (no dropped batch), the cosine
+    schedule to ``lr * min_lr_ratio`` at the last step after ``warmup_epochs`` of linear warm-up
+    rising as ``(step + 1) / (warmup + 1)``; the rest are the Trainer's defaults (AdamW betas,
+    epoch-end and every-1000-step checkpoints, TensorBoard; no EMA, no AMP)."""
+    per_rank = math.ceil(dataset_len / dist_info().world_size)
+    warmup = max(0, int(round(optim.warmup_epochs * iterations_per_epoch(per_rank, optim.batch_size, False))))
+    return TrainConfig(epochs=optim.epochs, batch_size=optim.batch_size, num_workers=optim.num_workers,
+                       drop_last=False, lr=optim.lr, weight_decay=optim.weight_decay, schedule="cosine",
+                       warmup_iters=warmup, warmup_ratio=1.0 / (warmup + 1), grad_clip=optim.grad_clip,
+                       seed=optim.seed, device=optim.device, progress_bar=optim.progress)
+
+
+def fit(task: GestureTask, engine: LossEngine, dataset: GestureDataset, optim: OptimConfig, out: Path,
+        resume: bool, on_start: Sequence[Callable[[], None]] = ()) -> Trainer:
+    """Train ``task`` with ``engine`` on ``dataset`` in the run directory ``out``; the finished Trainer."""
+    if optim.num_threads > 0:
+        torch.set_num_threads(optim.num_threads)
+    trainer = Trainer(task, engine, dataset, trainer_config(optim, len(dataset)), out,
+                      collate_fn=collate_gestures, on_start=on_start)
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def save_run(trainer: Trainer, out: Path, classes: list[str], input_size: int, role: str, extra: dict,
+             history_extra: dict | None = None) -> Path:
+    """Write ``model.pt`` (the detector), ``history.json`` and ``engine_summary.json`` (rank 0)."""
+    task, engine = trainer.model, trainer.loss_engine
+    assert isinstance(task, GestureTask) and engine is not None
+    path = out / "model.pt"
+    if not trainer.dist.is_main:
+        return path
+    save_detector(path, task.detector, classes, input_size, role, extra)
+    losses, per_epoch = trainer.history["loss"], trainer.iters_per_epoch
+    epoch_loss = [_finite_mean(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
+    atomic_write_json(out / "history.json", {"history": trainer.history, "epoch_loss": epoch_loss,
+                                             "train_seconds": trainer.train_seconds, **(history_extra or {})})
+    atomic_write_json(out / "engine_summary.json", engine_summary(engine))
+    return path
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def build_detector(cfg: DetectorConfig, num_classes: int) -> CenterNet:
-    return CenterNet(cfg, num_classes)
 
 
 def save_detector(path: str | Path, model: CenterNet, classes: list[str], input_size: int, role: str, extra: dict | None = None) -> Path:
@@ -227,32 +239,18 @@ def grid_of(model: CenterNet, input_size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- train one model
 
 
-def train_detector(cfg: GestureTrainConfig, out_dir: str | Path, dataset: GestureDataset | None = None) -> Path:
-    """Train one detector on labels; writes model.pt, history.json, engine_summary.json. Returns model.pt."""
+def train_detector(cfg: GestureTrainConfig, out_dir: str | Path, dataset: GestureDataset | None = None,
+                   resume: bool = False) -> Path:
+    """Train one detector on labels in the run directory ``out_dir``; returns its model.pt.
+
+    ``resume=True`` continues from ``out_dir/checkpoints`` (a finished run just rewrites its outputs).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.optim.num_threads > 0:
-        torch.set_num_threads(cfg.optim.num_threads)
-    seed_everything(cfg.optim.seed)
-    num_classes = len(cfg.data.classes)
-    model = build_detector(cfg.model, num_classes)
+    torch.manual_seed(cfg.optim.seed)  # the initial weights; distill_student builds its student alike
+    model = CenterNet(cfg.model, len(cfg.data.classes))
     if dataset is None:
-        dataset = GestureDataset(cfg.data, [cfg.data.input_size])
-    grid = grid_of(model, cfg.data.input_size)
-    engine = build_loss_engine(list(DET_TASKS), det_task_weights(cfg.optim), cfg.optim)
-
-    def compute_losses(batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        targets = build_targets(batch["boxes"], batch["labels"], num_classes, grid)
-        return detection_losses(model(batch["images"][0]), targets)
-
-    start = time.perf_counter()
-    history = run_training(model, [], make_loader(dataset, cfg.optim), compute_losses, engine, cfg.optim, desc=cfg.role)
-    seconds = time.perf_counter() - start
-    path = save_detector(out / "model.pt", model, cfg.data.classes, cfg.data.input_size, cfg.role,
-                         {"train_config": to_dict(cfg)})
-    atomic_write_json(out / "history.json", {"history": history, "train_seconds": seconds})
-    atomic_write_json(out / "engine_summary.json", engine_summary(engine))
-    from bevperc.utils.config import save_config
-
-    save_config(cfg, out / "config.yaml")
-    return path
+        dataset = GestureDataset(cfg.data, [cfg.data.input_size], seed=cfg.optim.seed)
+    task = GestureTask(model, len(cfg.data.classes), cfg.data.input_size)
+    engine = gesture_loss_engine(det_task_weights(cfg.optim), cfg.optim)
+    trainer = fit(task, engine, dataset, cfg.optim, out, resume, on_start=[lambda: save_config(cfg, out / "config.yaml")])
+    return save_run(trainer, out, cfg.data.classes, cfg.data.input_size, cfg.role, {"train_config": to_dict(cfg)})
