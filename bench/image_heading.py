@@ -64,7 +64,7 @@ def main() -> None:
         for start in range(0, min(args.samples, len(dataset)), cfg.eval.batch_size):
             batch = collate_bev([dataset[i] for i in range(start, min(start + cfg.eval.batch_size, args.samples))])
             logits = model(batch)["image_heatmap"]
-            targets = image_targets(batch, cfg.model.view)
+            targets = image_targets(batch, cfg.model.view, as_imaged=cfg.model.image_head.heading_as_imaged)
             predicted = logits[:, classes:].permute(0, 2, 3, 1).reshape(-1, 2)[targets.centres]
             label = targets.heatmap.flatten(0, 1).permute(0, 2, 3, 1).reshape(-1, classes)[targets.centres].argmax(1)
             rows.append(torch.cat([predicted, targets.observation, label[:, None].float()], 1))
