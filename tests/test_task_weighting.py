@@ -1,0 +1,70 @@
+"""bench/task_weighting.py (issue 15): every method is a valid run config; task metrics, gaps and the table."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import task_weighting as tw  # noqa: E402
+
+from bevperc.config import load_run_config  # noqa: E402
+from bevperc.models.centerpoint_head import default_task_weights, task_names  # noqa: E402
+
+CONFIG = str(ROOT / "configs" / "demo_cpu.yaml")
+
+
+@pytest.mark.parametrize("method", tw.METHODS)
+def test_every_method_is_a_valid_config_of_its_kind(method):
+    names = task_names(load_run_config(CONFIG).model)
+    cfg = load_run_config(CONFIG, tw.method_overrides(method, names))
+    if method == "fixed":  # the plain weighted sum with CenterPoint / BEVDepth weights (train.build_loss_engine)
+        assert not cfg.loss.enabled and not cfg.loss.fixed_weights
+        assert default_task_weights(cfg.model)["depth"] == 3.0
+    elif method == "equal":
+        assert not cfg.loss.enabled and cfg.loss.fixed_weights == dict.fromkeys(names, 1.0)
+    elif method == "default":
+        assert cfg.loss.enabled and (cfg.loss.condition, cfg.loss.first_weighting, cfg.loss.grouping) == (
+            "lag", "normalise", "cluster")
+    else:  # the anchors as published: one set per task, raw losses, every step
+        assert cfg.loss.condition == method and cfg.loss.grouping == "per_task" and cfg.loss.condition_every == 1
+    with pytest.raises(ValueError, match="unknown method"):
+        tw.method_overrides("best", names)
+
+
+def summary(ap: dict[str, float], errors: dict[str, dict[str, float]], mean_ap: float = 0.2, nds: float = 0.3) -> dict:
+    return {"mean_ap": mean_ap, "nd_score": nds, "mean_dist_aps": ap,
+            "label_tp_errors": {c: {tw.TP_ERROR_KEYS[m]: v for m, v in e.items()} for c, e in errors.items()}}
+
+
+def test_task_metrics_average_each_group_where_the_devkit_defines_the_error():
+    ap = {"car": 0.4, "truck": 0.2, "traffic_cone": 0.3, "barrier": 0.1}
+    errors = {"car": {"ATE": 0.5, "ASE": 0.2, "AOE": 0.8, "AVE": 3.0},
+              "truck": {"ATE": 0.7, "ASE": 0.4, "AOE": 1.0, "AVE": 1.0},
+              "traffic_cone": {"ATE": 0.6, "ASE": 0.3, "AOE": math.nan, "AVE": math.nan},
+              "barrier": {"ATE": 0.8, "ASE": 0.5, "AOE": 0.2, "AVE": math.nan}}
+    tasks = tw.task_metrics(summary(ap, errors), [["car", "truck"], ["traffic_cone", "barrier"]])
+    assert tasks["car+truck.AP"] == pytest.approx(0.3) and tasks["car+truck.AVE"] == pytest.approx(2.0)
+    assert tasks["traffic_cone+barrier.AOE"] == pytest.approx(0.2)  # the cone's NaN left out
+    assert "traffic_cone+barrier.AVE" not in tasks  # undefined for every class of the group
+
+
+def test_gaps_worst_task_and_paired_differences():
+    def run(method, seed, ap, aoe, nds):
+        return {"method": method, "seed": seed, "mAP": ap, "NDS": nds, "tasks": {"g.AP": ap, "g.AOE": aoe}}
+
+    runs = [run("default", 0, 0.40, 1.0, 0.30), run("fixed", 0, 0.50, 2.0, 0.31),
+            run("default", 1, 0.30, 1.5, 0.28), run("fixed", 1, 0.30, 1.0, 0.29),
+            run("famo", 1, 0.10, 1.0, 0.20)]  # seed 1 only: not every method ran seed 0
+    gaps = tw.relative_gaps([r for r in runs if r["seed"] == 0])
+    assert gaps["default", 0] == {"g.AP": pytest.approx(0.2), "g.AOE": 0.0}
+    assert gaps["fixed", 0] == {"g.AP": 0.0, "g.AOE": pytest.approx(1.0)}
+    rows = {row["method"]: row for row in tw.summarise(runs)}
+    assert rows["default"]["seeds"] == [1] and rows["famo"]["seeds"] == [1]  # seed 0 lacks famo
+    assert rows["default"]["worst_gap"] == pytest.approx(0.5) and rows["default"]["worst_task"] == ["g.AOE"]
+    assert rows["famo"]["worst_gap"] == pytest.approx(2 / 3) and rows["famo"]["delta_mAP"] == pytest.approx(-0.2)
