@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from bevperc.config import load_run_config
-    from bevperc.models.centerpoint_head import task_names
+    from bevperc.models.detector import task_names
     from bevperc.utils.io import atomic_write_json
 
     args = parse_args(argv)

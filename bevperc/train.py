@@ -32,8 +32,7 @@ from bevperc.engine.distributed import cleanup_distributed, dist_info
 from bevperc.engine.trainer import Trainer
 from bevperc.inference import predict_dataset
 from bevperc.losses.engine import LossEngine
-from bevperc.models.centerpoint_head import default_task_weights, task_names
-from bevperc.models.detector import build_detector
+from bevperc.models.detector import build_detector, default_task_weights, task_names
 from bevperc.utils.config import ConfigError, save_config
 from bevperc.utils.io import atomic_write_json
 

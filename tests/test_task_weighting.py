@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import task_weighting as tw  # noqa: E402
 
 from bevperc.config import load_run_config  # noqa: E402
-from bevperc.models.centerpoint_head import default_task_weights, task_names  # noqa: E402
+from bevperc.models.detector import default_task_weights, task_names  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "demo_cpu.yaml")
 

@@ -3,13 +3,7 @@
 from bevperc.models.backbone import ImageBackbone
 from bevperc.models.bev_encoder import BEVEncoder
 from bevperc.models.bev_pool import PoolPlan, PoolPlanCache, bev_pool, bev_pool_quickcumsum, make_pool_plan
-from bevperc.models.centerpoint_head import (
-    BRANCHES,
-    CenterPointHead,
-    assign_targets,
-    default_task_weights,
-    task_names,
-)
+from bevperc.models.centerpoint_head import BRANCHES, CenterPointHead, assign_targets
 from bevperc.models.config import (
     BackboneConfig,
     BEVEncoderConfig,
@@ -20,7 +14,7 @@ from bevperc.models.config import (
     NeckConfig,
     ViewTransformerConfig,
 )
-from bevperc.models.detector import BEVDetector, build_detector
+from bevperc.models.detector import BEVDetector, build_detector, default_task_weights, task_names
 from bevperc.models.lift import LSSViewTransformer
 from bevperc.models.neck import FPNNeck
 from bevperc.models.postprocess import circle_nms, decode_detections, to_nuscenes_detections

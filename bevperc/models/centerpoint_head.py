@@ -28,54 +28,17 @@ import torch
 from torch import nn
 
 from bevperc.data.classes import CLASS_INDEX
-from bevperc.models.config import BEVGridConfig, HeadConfig, ModelConfig
+from bevperc.models.config import BEVGridConfig, HeadConfig
 
 REGRESSION_BRANCHES: dict[str, int] = {"offset": 2, "height": 1, "size": 3, "rotation": 2, "velocity": 2}
 """Regression branch -> channels, in CenterPoint's code order (reg, height, dim, rot, vel)."""
 BRANCHES: tuple[str, ...] = ("heatmap", *REGRESSION_BRANCHES)
 
-# CenterPoint nuScenes: code_weights [1]*8 + [0.2]*2 (velocity), loss_bbox weight 0.25,
-# heatmap weight 1; BEVDepth: depth loss weight 3.
+# CenterPoint nuScenes: code_weights [1]*8 + [0.2]*2 (velocity), loss_bbox weight 0.25, heatmap weight 1.
 CENTERPOINT_CODE_WEIGHTS = {"offset": 1.0, "height": 1.0, "size": 1.0, "rotation": 1.0, "velocity": 0.2}
 REGRESSION_LOSS_WEIGHT = 0.25
 HEATMAP_LOSS_WEIGHT = 1.0
-DEPTH_LOSS_WEIGHT = 3.0
 HEATMAP_INIT_BIAS = -2.19  # sigmoid = 0.1: CenterNet's prior for rare positives
-
-
-def task_names(cfg: ModelConfig) -> list[str]:
-    """All loss names in a fixed order: ``group.branch`` per group, then ``depth``, ``image_heatmap`` and
-    ``image_heading`` where on."""
-    names = [f"{group}.{branch}" for group in cfg.head.group_names for branch in BRANCHES]
-    if cfg.view.depth_supervision:
-        names.append("depth")
-    if cfg.image_head.enabled:
-        names.append("image_heatmap")
-        if cfg.image_head.heading:
-            names.append("image_heading")
-    return names
-
-
-def default_task_weights(cfg: ModelConfig) -> dict[str, float]:
-    """CenterPoint/BEVDepth fixed weights for plain weighted-sum training.
-
-    heatmap 1.0; each regression branch 0.25 x CenterPoint code weight (velocity 0.2 -> 0.05);
-    depth 3.0.
-    """
-    weights: dict[str, float] = {}
-    for name in task_names(cfg):
-        branch = name.rsplit(".", 1)[-1]
-        if name == "depth":
-            weights[name] = DEPTH_LOSS_WEIGHT
-        elif name == "image_heatmap":
-            weights[name] = cfg.image_head.weight
-        elif name == "image_heading":
-            weights[name] = cfg.image_head.heading_weight
-        elif branch == "heatmap":
-            weights[name] = HEATMAP_LOSS_WEIGHT
-        else:
-            weights[name] = REGRESSION_LOSS_WEIGHT * CENTERPOINT_CODE_WEIGHTS[branch]
-    return weights
 
 
 # --------------------------------------------------------------------------- Gaussian targets
@@ -282,6 +245,14 @@ class CenterPointHead(nn.Module):
     With ``head.merged_regression`` one branch per group predicts all regression channels,
     split into the same named outputs.
     """
+
+    @staticmethod
+    def task_weights(head: HeadConfig) -> dict[str, float]:
+        """Its tasks ``"group.branch"`` in the order of :meth:`loss`, with CenterPoint's fixed weights:
+        heatmap 1.0, each regression branch 0.25 x its code weight (velocity 0.2 -> 0.05)."""
+        return {f"{group}.{branch}": HEATMAP_LOSS_WEIGHT if branch == "heatmap"
+                else REGRESSION_LOSS_WEIGHT * CENTERPOINT_CODE_WEIGHTS[branch]
+                for group in head.group_names for branch in BRANCHES}
 
     def __init__(self, in_channels: int, head: HeadConfig, grid: BEVGridConfig):
         super().__init__()

@@ -81,6 +81,17 @@ class BEVDetector(nn.Module):
         return detections
 
 
+def default_task_weights(cfg: ModelConfig) -> dict[str, float]:
+    """The detector's tasks in the order of :meth:`BEVDetector.loss` (the head's, then the view
+    transformer's), with the fixed weights each part declares (CenterPoint's, BEVDepth's)."""
+    return CenterPointHead.task_weights(cfg.head) | LSSViewTransformer.task_weights(cfg.view, cfg.image_head)
+
+
+def task_names(cfg: ModelConfig) -> list[str]:
+    """The names of :func:`default_task_weights`, in order: the loss engine's tasks."""
+    return list(default_task_weights(cfg))
+
+
 def build_detector(cfg: ModelConfig) -> BEVDetector:
     """Build every part from the dataclass config."""
     backbone = build_backbone(cfg.backbone, cfg.view.feature_stride)

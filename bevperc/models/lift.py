@@ -17,8 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bevperc.models.bev_pool import PoolPlanCache, bev_pool, make_pool_plan
-from bevperc.models.config import BEVGridConfig, ViewTransformerConfig
+from bevperc.models.config import BEVGridConfig, ImageHeadConfig, ViewTransformerConfig
 from bevperc.models.image_head import ImageHeatmapHead
+
+
+DEPTH_LOSS_WEIGHT = 3.0
+"""BEVDepth's weight of the depth loss."""
 
 
 def depth_bin_centres(cfg: ViewTransformerConfig) -> torch.Tensor:
@@ -279,6 +283,18 @@ class LSSViewTransformer(nn.Module):
         # Built once; not saved in checkpoints (it is a function of the config).
         self.register_buffer("frustum", make_frustum(view), persistent=False)
         self.plan_cache = PoolPlanCache()
+
+    @staticmethod
+    def task_weights(view: ViewTransformerConfig, image_head: ImageHeadConfig) -> dict[str, float]:
+        """Its tasks in the order of :meth:`loss` merged after the head's, with their fixed weights:
+        ``depth`` (BEVDepth's 3.0) with ``view.depth_supervision``, ``image_heatmap`` and ``image_heading``
+        (``image_head.weight``, ``image_head.heading_weight``) where the image head has them."""
+        weights = {"depth": DEPTH_LOSS_WEIGHT} if view.depth_supervision else {}
+        if image_head.enabled:
+            weights["image_heatmap"] = image_head.weight
+            if image_head.heading:
+                weights["image_heading"] = image_head.heading_weight
+        return weights
 
     def _geometry_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         return batch["intrinsics"], batch["ego_from_camera"], batch["image_aug"], batch["bev_aug"]
