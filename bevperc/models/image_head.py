@@ -46,6 +46,12 @@ class ImageTargets:
     a coin toss for the network: the same image comes with both signs."""
 
 
+def camera_handedness(ego_from_camera: torch.Tensor, pixels_from_camera: torch.Tensor) -> torch.Tensor:
+    """``[...]`` sign of the determinant of the pixel -> ray map (``ego_from_camera [..., 4, 4]``,
+    ``pixels_from_camera [..., 3, 3]``): -1 where the camera is mirrored (as ``lift.RAY_HANDEDNESS``)."""
+    return torch.sign(torch.linalg.det(ego_from_camera[..., :3, :3]) * torch.linalg.det(pixels_from_camera))
+
+
 def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1, as_imaged: bool = True) -> ImageTargets:
     """Image-head targets at the feature stride.
 
@@ -67,7 +73,7 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1,
     camera_from_aug_ego = torch.linalg.inv(aug_ego_from_camera)
     pixels_from_camera = image_aug @ intrinsics  # [B, N, 3, 3]
     # sign of det(pixel -> augmented-ego ray map): -1 where the camera is mirrored (RAY_HANDEDNESS)
-    handedness = torch.sign(torch.linalg.det(aug_ego_from_camera[..., :3, :3]) * torch.linalg.det(pixels_from_camera))
+    handedness = camera_handedness(aug_ego_from_camera, pixels_from_camera)
     if not as_imaged:
         handedness = torch.ones_like(handedness)
     for b, (boxes, labels) in enumerate(zip(batch["gt_boxes"], batch["gt_labels"])):
@@ -187,7 +193,7 @@ def orient_by_image(detections: list[dict[str, torch.Tensor]], image_logits: tor
         box_index = torch.arange(len(boxes), device=boxes.device)
         observation = maps[b, best, classes:, y[best, box_index], x[best, box_index]].double()  # [K, 2]
         sight = centres[:, :2] - ego_from_camera[best, :2, 3]
-        handedness = torch.sign(torch.linalg.det(ego_from_camera[best, :3, :3]) * torch.linalg.det(pixels_from_camera[best]))
+        handedness = camera_handedness(ego_from_camera[best], pixels_from_camera[best])
         image_yaw = torch.atan2(sight[:, 1], sight[:, 0]) + handedness * torch.atan2(observation[:, 0], observation[:, 1])
         turn = seen.any(0) & (torch.cos(boxes[:, 6].double() - image_yaw) < 0)
         turned = boxes.clone()
