@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,6 +143,33 @@ def print_table(rows: list[dict[str, Any]], reference: str = "default") -> None:
               f"{row['worst_gap']:.3f} ({', '.join(sorted(set(row['worst_task'])))}) | " + " | ".join(deltas) + " |")
 
 
+def recorded_runs(path: Path, config: str, overrides_of) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished runs of an earlier invocation, from its results file: ``(method, seed)`` -> run, for the
+    runs trained from the same config with the same overrides (the work dirs need not exist any more,
+    so a bench can be completed over several sessions or machines). Other runs in the file are dropped."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record.get("config") != config:
+        print(f"{path}: written for config {record.get('config')!r}, not {config!r}: not reused", flush=True)
+        return {}
+    kept, stale = {}, []
+    for run in record.get("runs", []):
+        if run.get("method") in METHODS and run.get("overrides") == overrides_of(run["method"]):
+            kept[run["method"], run["seed"]] = run
+        else:
+            stale.append(f"{run.get('method')} seed {run.get('seed')}")
+    if stale:
+        print(f"{path}: not reused (other overrides): {', '.join(stale)}", flush=True)
+    return kept
+
+
+def git_commit() -> str | None:
+    """The commit of the code that trained a run (None outside a git checkout)."""
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -150,7 +178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="OMP threads of each training process")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same command")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs of the same config and overrides: those recorded in --json, and "
+                             "finished work dirs under --out")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "bev_task_weighting.json"))
     parser.add_argument("overrides", nargs="*", help="overrides common to every run (e.g. data.dataroot=...)")
     return parser.parse_args(argv)
@@ -166,14 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     names, class_groups = task_names(cfg.model), [list(g) for g in cfg.model.head.class_groups]
     out, runs = Path(args.out), []
 
+    def overrides_of(method: str) -> list[str]:
+        return [*args.overrides, *method_overrides(method, names)]
+
+    recorded = recorded_runs(Path(args.json), args.config, overrides_of) if args.reuse else {}
+    runs.extend(recorded.values())
+
     def one(method: str, seed: int) -> dict[str, Any]:
+        if (method, seed) in recorded:
+            return recorded[method, seed]
         work_dir = out / method / f"seed{seed}"
-        train_run(args.config, work_dir, seed, [*args.overrides, *method_overrides(method, names)], args.threads, args.reuse)
+        train_run(args.config, work_dir, seed, overrides_of(method), args.threads, args.reuse)
         summary = last_validation(work_dir)
         return {"method": method, "seed": seed, "mAP": summary["mean_ap"], "NDS": summary["nd_score"],
-                "AP": summary["mean_dist_aps"], "tasks": task_metrics(summary, class_groups), "work_dir": str(work_dir)}
+                "AP": summary["mean_dist_aps"], "tasks": task_metrics(summary, class_groups),
+                "overrides": overrides_of(method), "commit": git_commit(), "work_dir": str(work_dir)}
 
     def record(run: dict[str, Any]) -> None:
+        if (run["method"], run["seed"]) in recorded:
+            return
         runs.append(run)
         atomic_write_json(args.json, {"command": " ".join(["python bench/task_weighting.py", *sys.argv[1:]]),
                                       "config": args.config, "overrides": args.overrides,

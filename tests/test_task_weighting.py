@@ -68,3 +68,18 @@ def test_gaps_worst_task_and_paired_differences():
     assert rows["default"]["seeds"] == [1] and rows["famo"]["seeds"] == [1]  # seed 0 lacks famo
     assert rows["default"]["worst_gap"] == pytest.approx(0.5) and rows["default"]["worst_task"] == ["g.AOE"]
     assert rows["famo"]["worst_gap"] == pytest.approx(2 / 3) and rows["famo"]["delta_mAP"] == pytest.approx(-0.2)
+
+
+def test_reuse_keeps_the_recorded_runs_of_the_same_config_and_overrides(tmp_path, capsys):
+    def overrides_of(method):
+        return ["data.dataroot=world", *tw.method_overrides(method, ["heatmap"])]
+
+    runs = [{"method": "fixed", "seed": 0, "overrides": overrides_of("fixed")},
+            {"method": "default", "seed": 0, "overrides": overrides_of("default")},
+            {"method": "default", "seed": 1, "overrides": ["data.dataroot=elsewhere", *tw.method_overrides("default", [])]}]
+    path = tmp_path / "bev_task_weighting.json"
+    path.write_text(tw.json.dumps({"config": CONFIG, "runs": runs}))
+    assert sorted(tw.recorded_runs(path, CONFIG, overrides_of)) == [("default", 0), ("fixed", 0)]
+    assert "not reused (other overrides): default seed 1" in capsys.readouterr().out
+    assert tw.recorded_runs(path, "configs/other.yaml", overrides_of) == {}
+    assert tw.recorded_runs(tmp_path / "missing.json", CONFIG, overrides_of) == {}
