@@ -35,7 +35,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import _mean_sem, train_run  # noqa: E402
 
-METHODS = ("fixed", "default", "famo", "uncertainty", "equal")
+from bevperc.losses.config import LossEngineConfig  # noqa: E402
+
+METHODS = ("fixed", "default", "normalised", "famo", "uncertainty", "equal")
+METHOD_FIELDS = ("grouping", "condition", "first_weighting", "loss_scale", "first_weight_temperature",
+                 "lag_temperature", "lag_reference")
+"""The ``loss`` fields that make the method (the schedule fields stay the config's)."""
 METRIC_OF_BRANCH = {"heatmap": "AP", "offset": "ATE", "height": "ATE", "size": "ASE", "rotation": "AOE", "velocity": "AVE"}
 """The metric each head task drives; offset and height both drive ATE (one entry per group)."""
 TP_ERROR_KEYS = {"ATE": "trans_err", "ASE": "scale_err", "AOE": "orient_err", "AVE": "vel_err"}
@@ -47,16 +52,23 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
 
     ``fixed``: plain weighted sum with CenterPoint's nuScenes weights (heatmap 1, regression 0.25 x code
     weights, velocity 0.2 -> 0.05) and BEVDepth's depth weight 3 (``default_task_weights``);
-    ``default``: the engine's own defaults (clustered task sets, normalised first losses, the lag
-    condition); ``famo`` / ``uncertainty``: the anchors as published, one set per task on the raw
-    losses with the fixed weights as priors, updated every step; ``equal``: a plain sum, every weight 1.
+    ``default``: the engine's own defaults (``LossEngineConfig()``: clustered task sets, the lag
+    condition, ...), whatever the config's ``loss:`` section says about the method; ``normalised``:
+    the engine's default until issue 15 (first losses normalised by each task's recent loss, lag rule
+    at temperature 0.33 from the initial losses); ``famo`` / ``uncertainty``: the anchors as published,
+    one set per task on the raw losses with the fixed weights as priors, updated every step;
+    ``equal``: a plain sum, every weight 1.
     """
     anchor = ["loss.enabled=true", "loss.grouping=per_task", "loss.first_weighting=fixed",
               "loss.first_weight_temperature=0", "loss.condition_every=1"]
     if method == "fixed":
         return ["loss.enabled=false"]
     if method == "default":
-        return ["loss.enabled=true", "loss.grouping=cluster", "loss.first_weighting=normalise", "loss.condition=lag"]
+        return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
+    if method == "normalised":
+        return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag", "loss.first_weighting=normalise",
+                "loss.loss_scale=recent", "loss.first_weight_temperature=0.25", "loss.lag_temperature=0.33",
+                "loss.lag_reference=initial"]
     if method == "famo":
         return [*anchor, "loss.condition=famo", "loss.history_length=2"]
     if method == "uncertainty":

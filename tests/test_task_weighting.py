@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import task_weighting as tw  # noqa: E402
 
 from bevperc.config import load_run_config  # noqa: E402
+from bevperc.losses.config import LossEngineConfig  # noqa: E402
 from bevperc.models.detector import default_task_weights, task_names  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "demo_cpu.yaml")
@@ -28,9 +29,12 @@ def test_every_method_is_a_valid_config_of_its_kind(method):
         assert default_task_weights(cfg.model)["depth"] == 3.0
     elif method == "equal":
         assert not cfg.loss.enabled and cfg.loss.fixed_weights == dict.fromkeys(names, 1.0)
-    elif method == "default":
-        assert cfg.loss.enabled and (cfg.loss.condition, cfg.loss.first_weighting, cfg.loss.grouping) == (
-            "lag", "normalise", "cluster")
+    elif method == "default":  # the engine's defaults, not the config's loss section (condition: fixed)
+        defaults = LossEngineConfig()
+        assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(defaults, f) for f in tw.METHOD_FIELDS)
+        assert cfg.loss.condition == "lag" and cfg.loss.warmup_steps == load_run_config(CONFIG).loss.warmup_steps
+    elif method == "normalised":
+        assert (cfg.loss.first_weighting, cfg.loss.lag_temperature, cfg.loss.lag_reference) == ("normalise", 0.33, "initial")
     else:  # the anchors as published: one set per task, raw losses, every step
         assert cfg.loss.condition == method and cfg.loss.grouping == "per_task" and cfg.loss.condition_every == 1
     with pytest.raises(ValueError, match="unknown method"):

@@ -20,8 +20,8 @@ class LossEngineConfig:
     enabled: bool = True
     """False: return the fixed weighted sum in task order (plain fixed-weight training)."""
     fixed_weights: dict[str, float] = field(default_factory=dict)
-    """Per-task weights (default 1.0). Disabled: the weights of the sum. Enabled: priors
-    for the first weights (normalised inside each set when first_weighting='normalise')."""
+    """Per-task weights (default 1.0). Disabled: the weights of the sum. Enabled: the first weights
+    (first_weighting='fixed'), or their priors (normalised inside each set, 'normalise')."""
 
     # --- task sets -----------------------------------------------------------------
     grouping: Literal["cluster", "per_task"] = "cluster"
@@ -52,9 +52,10 @@ class LossEngineConfig:
     """With affinity 'grad_cos'/'both': measure gradients every this many recorded steps."""
 
     # --- first loss ----------------------------------------------------------------
-    first_weighting: Literal["normalise", "fixed"] = "normalise"
-    """'normalise': divide each task by its initial loss (scale-invariant sets);
-    'fixed': raw losses times fixed_weights (the published form of the anchors)."""
+    first_weighting: Literal["normalise", "fixed"] = "fixed"
+    """'fixed' (default): raw losses times fixed_weights, so with all second weights 1 the engine's loss
+    is the tuned fixed-weight sum and the condition only corrects it; 'normalise': divide each task by
+    its loss scale (scale-invariant sets, for tasks without tuned weights). Why: docs/methods.md, part A."""
     scale_warmup_steps: int = 10
     """Finite non-zero values averaged into each task's initial loss."""
     loss_scale: Literal["initial", "recent"] = "recent"
@@ -74,12 +75,12 @@ class LossEngineConfig:
     """k: the condition runs every k engine steps."""
     history_length: int = 100
     """Steps of first-loss history handed to the condition."""
-    lag_temperature: float = 0.33
+    lag_temperature: float = 1.0
     lag_smoothing: float = 0.5
     lag_floor: float = 0.1
     lag_window: int = 0
     """Steps averaged for the loss ratio; 0 = condition_every."""
-    lag_reference: Literal["initial", "grouping"] = "initial"
+    lag_reference: Literal["initial", "grouping"] = "grouping"
     """The "start" of the lag rule's ratio L/L0 (second weights): 'initial' (each task's loss over
     the first scale_warmup_steps) or 'grouping' (its mean loss over the lag window when the current
     task sets were formed: the first grouping, every accepted regrouping; with fixed sets, at
