@@ -207,7 +207,8 @@ def test_progress_gate_separates_flat_from_moving_losses_and_round_trips() -> No
 
 def test_unlearnable_task_does_not_take_the_first_weight_of_its_set() -> None:
     names = ["fast", "lagging", "unlearnable", "other"]
-    cfg = LossEngineConfig(fixed_sets=[["fast", "lagging", "unlearnable"], ["other"]], condition_every=10)
+    cfg = LossEngineConfig(fixed_sets=[["fast", "lagging", "unlearnable"], ["other"]], condition_every=10,
+                           first_weighting="normalise")  # the first weights move only on normalised losses
     history = planted_set_losses(300)
 
     def first_weights(cfg: LossEngineConfig) -> dict[str, float]:
@@ -377,10 +378,11 @@ def test_bad_input_errors_name_the_problem() -> None:
 
 
 def test_engine_is_exactly_invariant_to_power_of_two_loss_scaling() -> None:
-    """Scaling one task's loss by 2**8 changes nothing, bit for bit (grouping, weights, model)."""
+    """With normalised first losses, scaling one task's loss by 2**8 changes nothing, bit for bit
+    (grouping, weights, model)."""
     names = ["a", "b", "c", "d"]
     cfg = LossEngineConfig(warmup_steps=10, affinity_steps=10, regroup_every=10, condition_every=5,
-                           history_length=10)
+                           history_length=10, first_weighting="normalise")
     runs = []
     for factor in (1.0, 256.0):
         torch.manual_seed(0)
@@ -405,7 +407,8 @@ def test_engine_is_exactly_invariant_to_power_of_two_loss_scaling() -> None:
 
 def test_first_weights_follow_the_lagging_task_inside_a_set() -> None:
     names = ["fast", "slow", "other"]
-    cfg = LossEngineConfig(fixed_sets=[["fast", "slow"], ["other"]], condition_every=5, first_weight_temperature=0.5)
+    cfg = LossEngineConfig(fixed_sets=[["fast", "slow"], ["other"]], condition_every=5, first_weight_temperature=0.5,
+                           first_weighting="normalise")
     engine = LossEngine(names, cfg)
     for step in range(60):
         engine({"fast": torch.tensor(0.99 ** (5 * step)), "slow": torch.tensor(0.999 ** step),
