@@ -11,11 +11,17 @@ name, so a crash or a failed write (disk full, killed process) never leaves a tr
 python primitives so they load with ``torch.load(weights_only=True)``. A resume takes the
 newest checkpoint that loads (:func:`load_newest_intact`), and a training holds
 :func:`lock_work_dir` so that two runs never write into one work dir.
+
+A :class:`~bevperc.engine.trainer.Trainer`'s checkpoint (format :data:`CHECKPOINT_FORMAT`) holds the
+model, optimizer, scheduler, scaler, EMA and extra states, one RNG state per rank, the data position
+and history: :func:`checkpoint_from_trainer` writes that dict, :func:`load_trainer_state` restores it,
+:func:`save_trainer_checkpoint` and :func:`resume_trainer` do so collectively over the ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -23,13 +29,22 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from bevperc.engine.distributed import all_gather_objects, all_reduce_sum, broadcast_object
+from bevperc.engine.ema import ModelEMA
+from bevperc.engine.seeding import seed_process
 from bevperc.utils.io import atomic_torch_save
 
+if TYPE_CHECKING:
+    import logging
+
+    from bevperc.engine.trainer import Trainer
+
+CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 LATEST_NAME = "latest.pth"
 LOCK_NAME = "train.lock"
@@ -271,3 +286,178 @@ def load_weights(module: torch.nn.Module, weights: Any, source: str | Path) -> N
         detail = " ".join(str(err).split())[:400]
         raise CheckpointError(f"{source}: the weights do not fit the configured model ({detail}); "
                               f"was it written with another config?") from None
+
+
+# ----------------------------------------------------------------------------- a Trainer's checkpoint
+
+def checkpoint_from_trainer(trainer: Trainer, rng_states: list[dict]) -> dict:
+    """Everything a resume of ``trainer`` needs, as tensors and primitives (loads with weights_only=True);
+    ``rng_states``: one :func:`capture_rng_state` per rank."""
+    history = trainer.history
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "extra": {name: obj.state_dict() for name, obj in trainer.extra_state.items()},
+        "rng": rng_states,  # one entry per rank
+        "progress": {"epoch": trainer.epoch, "iteration_in_epoch": trainer.iteration_in_epoch,
+                     "global_step": trainer.global_step, "skipped_steps": trainer.skipped_steps,
+                     "amp_overflow_steps": trainer.amp_overflow_steps, "train_seconds": trainer.train_seconds},
+        "data": {"world_size": trainer.dist.world_size, "batch_size": trainer.cfg.batch_size,
+                 "iters_per_epoch": trainer.iters_per_epoch, "dataset_len": trainer.dataset_len,
+                 "seed": trainer.cfg.seed},
+        "config": dataclasses.asdict(trainer.cfg),
+        "history": {"loss": torch.tensor(history["loss"], dtype=torch.float64),
+                    "lr": torch.tensor(history["lr"], dtype=torch.float64),
+                    "grad_norm": torch.tensor(history["grad_norm"], dtype=torch.float64),
+                    "skipped_steps": torch.tensor(history["skipped_steps"], dtype=torch.int64),
+                    "val": history["val"]},
+    }
+
+
+def save_trainer_checkpoint(trainer: Trainer) -> Path | None:
+    """Write a checkpoint of ``trainer``'s current position (collective; rank 0 writes); the path of
+    ``latest.pth`` on rank 0, None on the others.
+
+    The RNG gather is the barrier before writing; the all-reduced success flag is the
+    barrier after it, and makes every rank raise if rank 0's write failed.
+    """
+    rng_states = all_gather_objects(capture_rng_state())
+    path, error = None, None
+    if trainer.dist.is_main:
+        try:
+            path = save_checkpoint(trainer.state_dict(rng_states), trainer.work_dir, trainer.global_step,
+                                   trainer.cfg.keep_checkpoints)
+        except Exception as err:  # re-raised below, after telling the other ranks
+            error = err
+    failed = torch.tensor([1.0 if error is not None else 0.0], device=trainer.device)
+    all_reduce_sum(failed)
+    if error is not None:
+        trainer.logger.error("writing the checkpoint at step %d failed: %s (previous latest.pth kept)",
+                             trainer.global_step, error)
+        raise error
+    if failed.item() > 0:
+        raise RuntimeError(f"rank 0 failed to write the checkpoint at step {trainer.global_step}")
+    if path is not None:
+        where = (f"end of epoch {trainer.epoch}" if trainer.iteration_in_epoch == 0 else
+                 f"epoch {trainer.epoch + 1}, iteration {trainer.iteration_in_epoch}/{trainer.iters_per_epoch}")
+        numbered = checkpoint_dir(trainer.work_dir) / f"iter_{trainer.global_step:08d}.pth"
+        trainer.logger.info("saved checkpoint at step %d (%s): %s", trainer.global_step, where,
+                            numbered if trainer.cfg.keep_checkpoints else path)
+    return path
+
+
+def resume_trainer(trainer: Trainer) -> Path | None:
+    """Load the newest intact checkpoint of ``trainer``'s work dir into it (read by rank 0, broadcast
+    to the others); its path, or None (with a warning) when the work dir has no checkpoint.
+
+    ``latest.pth``, else the newest ``iter_*.pth`` that loads, with a warning naming what was
+    skipped and what is used; a :class:`CheckpointError` when none loads.
+    """
+    found, error = None, None
+    if trainer.dist.is_main:
+        try:
+            found = load_newest_intact(trainer.work_dir)
+        except CheckpointError as err:
+            error = str(err)
+    found, error = broadcast_object((found, error))
+    if error is not None:
+        raise CheckpointError(error)
+    if found is None:
+        trainer.logger.warning("resume requested but %s has no checkpoint: starting from scratch",
+                               checkpoint_dir(trainer.work_dir))
+        return None
+    path, state, skipped = found
+    for problem in skipped:
+        trainer.logger.warning("skipping a damaged checkpoint: %s", problem)
+    if skipped:
+        trainer.logger.warning("resuming from %s, the newest intact checkpoint", path)
+    trainer.load_state_dict(state, source=path)
+    return Path(path)
+
+
+def load_trainer_state(trainer: Trainer, state: dict, source: str | Path) -> None:
+    """Restore a :func:`checkpoint_from_trainer` into ``trainer`` (same model, data and global batch
+    size); a :class:`CheckpointError` naming ``source`` when it does not fit."""
+    _check_resumable(trainer, state, source)
+    load_weights(trainer.model, state["model"], source)
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise CheckpointError(f"{source}: the optimizer state does not fit ({err})") from None
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler.is_enabled() and state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])
+    if trainer.ema is not None:
+        if state["ema"] is None:
+            trainer.logger.warning("%s: no EMA state saved; EMA restarts from the loaded weights", source)
+            trainer.ema = ModelEMA(trainer.model, trainer.cfg.ema_decay)
+        else:
+            trainer.ema.load_state_dict(state["ema"])
+    _load_extra_state(trainer.extra_state, state["extra"], source, trainer.logger)
+    _load_progress(trainer, state["progress"], state["history"])
+    rng_states = state["rng"]
+    if len(rng_states) == trainer.dist.world_size:
+        restore_rng_state(rng_states[trainer.dist.rank])
+    else:  # different process count: fresh, still seed-determined streams
+        seed_process(trainer.cfg.seed + trainer.global_step, trainer.dist.rank)
+
+
+def _check_resumable(trainer: Trainer, state: dict, source: str | Path) -> None:
+    """A CheckpointError unless ``state`` has this format and ``trainer``'s dataset length and global batch;
+    warnings when the process count or the config differ."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    data, cfg, world_size = state["data"], trainer.cfg, trainer.dist.world_size
+    if data["dataset_len"] != trainer.dataset_len or \
+            data["batch_size"] * data["world_size"] != trainer.global_batch_size:
+        raise CheckpointError(
+            f"{source}: saved with {data['dataset_len']} samples and global batch "
+            f"{data['batch_size']}x{data['world_size']}; this run has {trainer.dataset_len} samples and "
+            f"{cfg.batch_size}x{world_size}: the schedule and data position would not match")
+    if data["world_size"] != world_size:
+        trainer.logger.warning("%s: saved with %d processes, resuming with %d: training continues but is not "
+                               "bit-identical to an uninterrupted run", source, data["world_size"], world_size)
+    changed = {k: (v, getattr(cfg, k, None)) for k, v in state["config"].items()
+               if k in dataclasses.asdict(cfg) and _plain(v) != _plain(getattr(cfg, k))}
+    if changed:
+        trainer.logger.warning("%s: config differs from the checkpoint's (saved -> now): %s", source,
+                               {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _load_extra_state(extra_state: Mapping[str, Any], saved: Mapping[str, Any], source: str | Path,
+                      logger: logging.Logger) -> None:
+    """Each of ``extra_state`` loads its ``saved`` entry (a CheckpointError when one is missing or does
+    not fit); saved entries nobody asks for are ignored with a warning."""
+    for name, obj in extra_state.items():
+        if name not in saved:
+            raise CheckpointError(f"{source}: no state for extra_state[{name!r}] (saved: {sorted(saved)})")
+        try:
+            obj.load_state_dict(saved[name])
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise CheckpointError(f"{source}: extra_state[{name!r}] does not fit ({err})") from None
+    for name in set(saved) - set(extra_state):
+        logger.warning("%s: ignoring saved extra state %r (not passed to this Trainer)", source, name)
+
+
+def _load_progress(trainer: Trainer, progress: dict, history: dict) -> None:
+    """``trainer``'s position, counters and history from a checkpoint's ``progress`` and ``history``;
+    a position at the end of an epoch becomes the start of the next."""
+    trainer.epoch = int(progress["epoch"])
+    trainer.iteration_in_epoch = int(progress["iteration_in_epoch"])
+    trainer.global_step = int(progress["global_step"])
+    trainer.skipped_steps = int(progress["skipped_steps"])
+    trainer.amp_overflow_steps = int(progress["amp_overflow_steps"])
+    trainer.train_seconds = float(progress.get("train_seconds", 0.0))
+    if trainer.iteration_in_epoch >= trainer.iters_per_epoch:
+        trainer.epoch, trainer.iteration_in_epoch = trainer.epoch + 1, 0
+    trainer.history = {"loss": history["loss"].tolist(), "lr": history["lr"].tolist(),
+                       "grad_norm": history["grad_norm"].tolist(),
+                       "skipped_steps": history["skipped_steps"].tolist(), "val": list(history["val"])}

@@ -1,4 +1,5 @@
-"""DDP plumbing: process-group setup from torchrun's environment, collectives, the sampler.
+"""DDP plumbing: process-group setup from torchrun's environment, the training device and the DDP
+wrapper, collectives, the sampler.
 
 torchrun (``python -m torch.distributed.run``) sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` for every process, on one node or many. Without them
@@ -25,6 +26,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -89,6 +92,29 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     info = dist_info()
     start_exit_watchdog(info)
     return info
+
+
+def training_device(requested: str, info: DistInfo) -> torch.device:
+    """The device this process trains on: ``requested`` is ``"auto"``, ``"cpu"`` or ``"cuda"``
+    (``TrainConfig.device``); on CUDA, GPU ``LOCAL_RANK``."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but torch.cuda.is_available() is False")
+    return torch.device("cuda", info.local_rank)
+
+
+def wrap_model(model: nn.Module, device: torch.device, info: DistInfo, *, sync_bn: bool,
+               find_unused_parameters: bool) -> tuple[nn.Module, nn.Module]:
+    """``(bare, train_model)``: ``model`` moved to ``device`` (BatchNorm made SyncBatchNorm with ``sync_bn``
+    under DDP), and what the forward pass runs: the DDP wrapper of ``bare`` under DDP, else ``bare`` itself."""
+    model.to(device)
+    if sync_bn and info.is_distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not info.is_distributed:
+        return model, model
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=find_unused_parameters)
 
 
 def start_exit_watchdog(info: DistInfo, poll_seconds: float = 1.0) -> None:

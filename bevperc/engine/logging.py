@@ -1,4 +1,5 @@
-"""Run logging: console + ``work_dir/train.log`` with timestamps, and ``run_info.json``."""
+"""Run logging: console + ``work_dir/train.log`` with timestamps, ``run_info.json``, and the running
+means of the trainer's log lines (:class:`LogWindow`)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bevperc.utils.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from bevperc.engine.trainer import StepResult
 
 LOGGER_NAME = "bevperc"
 _FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
@@ -117,3 +122,54 @@ def write_run_info(work_dir: str | Path, config: Any, extra: dict[str, Any] | No
     # Paths, enums and other odd values become strings rather than failing the whole write.
     info = json.loads(json.dumps(info, default=str))
     return atomic_write_json(Path(work_dir) / "run_info.json", info)
+
+
+class LogWindow:
+    """Running means of the trainer's steps between two log lines (skipped steps count only in time)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.applied = 0
+        self.loss_sum = 0.0
+        self.grad_norm_sum = 0.0
+        self.log_sums: dict[str, float] = {}
+        self.seconds = 0.0
+        self.samples = 0
+        self.last_lr = float("nan")
+
+    def add(self, result: StepResult, seconds: float, samples: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.samples += samples
+        self.last_lr = result.lr
+        if result.skipped:
+            return
+        self.applied += 1
+        self.loss_sum += result.loss
+        self.grad_norm_sum += result.grad_norm
+        for name, value in result.logs.items():
+            self.log_sums[name] = self.log_sums.get(name, 0.0) + value
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.applied if self.applied else float("nan")
+
+    def mean_grad_norm(self) -> float:
+        return self.grad_norm_sum / self.applied if self.applied else float("nan")
+
+    def mean_logs(self) -> dict[str, float]:
+        return {name: total / self.applied for name, total in self.log_sums.items()} if self.applied else {}
+
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else math.nan
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` of ``seconds`` (``?`` when it is not finite, e.g. an ETA before any step)."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

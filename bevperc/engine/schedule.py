@@ -1,4 +1,4 @@
-"""Learning-rate schedules, stepped once per iteration.
+"""The optimizer (:func:`build_optimizer`, AdamW) and its learning-rate schedules, stepped once per iteration.
 
 * ``cosine``: linear warm-up from ``lr * warmup_ratio`` to ``lr`` over ``warmup_iters``, then
   cosine annealing to ``lr * min_lr_ratio`` at the last iteration.
@@ -14,9 +14,29 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from bevperc.engine.config import TrainConfig
+
+
+def build_optimizer(cfg: TrainConfig, model_params: list[nn.Parameter], extra_parameters: list[nn.Parameter],
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``model_params`` (``cfg.weight_decay``) and, as a second group without weight decay,
+    ``extra_parameters`` (e.g. the loss engine's); a ValueError when an extra parameter also belongs to the
+    model or is not on the training ``device``."""
+    overlap = {id(p) for p in model_params} & {id(p) for p in extra_parameters}
+    if overlap:
+        raise ValueError(f"extra_parameters: {len(overlap)} parameter(s) also belong to the model; "
+                         f"pass only parameters outside it (e.g. the loss engine's)")
+    for param in extra_parameters:
+        if param.device != device:
+            raise ValueError(f"extra_parameters: a parameter is on {param.device}, training runs on "
+                             f"{device}; pass its owner module in extra_state so it is moved")
+    groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
+    if extra_parameters:
+        groups.append({"params": extra_parameters, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_factor(cfg: TrainConfig, iteration: int, total_iters: int) -> float:

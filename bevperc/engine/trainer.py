@@ -37,6 +37,12 @@ The trainer knows nothing about detection. It is given
 Rank 0 holds :func:`bevperc.engine.checkpoint.lock_work_dir` while it trains; a resume loads the
 newest checkpoint that loads (``latest.pth``, else the newest intact ``iter_*.pth``, with a warning).
 
+Where the parts live: what a checkpoint holds, its saving and its loading in
+:mod:`bevperc.engine.checkpoint` (``checkpoint_from_trainer``, ``load_trainer_state``); AdamW with
+the extra-parameter group in :func:`bevperc.engine.schedule.build_optimizer`; the device and the DDP
+wrapper in :mod:`bevperc.engine.distributed`; the log lines' running means in
+:class:`bevperc.engine.logging.LogWindow`.
+
 One step (:meth:`Trainer.train_one_step`):
 forward under autocast -> all-reduce ``[loss, non-finite flag, logs]`` -> skip everywhere if any
 rank saw a non-finite loss -> backward (scaled) -> average extra-parameter grads -> unscale ->
@@ -47,8 +53,6 @@ scheduler step (always: the learning rate is a function of the iteration number)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import os
 import time
 import warnings
@@ -58,22 +62,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from bevperc.engine import checkpoint as ckpt
 from bevperc.engine.config import TrainConfig
-from bevperc.engine.distributed import (DistInfo, ResumableDistributedSampler, all_gather_objects,
-                                        all_reduce_sum, any_rank, average_gradients, broadcast_object,
-                                        init_distributed, iterations_per_epoch)
+from bevperc.engine.distributed import (ResumableDistributedSampler, all_reduce_sum, any_rank, average_gradients,
+                                        init_distributed, iterations_per_epoch, training_device, wrap_model)
 from bevperc.engine.ema import ModelEMA
-from bevperc.engine.logging import setup_logger, write_run_info
-from bevperc.engine.schedule import build_scheduler
+from bevperc.engine.logging import LogWindow, format_duration, setup_logger, write_run_info
+from bevperc.engine.schedule import build_optimizer, build_scheduler
 from bevperc.engine.seeding import loader_generator, preserved_rng_state, seed_process, seed_worker
 from bevperc.engine.task_loss import TaskLoss, engine_hooks
 from bevperc.losses.engine import LossEngine
-
-CHECKPOINT_FORMAT = 1
 
 ComputeLoss = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]
 Validate = Callable[[nn.Module, int], Mapping[str, Any]]
@@ -104,14 +104,6 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _resolve_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.device='cuda' but torch.cuda.is_available() is False")
-    return torch.device("cuda", info.local_rank)
-
-
 class Trainer:
     """Trains ``model`` with ``loss`` (a loss engine or a compute_loss) on ``train_dataset``; see the module docstring."""
 
@@ -125,7 +117,7 @@ class Trainer:
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.dist = init_distributed(cfg.device)
-        self.device = _resolve_device(cfg, self.dist)
+        self.device = training_device(cfg.device, self.dist)
         self.logger = setup_logger(self.work_dir, self.dist.rank)
         self.loss_engine = loss if isinstance(loss, LossEngine) else None
         if self.loss_engine is not None:
@@ -139,60 +131,20 @@ class Trainer:
         self.on_start = list(on_start or [])
         self.validate = validate
         self.extra_state = dict(extra_state or {})
-        for name, obj in self.extra_state.items():
-            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-                raise TypeError(f"extra_state[{name!r}]: {type(obj).__name__} has no state_dict/load_state_dict")
-            if isinstance(obj, nn.Module):
-                obj.to(self.device)
+        self._place_extra_state()
 
         self._configure_determinism()
-        self.amp_enabled = cfg.amp and self.device.type == "cuda"
-        if cfg.amp and not self.amp_enabled:
-            self.logger.warning("TrainConfig.amp=True but training on CPU: mixed precision disabled")
-        self.amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.amp_enabled and self.amp_dtype == torch.float16)
-
-        model.to(self.device)
-        if cfg.sync_bn and self.dist.is_distributed:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model  # the bare module: what checkpoints, EMA and validation use
-        if self.dist.is_distributed:
-            self.train_model: nn.Module = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.find_unused_parameters)
-        else:
-            self.train_model = model
-
-        model_params = [p for p in model.parameters() if p.requires_grad]
+        self._configure_precision()
+        # model: the bare module (what checkpoints, EMA and validation use); train_model: what the forward runs
+        self.model, self.train_model = wrap_model(model, self.device, self.dist, sync_bn=cfg.sync_bn,
+                                                  find_unused_parameters=cfg.find_unused_parameters)
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.extra_parameters = [p for p in (extra_parameters or []) if p.requires_grad]
-        overlap = {id(p) for p in model_params} & {id(p) for p in self.extra_parameters}
-        if overlap:
-            raise ValueError(f"extra_parameters: {len(overlap)} parameter(s) also belong to the model; "
-                             f"pass only parameters outside it (e.g. the loss engine's)")
-        for param in self.extra_parameters:
-            if param.device != self.device:
-                raise ValueError(f"extra_parameters: a parameter is on {param.device}, training runs on "
-                                 f"{self.device}; pass its owner module in extra_state so it is moved")
-        groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
-        if self.extra_parameters:
-            groups.append({"params": self.extra_parameters, "weight_decay": 0.0})
+        self.optimizer = build_optimizer(cfg, model_params, self.extra_parameters, self.device)
         self._all_params = model_params + self.extra_parameters
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-        try:
-            self.dataset_len = len(train_dataset)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError("train_dataset must be a map-style dataset with __len__") from None
-        self.sampler = ResumableDistributedSampler(train_dataset, num_replicas=self.dist.world_size,
-                                                   rank=self.dist.rank, seed=cfg.seed)
-        self.iters_per_epoch = iterations_per_epoch(self.sampler.num_samples, cfg.batch_size, cfg.drop_last)
-        if self.iters_per_epoch < 1:
-            raise ValueError(f"train_dataset has {self.dataset_len} samples: fewer than one batch of "
-                             f"{cfg.batch_size} per process x {self.dist.world_size} processes")
-        self.total_iters = cfg.epochs * self.iters_per_epoch
+        self._configure_data()
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_iters)
-        self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
 
         # Position: `iteration_in_epoch` batches of epoch `epoch` (0-based) are done.
         self.epoch = 0
@@ -208,6 +160,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
 
+    def _place_extra_state(self) -> None:
+        """Check that each extra state can be checkpointed; move the ``nn.Module`` ones to the device."""
+        for name, obj in self.extra_state.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"extra_state[{name!r}]: {type(obj).__name__} has no state_dict/load_state_dict")
+            if isinstance(obj, nn.Module):
+                obj.to(self.device)
+
     def _configure_determinism(self) -> None:
         if self.cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -215,6 +175,30 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _configure_precision(self) -> None:
+        """``amp_enabled`` (AMP only on CUDA), ``amp_dtype`` and the ``scaler`` (enabled for float16 AMP)."""
+        self.amp_enabled = self.cfg.amp and self.device.type == "cuda"
+        if self.cfg.amp and not self.amp_enabled:
+            self.logger.warning("TrainConfig.amp=True but training on CPU: mixed precision disabled")
+        self.amp_dtype = torch.float16 if self.cfg.amp_dtype == "float16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+
+    def _configure_data(self) -> None:
+        """``dataset_len``, this rank's ``sampler``, ``iters_per_epoch`` and ``total_iters``."""
+        cfg = self.cfg
+        try:
+            self.dataset_len = len(self.train_dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("train_dataset must be a map-style dataset with __len__") from None
+        self.sampler = ResumableDistributedSampler(self.train_dataset, num_replicas=self.dist.world_size,
+                                                   rank=self.dist.rank, seed=cfg.seed)
+        self.iters_per_epoch = iterations_per_epoch(self.sampler.num_samples, cfg.batch_size, cfg.drop_last)
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"train_dataset has {self.dataset_len} samples: fewer than one batch of "
+                             f"{cfg.batch_size} per process x {self.dist.world_size} processes")
+        self.total_iters = cfg.epochs * self.iters_per_epoch
 
     @property
     def global_batch_size(self) -> int:
@@ -254,25 +238,14 @@ class Trainer:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"compute_loss must return (scalar loss tensor, logs); got loss "
                              f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
-        log_names = sorted(logs)
-        # One collective (and one device->host copy) carries the loss, a non-finite flag
-        # and the logged scalars; tensor logs stay on the device until then.
-        loss_value = loss.detach().reshape(()).to(torch.float64)
-        stats = torch.stack([loss_value, (~torch.isfinite(loss_value)).to(torch.float64),
-                             *(self._log_scalar(logs[name], name) for name in log_names)])
-        all_reduce_sum(stats)
-        totals = stats.tolist()
-        world = self.dist.world_size
-        mean_loss = totals[0] / world
-        mean_logs = {name: totals[2 + i] / world for i, name in enumerate(log_names)}
-
-        if totals[1] > 0:
+        mean_loss, mean_logs, bad_loss_ranks = self._mean_over_ranks(loss, logs)
+        if bad_loss_ranks > 0:
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_buffers()
             self.skipped_steps += 1
             self.logger.warning("step %d: non-finite loss (%s, %d of %d ranks): step skipped, weights unchanged "
-                                "(%d skipped so far)", self.global_step + 1, mean_loss, int(totals[1]), world,
-                                self.skipped_steps)
+                                "(%d skipped so far)", self.global_step + 1, mean_loss, bad_loss_ranks,
+                                self.dist.world_size, self.skipped_steps)
             return self._finish_step(mean_loss, mean_logs, float("nan"), lr, "non-finite loss")
 
         self.scaler.scale(loss).backward()
@@ -284,21 +257,9 @@ class Trainer:
                                   (~torch.isfinite(grad_norm.detach())).to(torch.float64).reshape(())])
         all_reduce_sum(grad_stats)
         grad_total, bad_grad_ranks = grad_stats.tolist()
-        grad_norm_value = grad_total / world
+        grad_norm_value = grad_total / self.dist.world_size
         if bad_grad_ranks > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update()  # lowers the loss scale; an fp16 overflow, not a bad batch
-                self.amp_overflow_steps += 1
-                self.logger.debug("step %d: fp16 overflow, loss scale now %g", self.global_step + 1,
-                                  self.scaler.get_scale())
-                reason = "amp overflow"
-            else:
-                self._restore_buffers()
-                self.skipped_steps += 1
-                self.logger.warning("step %d: non-finite gradients (norm %s): step skipped, weights unchanged "
-                                    "(%d skipped so far)", self.global_step + 1, grad_norm_value, self.skipped_steps)
-                reason = "non-finite gradients"
+            reason = self._skip_non_finite_gradients(grad_norm_value)
             return self._finish_step(mean_loss, mean_logs, grad_norm_value, lr, reason)
 
         self.scaler.step(self.optimizer)
@@ -309,6 +270,38 @@ class Trainer:
         for callback in self.after_step:
             callback(self.global_step + 1)
         return self._finish_step(mean_loss, mean_logs, grad_norm_value, lr, None)
+
+    def _mean_over_ranks(self, loss: torch.Tensor, logs: Mapping[str, float | torch.Tensor],
+                         ) -> tuple[float, dict[str, float], int]:
+        """``(loss, logs, ranks with a non-finite loss)``, the loss and logs averaged over ranks.
+
+        One collective (and one device->host copy) carries the loss, a non-finite flag
+        and the logged scalars; tensor logs stay on the device until then.
+        """
+        log_names = sorted(logs)
+        loss_value = loss.detach().reshape(()).to(torch.float64)
+        stats = torch.stack([loss_value, (~torch.isfinite(loss_value)).to(torch.float64),
+                             *(self._log_scalar(logs[name], name) for name in log_names)])
+        all_reduce_sum(stats)
+        totals = stats.tolist()
+        world = self.dist.world_size
+        return totals[0] / world, {name: totals[2 + i] / world for i, name in enumerate(log_names)}, int(totals[1])
+
+    def _skip_non_finite_gradients(self, grad_norm: float) -> str:
+        """Drop this step's gradients; the skip reason: ``"amp overflow"`` (fp16: the scaler lowers the
+        loss scale) or ``"non-finite gradients"`` (buffers restored, counted as a skipped step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # lowers the loss scale; an fp16 overflow, not a bad batch
+            self.amp_overflow_steps += 1
+            self.logger.debug("step %d: fp16 overflow, loss scale now %g", self.global_step + 1,
+                              self.scaler.get_scale())
+            return "amp overflow"
+        self._restore_buffers()
+        self.skipped_steps += 1
+        self.logger.warning("step %d: non-finite gradients (norm %s): step skipped, weights unchanged "
+                            "(%d skipped so far)", self.global_step + 1, grad_norm, self.skipped_steps)
+        return "non-finite gradients"
 
     def _log_scalar(self, value: float | torch.Tensor, name: str) -> torch.Tensor:
         """A logged value as a float64 0-d tensor on the training device."""
@@ -428,7 +421,7 @@ class Trainer:
         bar = tqdm(total=self.iters_per_epoch, initial=self.iteration_in_epoch,
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
                    disable=not (self.dist.is_main and self.cfg.progress_bar))
-        window = _Window()
+        window = LogWindow()
         last_time = time.perf_counter()
         try:
             for batch in loader:
@@ -444,7 +437,7 @@ class Trainer:
                                     sps=f"{window.samples_per_second():.1f}", refresh=False)
                 if self.global_step % self.cfg.log_every == 0 or self.iteration_in_epoch == self.iters_per_epoch:
                     self._log_window(window)
-                    window = _Window()
+                    window = LogWindow()
                 mid_epoch = self.iteration_in_epoch < self.iters_per_epoch
                 if mid_epoch and self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -486,11 +479,11 @@ class Trainer:
         if not any_rank(failed, self.device) and self._last_saved_step == self.global_step:
             self.save_checkpoint()
 
-    def _log_window(self, window: "_Window") -> None:
+    def _log_window(self, window: LogWindow) -> None:
         if not self.dist.is_main or window.steps == 0:
             return
         remaining = self.total_iters - self.global_step
-        eta = _format_duration(window.seconds_per_step() * remaining)
+        eta = format_duration(window.seconds_per_step() * remaining)
         logs = window.mean_logs()
         log_text = " ".join(f"{name} {value:.4g}" for name, value in logs.items())
         self.logger.info("epoch %d/%d iter %d/%d step %d/%d | loss %.4f%s | lr %.3e | grad_norm %.3f | "
@@ -544,59 +537,15 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self, rng_states: list[dict]) -> dict:
-        """Everything a resume needs, as tensors and primitives (loads with weights_only=True)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
-            "rng": rng_states,  # one entry per rank
-            "progress": {"epoch": self.epoch, "iteration_in_epoch": self.iteration_in_epoch,
-                         "global_step": self.global_step, "skipped_steps": self.skipped_steps,
-                         "amp_overflow_steps": self.amp_overflow_steps, "train_seconds": self.train_seconds},
-            "data": {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
-                     "iters_per_epoch": self.iters_per_epoch, "dataset_len": self.dataset_len,
-                     "seed": self.cfg.seed},
-            "config": dataclasses.asdict(self.cfg),
-            "history": {"loss": torch.tensor(self.history["loss"], dtype=torch.float64),
-                        "lr": torch.tensor(self.history["lr"], dtype=torch.float64),
-                        "grad_norm": torch.tensor(self.history["grad_norm"], dtype=torch.float64),
-                        "skipped_steps": torch.tensor(self.history["skipped_steps"], dtype=torch.int64),
-                        "val": self.history["val"]},
-        }
+        """Everything a resume needs, as tensors and primitives (loads with weights_only=True);
+        ``rng_states``: one per rank. Contents: :func:`~bevperc.engine.checkpoint.checkpoint_from_trainer`."""
+        return ckpt.checkpoint_from_trainer(self, rng_states)
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current position (collective; rank 0 writes).
-
-        The RNG gather is the barrier before writing; the all-reduced success flag is the
-        barrier after it, and makes every rank raise if rank 0's write failed.
-        """
-        rng_states = all_gather_objects(ckpt.capture_rng_state())
-        path, error = None, None
-        if self.dist.is_main:
-            try:
-                path = ckpt.save_checkpoint(self.state_dict(rng_states), self.work_dir, self.global_step,
-                                            self.cfg.keep_checkpoints)
-            except Exception as err:  # re-raised below, after telling the other ranks
-                error = err
-        failed = torch.tensor([1.0 if error is not None else 0.0], device=self.device)
-        all_reduce_sum(failed)
-        if error is not None:
-            self.logger.error("writing the checkpoint at step %d failed: %s (previous latest.pth kept)",
-                              self.global_step, error)
-            raise error
-        if failed.item() > 0:
-            raise RuntimeError(f"rank 0 failed to write the checkpoint at step {self.global_step}")
+        """Write a checkpoint of the current position (collective; rank 0 writes, every rank raises if
+        that fails): :func:`~bevperc.engine.checkpoint.save_trainer_checkpoint`."""
+        path = ckpt.save_trainer_checkpoint(self)
         self._last_saved_step = self.global_step
-        if path is not None:
-            where = (f"end of epoch {self.epoch}" if self.iteration_in_epoch == 0 else
-                     f"epoch {self.epoch + 1}, iteration {self.iteration_in_epoch}/{self.iters_per_epoch}")
-            numbered = ckpt.checkpoint_dir(self.work_dir) / f"iter_{self.global_step:08d}.pth"
-            self.logger.info("saved checkpoint at step %d (%s): %s", self.global_step, where,
-                             numbered if self.cfg.keep_checkpoints else path)
         return path
 
     def resume_from_latest(self) -> Path | None:
@@ -605,146 +554,10 @@ class Trainer:
         ``latest.pth``, else the newest ``iter_*.pth`` that loads, with a warning naming what was
         skipped and what is used; a :class:`~bevperc.engine.checkpoint.CheckpointError` when none loads.
         """
-        found, error = None, None
-        if self.dist.is_main:
-            try:
-                found = ckpt.load_newest_intact(self.work_dir)
-            except ckpt.CheckpointError as err:
-                error = str(err)
-        found, error = broadcast_object((found, error))
-        if error is not None:
-            raise ckpt.CheckpointError(error)
-        if found is None:
-            self.logger.warning("resume requested but %s has no checkpoint: starting from scratch",
-                                ckpt.checkpoint_dir(self.work_dir))
-            return None
-        path, state, skipped = found
-        for problem in skipped:
-            self.logger.warning("skipping a damaged checkpoint: %s", problem)
-        if skipped:
-            self.logger.warning("resuming from %s, the newest intact checkpoint", path)
-        self.load_state_dict(state, source=path)
-        return Path(path)
+        return ckpt.resume_trainer(self)
 
     def load_state_dict(self, state: dict, source: str | Path = "<checkpoint>") -> None:
         """Restore a :meth:`state_dict` (same model, data and global batch size); a
         :class:`~bevperc.engine.checkpoint.CheckpointError` naming ``source`` when it does not fit."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ckpt.CheckpointError(f"{source}: checkpoint format {state.get('format')!r}, "
-                                       f"expected {CHECKPOINT_FORMAT}")
-        data = state["data"]
-        if data["dataset_len"] != self.dataset_len or \
-                data["batch_size"] * data["world_size"] != self.global_batch_size:
-            raise ckpt.CheckpointError(
-                f"{source}: saved with {data['dataset_len']} samples and global batch "
-                f"{data['batch_size']}x{data['world_size']}; this run has {self.dataset_len} samples and "
-                f"{self.cfg.batch_size}x{self.dist.world_size}: the schedule and data position would not match")
-        if data["world_size"] != self.dist.world_size:
-            self.logger.warning("%s: saved with %d processes, resuming with %d: training continues but is not "
-                                "bit-identical to an uninterrupted run", source, data["world_size"],
-                                self.dist.world_size)
-        changed = {k: (v, getattr(self.cfg, k, None)) for k, v in state["config"].items()
-                   if k in dataclasses.asdict(self.cfg) and _plain(v) != _plain(getattr(self.cfg, k))}
-        if changed:
-            self.logger.warning("%s: config differs from the checkpoint's (saved -> now): %s", source,
-                                {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
-
-        ckpt.load_weights(self.model, state["model"], source)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:
-            raise ckpt.CheckpointError(f"{source}: the optimizer state does not fit ({err})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                self.logger.warning("%s: no EMA state saved; EMA restarts from the loaded weights", source)
-                self.ema = ModelEMA(self.model, self.cfg.ema_decay)
-            else:
-                self.ema.load_state_dict(state["ema"])
-        for name, obj in self.extra_state.items():
-            if name not in state["extra"]:
-                raise ckpt.CheckpointError(f"{source}: no state for extra_state[{name!r}] "
-                                           f"(saved: {sorted(state['extra'])})")
-            try:
-                obj.load_state_dict(state["extra"][name])
-            except (ValueError, RuntimeError, KeyError) as err:
-                raise ckpt.CheckpointError(f"{source}: extra_state[{name!r}] does not fit ({err})") from None
-        for name in set(state["extra"]) - set(self.extra_state):
-            self.logger.warning("%s: ignoring saved extra state %r (not passed to this Trainer)", source, name)
-
-        progress = state["progress"]
-        self.epoch = int(progress["epoch"])
-        self.iteration_in_epoch = int(progress["iteration_in_epoch"])
-        self.global_step = int(progress["global_step"])
-        self.skipped_steps = int(progress["skipped_steps"])
-        self.amp_overflow_steps = int(progress["amp_overflow_steps"])
-        self.train_seconds = float(progress.get("train_seconds", 0.0))
-        if self.iteration_in_epoch >= self.iters_per_epoch:
-            self.epoch, self.iteration_in_epoch = self.epoch + 1, 0
+        ckpt.load_trainer_state(self, state, source)
         self._last_saved_step = self.global_step
-        history = state["history"]
-        self.history = {"loss": history["loss"].tolist(), "lr": history["lr"].tolist(),
-                        "grad_norm": history["grad_norm"].tolist(),
-                        "skipped_steps": history["skipped_steps"].tolist(), "val": list(history["val"])}
-
-        rng_states = state["rng"]
-        if len(rng_states) == self.dist.world_size:
-            ckpt.restore_rng_state(rng_states[self.dist.rank])
-        else:  # different process count: fresh, still seed-determined streams
-            seed_process(self.cfg.seed + self.global_step, self.dist.rank)
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-class _Window:
-    """Running means between two log lines."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.applied = 0
-        self.loss_sum = 0.0
-        self.grad_norm_sum = 0.0
-        self.log_sums: dict[str, float] = {}
-        self.seconds = 0.0
-        self.samples = 0
-        self.last_lr = float("nan")
-
-    def add(self, result: StepResult, seconds: float, samples: int) -> None:
-        self.steps += 1
-        self.seconds += seconds
-        self.samples += samples
-        self.last_lr = result.lr
-        if result.skipped:
-            return
-        self.applied += 1
-        self.loss_sum += result.loss
-        self.grad_norm_sum += result.grad_norm
-        for name, value in result.logs.items():
-            self.log_sums[name] = self.log_sums.get(name, 0.0) + value
-
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.applied if self.applied else float("nan")
-
-    def mean_grad_norm(self) -> float:
-        return self.grad_norm_sum / self.applied if self.applied else float("nan")
-
-    def mean_logs(self) -> dict[str, float]:
-        return {name: total / self.applied for name, total in self.log_sums.items()} if self.applied else {}
-
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-    def seconds_per_step(self) -> float:
-        return self.seconds / self.steps if self.steps else math.nan
