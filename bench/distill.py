@@ -47,7 +47,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bevperc.losses.config import LossEngineConfig
 
 VARIANTS = {
     # name: (teacher1 features, teacher1 heads, teacher2 features, teacher2 heads on?, teacher2 alignment)
@@ -86,13 +89,17 @@ def needed_base_runs(variants: list[str], weights: tuple[float, float, float, fl
     return [r for r in BASE_RUNS if r in needed]
 
 
-def _engine_settings(steps: int) -> dict[str, Any]:
-    """Loss-engine schedule scaled to the (short) run: group after ~1/5 of the steps."""
+def _engine_settings(steps: int, options: dict[str, Any]) -> LossEngineConfig:
+    """``DISTILL_ENGINE`` with its schedule scaled to the (short) run (group after ~1/5 of the steps),
+    then the ``--engine-option`` ``options``: a ``LossEngineConfig``."""
     from bevperc.gesture.config import DISTILL_ENGINE
+    from bevperc.losses.config import LossEngineConfig
+    from bevperc.utils.config import from_dict
 
     warm = max(5, steps // 5)
-    return {**DISTILL_ENGINE, "warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
-            "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
+    schedule = {"warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
+                "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
+    return from_dict(LossEngineConfig, {**DISTILL_ENGINE, **schedule, **options}, source="--engine-option")
 
 
 def parse_engine_options(items: list[str]) -> dict[str, Any]:
@@ -121,7 +128,8 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
     from bevperc.gesture.demo import data_configs, run_configs
     from bevperc.gesture.distill import distill_student
     from bevperc.gesture.evaluate import evaluate_model
-    from bevperc.gesture.train import load_detector, train_detector
+    from bevperc.gesture.train import load_centernet, train_detector
+    from bevperc.losses.config import LossEngineConfig
 
     seed = args["seed"]
     out = Path(args["out"]) / f"seed{seed}"
@@ -139,7 +147,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     def score(name: str, path: Path, image_index: int) -> None:
-        model, _ = load_detector(path)
+        model, _ = load_centernet(path)
         results[name] = evaluate_model(model, test_set, image_index)
         print(f"[seed {seed}] {name}: mAP50={results[name]['mAP50']:.3f} mAP={results[name]['mAP']:.3f} "
               f"({timings[name]:.0f} s)", flush=True)
@@ -164,8 +172,9 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
     full = on_weights(args.get("weights"))
     for mode in args["engine_modes"]:
-        engine = {**_engine_settings(steps), **args.get("engine_options", {})} if mode == "engine" else {"enabled": False}
-        distill_optim = dataclasses.replace(cfgs["distill"].optim, engine=engine)
+        engine = (_engine_settings(steps, args.get("engine_options", {})) if mode == "engine"
+                  else LossEngineConfig(enabled=False))
+        distill_optim = dataclasses.replace(cfgs["distill"].optim, loss_engine=engine)
         for variant, (t1f, t1h, t2f, t2h, align) in VARIANTS.items():
             name = variant + (ENGINE_SUFFIX if mode == "engine" else "")
             if name not in args["variants"]:
@@ -186,16 +195,16 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_run(cfg: Any, run_dir: Path) -> bool:
-    """True when run_dir holds a finished run (model.pt) saved with exactly this config."""
-    import tempfile
-
-    from bevperc.utils.config import save_config
+    """True when run_dir holds a finished run (model.pt) saved with exactly this config (its config.yaml
+    loads to ``cfg``, old field spellings such as ``optim.engine`` included)."""
+    from bevperc.utils.config import ConfigError, load_config
 
     if not (run_dir / "model.pt").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    with tempfile.TemporaryDirectory() as tmp:
-        save_config(cfg, Path(tmp) / "config.yaml")
-        return (Path(tmp) / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+    try:
+        return load_config(type(cfg), run_dir / "config.yaml") == cfg
+    except ConfigError:
+        return False
 
 
 def measure_latency(input_size: int, threads: int, repeats: int) -> dict[str, dict[str, float]]:

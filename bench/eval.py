@@ -1,15 +1,15 @@
-"""Benchmark: the devkit's DetectionEval vs bevperc's fast exact engine, side by side in one run.
+"""Benchmark: the devkit's DetectionEval vs bevperc's fast exact evaluator, side by side in one run.
 
     .venv/bin/python bench/eval.py --json bench/results/eval.json   # val-sized: 6019 samples, 40 GT + 300 predictions each
-    .venv/bin/python bench/eval.py --samples 1200 --engines fast,fast-cached-gt   # smaller, without the devkit
+    .venv/bin/python bench/eval.py --samples 1200 --evaluators fast,fast-cached-gt   # smaller, without the devkit
 
 Setup writes a minimal valid ``v1.0-trainval`` table set (only the tables the devkit's NuScenes class
 loads; the ``val`` scenes; ~40 annotations per sample with tracks, velocities, zero-point boxes,
 bicycle racks, classes at their range limits) and a submission of noisy GT copies + false
-positives (scores quantised so that ties occur, a few NaN velocities). Each engine then runs in its
+positives (scores quantised so that ties occur, a few NaN velocities). Each evaluator then runs in its
 own subprocess (so that each peak RSS is its own, read from ``getrusage`` in that process); the
-metrics of the two are compared key by key. Prints markdown tables: the engines, and each stage of
-the fast engine (wall and CPU seconds, from ``EvalResult.timings``); ``--json`` writes all of it.
+metrics of the two are compared key by key. Prints markdown tables: the evaluators, and each stage of
+the fast evaluator (wall and CPU seconds, from ``EvalResult.timings``); ``--json`` writes all of it.
 """
 
 from __future__ import annotations
@@ -261,10 +261,10 @@ def _pred_box(token: str, name: str, t: np.ndarray, size: np.ndarray, yaw: float
 # --------------------------------------------------------------------------- measurement
 _CHILD = r"""
 import json, resource, sys, time
-engine, results, dataroot, version, split, out, workers = sys.argv[1:8]
+evaluator, results, dataroot, version, split, out, workers = sys.argv[1:8]
 started = time.perf_counter()
 stages = {}
-if engine == "devkit":
+if evaluator == "devkit":
     from bevperc.evaluation.devkit_eval import run_devkit_eval
     summary = run_devkit_eval(results, dataroot, version, split, out, validate=False)
     worker_peak = 0.0
@@ -273,13 +273,13 @@ else:
     from bevperc.evaluation.timing import StageTimer
     from bevperc.evaluation.workers import shutdown_workers, worker_peak_mib
     stages["startup"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time(), "task_cpu_s": 0.0}
-    cache = out + "_gt_cache" if engine == "fast-cached-gt" else None
-    evaluator = FastDetectionEval(dataroot, version, split, cache_dir=cache, workers=int(workers) or None)
-    result = evaluator.evaluate_file(results)
+    cache = out + "_gt_cache" if evaluator == "fast-cached-gt" else None
+    fast = FastDetectionEval(dataroot, version, split, cache_dir=cache, workers=int(workers) or None)
+    result = fast.evaluate_file(results)
     timer = StageTimer()
     with timer.stage("write"):
         write_metrics(result, out)
-    stages |= evaluator.load_timings | result.timings | timer.as_dict()
+    stages |= fast.load_timings | result.timings | timer.as_dict()
     summary = to_jsonable(result.summary)
     worker_peak = worker_peak_mib()
     shutdown_workers()  # so that RUSAGE_CHILDREN includes their CPU time
@@ -291,7 +291,7 @@ print("BENCH_RESULT " + json.dumps({"seconds": seconds, "cpu_seconds": cpu_secon
                                     "worker_peak_mib": worker_peak, "stages": stages, "summary": summary}))
 """
 
-# Stage names of the fast engine (bevperc.evaluation.timing.StageTimer keys) -> what the bench prints.
+# Stage names of the fast evaluator (bevperc.evaluation.timing.StageTimer keys) -> what the bench prints.
 STAGE_LABELS = {
     "startup": "startup: imports",
     "gt_cache": "GT: load the .npz cache",
@@ -315,22 +315,22 @@ STAGE_LABELS = {
 }
 
 
-def run_engine(engine: str, results: Path, dataroot: Path, version: str, split: str, out: Path,
-               workers: int = 0) -> dict:
-    """Run one engine in a fresh subprocess (honest peak RSS); returns seconds, cpu_seconds, peak_mib,
-    stages and summary. ``workers``: the fast engine's worker processes (0: its default).
+def run_evaluator(evaluator: str, results: Path, dataroot: Path, version: str, split: str, out: Path,
+                  workers: int = 0) -> dict:
+    """Run one evaluator in a fresh subprocess (honest peak RSS); returns seconds, cpu_seconds, peak_mib,
+    stages and summary. ``workers``: the fast evaluator's worker processes (0: its default).
 
     ``fast-cached-gt``: the GT .npz cache is built first (not timed), as after the first epoch of training.
     """
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if engine == "fast-cached-gt":
+    if evaluator == "fast-cached-gt":
         subprocess.run([sys.executable, "-c", "import sys; from bevperc.evaluation.fast_eval import load_ground_truth; "
                         "load_ground_truth(*sys.argv[1:4], cache_dir=sys.argv[4])", str(dataroot), version, split,
                         str(out) + "_gt_cache"], check=True, env=env)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, engine, str(results), str(dataroot), version, split, str(out),
-                           str(workers)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, evaluator, str(results), str(dataroot), version, split,
+                           str(out), str(workers)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{engine} engine failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{evaluator} evaluator failed:\n{proc.stderr[-4000:]}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")][-1]
     return json.loads(line[len("BENCH_RESULT "):])
 
@@ -352,9 +352,9 @@ def compare_summaries(a: dict, b: dict, path: str = "") -> float:
 
 
 def stage_table(runs: dict[str, dict]) -> list[str]:
-    """Markdown rows: each stage of the fast engines, wall time in the main process and CPU time
+    """Markdown rows: each stage of the fast evaluators, wall time in the main process and CPU time
     (main process + tasks; a per-range stage runs in the workers and has CPU time only)."""
-    fast = {engine: run for engine, run in runs.items() if run.get("stages")}
+    fast = {evaluator: run for evaluator, run in runs.items() if run.get("stages")}
     names = list(dict.fromkeys(name for run in fast.values() for name in run["stages"]))
     rows = ["| stage | " + " | ".join(f"{e}: wall (s) | {e}: CPU (s)" for e in fast) + " |",
             "|---|" + "---|---|" * len(fast)]
@@ -378,9 +378,10 @@ def main() -> None:
     parser.add_argument("--preds-per-sample", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the generated data here (reused by later runs with the same workdir)")
-    parser.add_argument("--engines", default="devkit,fast,fast-cached-gt",
-                        help="comma-separated: devkit, fast (reads the GT tables), fast-cached-gt")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes of the fast engine (0: default)")
+    parser.add_argument("--evaluators", "--engines", dest="evaluators", default="devkit,fast,fast-cached-gt",
+                        help="comma-separated: devkit, fast (reads the GT tables), fast-cached-gt "
+                             "(--engines: the old spelling)")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes of the fast evaluator (0: default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs (stages included) here")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bevperc_bench_eval_"))
@@ -397,29 +398,31 @@ def main() -> None:
         print(f"setup: {len(tokens)} samples, {results.stat().st_size / 2**20:.0f} MiB submission "
               f"in {time.perf_counter() - started:.0f} s ({workdir})", file=sys.stderr)
     runs = {}
-    for engine in args.engines.split(","):
-        runs[engine] = run_engine(engine, results, dataroot, version, split, workdir / f"out_{engine}", args.workers)
-        print(f"{engine}: {runs[engine]['seconds']:.1f} s, peak {runs[engine]['peak_mib']:.0f} MiB", file=sys.stderr)
+    for evaluator in args.evaluators.split(","):
+        runs[evaluator] = run_evaluator(evaluator, results, dataroot, version, split, workdir / f"out_{evaluator}",
+                                        args.workers)
+        print(f"{evaluator}: {runs[evaluator]['seconds']:.1f} s, peak {runs[evaluator]['peak_mib']:.0f} MiB",
+              file=sys.stderr)
     n_gt = open(dataroot / version / "sample_annotation.json").read().count('"instance_token"')
     n_samples = open(dataroot / version / "sample.json").read().count('"scene_token"')
     setting = (f"Synthetic {version}/{split}: {n_samples} samples, {n_gt} annotations, {args.preds_per_sample} "
                f"predictions per sample ({results.stat().st_size / 2**20:.0f} MiB); {os.cpu_count()} CPUs, each "
-               "engine in its own process.")
+               "evaluator in its own process.")
     print(f"\n{setting}\n")
     ref = runs.get("devkit")
-    print("| engine | wall (s) | CPU (s) | peak RSS (MiB) | speed-up wall / CPU | memory vs devkit | mAP | NDS | "
+    print("| evaluator | wall (s) | CPU (s) | peak RSS (MiB) | speed-up wall / CPU | memory vs devkit | mAP | NDS | "
           "max metric diff vs devkit |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for engine, run in runs.items():
+    for evaluator, run in runs.items():
         ratio = (f"{ref['seconds'] / run['seconds']:.1f}x / {ref['cpu_seconds'] / run['cpu_seconds']:.1f}x"
                  if ref else "-")
         memory = f"{run['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
         diff = compare_summaries(ref["summary"], run["summary"]) if ref else None
         run["max_metric_diff_vs_devkit"] = diff
-        print(f"| {engine} | {run['seconds']:.1f} | {run['cpu_seconds']:.1f} | {run['peak_mib']:.0f} | {ratio} | "
+        print(f"| {evaluator} | {run['seconds']:.1f} | {run['cpu_seconds']:.1f} | {run['peak_mib']:.0f} | {ratio} | "
               f"{memory} | {run['summary']['mean_ap']:.6f} | {run['summary']['nd_score']:.6f} | "
               f"{'-' if diff is None else f'{diff:.1e}'} |")
-    print("\nStages of the fast engine (wall: main process; CPU: main process + worker tasks):\n")
+    print("\nStages of the fast evaluator (wall: main process; CPU: main process + worker tasks):\n")
     print("\n".join(stage_table(runs)))
     load = os.getloadavg()
     print(f"\nload average during the run (1/5/15 min): {load}")

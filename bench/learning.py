@@ -1,7 +1,7 @@
 """Benchmark: learning curves of the BEV detector, one or more recipe variants over seeds.
 
 Each run is ``python -m bevperc.train`` in its own process (the config, the variant's overrides,
-``train.seed``), validating the val split with the fast engine (whose metrics equal the devkit's)
+``train.seed``), validating the val split with the fast evaluator (whose metrics equal the devkit's)
 every ``train.val_every`` epochs. The curve of a run is its validation history: mAP, NDS, the
 mean TP errors and every class's AP against optimizer steps, sample-iterations and training wall
 time (validation excluded). Writes ``<out>/learning.json`` (every run's curve and final scores)
@@ -128,7 +128,7 @@ def plot_curves(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> No
                 axes[row][column].set_ylabel(label)
                 axes[row][column].grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("BEV detector learning curves (val split, fast engine = devkit metrics)")
+    fig.suptitle("BEV detector learning curves (val split, fast evaluator = devkit metrics)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,7 @@ runner: same data, same schedule, ``--reuse`` keeps finished runs across invocat
 in the ``loss`` overrides of :func:`method_overrides`. Seeds are the outer loop, so every method of a
 seed finishes before the next seed starts.
 
-From each run's last validation (the fast engine; the devkit's metrics) it records mAP, NDS and the
+From each run's last validation (the fast evaluator; the devkit's metrics) it records mAP, NDS and the
 quality of every head task measured by the metric that task drives, per class group of the head:
 heatmap -> AP (mean over the group's classes), offset and height -> ATE, size -> ASE, rotation ->
 AOE, velocity -> AVE (mean over the group's classes where the devkit defines the error). A task's

@@ -29,8 +29,9 @@ from bevperc.utils.config import ConfigError, load_config
 class EvalConfig:
     """Inference and evaluation settings."""
 
-    engine: Literal["fast", "devkit"] = "fast"
-    """Metric engine for `python -m bevperc.eval` (in-training validation always uses 'fast')."""
+    evaluator: Literal["fast", "devkit"] = field(default="fast", metadata={"aliases": ["engine"]})
+    """The evaluator of `python -m bevperc.eval`: 'fast' (bevperc's exact one) or 'devkit' (nuScenes
+    DetectionEval); in-training validation always uses 'fast'. Old spelling: `engine`."""
     batch_size: int = 2
     num_workers: int = 2
     use_ema: bool = True

@@ -1,9 +1,9 @@
-"""``python -m bevperc.eval``: nuScenes detection evaluation with the fast exact engine or the devkit.
+"""``python -m bevperc.eval``: nuScenes detection evaluation with the fast exact evaluator or the devkit.
 
 Evaluate a submission file::
 
     python -m bevperc.eval --results results_nusc.json --dataroot data/nuscenes \\
-        --version v1.0-mini --split mini_val --engine fast --out work/eval
+        --version v1.0-mini --split mini_val --evaluator fast --out work/eval
 
 Predict with a trained model first, then evaluate (needs ``bevperc.inference.predict_split``)::
 
@@ -15,7 +15,8 @@ or with the model exported by ``python -m bevperc.export`` (run by onnxruntime, 
     python -m bevperc.eval --config configs/bev.yaml --onnx bev.onnx --split mini_val --out work/eval_onnx
 
 Writes ``metrics_summary.json`` and ``metrics_details.json`` (devkit layout) into ``--out`` and prints
-the metrics table. Both engines give the same numbers; ``fast`` is the one to use during training.
+the metrics table. Both evaluators give the same numbers; ``fast`` is the one to use during training.
+``--engine`` is the old spelling of ``--evaluator`` and still accepted.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="evaluation split (default: data.val_split with --config, else mini_val)")
     parser.add_argument("--figures", type=int, default=None,
                         help="with --config: draw this many best and worst samples (default: eval.figures)")
-    parser.add_argument("--engine", choices=("fast", "devkit"), default=None,
-                        help="fast: bevperc's vectorised exact engine; devkit: nuscenes DetectionEval "
-                             "(default: eval.engine with --config, else fast)")
+    parser.add_argument("--evaluator", "--engine", dest="evaluator", choices=("fast", "devkit"), default=None,
+                        help="fast: bevperc's vectorised exact evaluator; devkit: nuscenes DetectionEval "
+                             "(default: eval.evaluator with --config, else fast; --engine: the old spelling)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the metrics JSON files")
     parser.add_argument("--render-curves", action="store_true", help="also write the devkit's PR/TP plots")
     parser.add_argument("--allow-empty-attribute", action="store_true",
                         help="accept attribute_name '' for classes that have attributes")
-    parser.add_argument("--gt-cache", type=Path, default=None, help="fast engine: folder for a GT .npz cache")
+    parser.add_argument("--gt-cache", type=Path, default=None, help="fast evaluator: folder for a GT .npz cache")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("overrides", nargs="*", help="with --config: section.field=value config overrides")
     return parser
@@ -130,27 +131,28 @@ def _write_figures(cfg: Any, args: argparse.Namespace, results: Path, count: int
     return written
 
 
-def evaluate(results: Path, dataroot: Path, version: str, split: str, engine: str, out: Path,
+def evaluate(results: Path, dataroot: Path, version: str, split: str, evaluator: str, out: Path,
              render_curves: bool = False, allow_empty_attribute: bool = False, gt_cache: Path | None = None,
              verbose: bool = False) -> dict[str, Any]:
-    """Evaluate a submission with one engine; writes the metrics JSON files into ``out``; returns the summary."""
-    if engine == "devkit":
+    """Evaluate a submission with one evaluator (``"fast"`` or ``"devkit"``); writes the metrics JSON files
+    into ``out``; returns the summary."""
+    if evaluator == "devkit":
         from bevperc.evaluation.devkit_eval import run_devkit_eval
 
         return run_devkit_eval(results, dataroot, version, split, out, allow_empty_attribute=allow_empty_attribute,
                                render_curves=render_curves, verbose=verbose)
     from bevperc.evaluation.fast_eval import FastDetectionEval, to_jsonable, write_metrics
 
-    evaluator = FastDetectionEval(dataroot, version, split, cache_dir=gt_cache, verbose=verbose)
-    result = evaluator.evaluate_file(results, allow_empty_attribute=allow_empty_attribute)
+    fast = FastDetectionEval(dataroot, version, split, cache_dir=gt_cache, verbose=verbose)
+    result = fast.evaluate_file(results, allow_empty_attribute=allow_empty_attribute)
     write_metrics(result, out)
     if render_curves:
-        _render_fast(result, evaluator, out)
+        _render_fast(result, fast, out)
     return to_jsonable(result.summary)
 
 
 def _render_fast(result: Any, evaluator: Any, out: Path) -> None:
-    """The devkit's plots from the fast engine's curves (same functions as DetectionEval.render)."""
+    """The devkit's plots from the fast evaluator's curves (same functions as DetectionEval.render)."""
     from nuscenes.eval.detection.data_classes import DetectionConfig, DetectionMetricDataList, DetectionMetrics
     from nuscenes.eval.detection.render import class_pr_curve, class_tp_curve, dist_pr_curve, summary_plot
 
@@ -215,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--results needs --dataroot")
             results = args.results
         version, split = args.version or "v1.0-mini", args.split or "mini_val"
-        args.engine = args.engine or (cfg.eval.engine if cfg is not None else "fast")
-        summary = evaluate(results, args.dataroot, version, split, args.engine, args.out,
+        args.evaluator = args.evaluator or (cfg.eval.evaluator if cfg is not None else "fast")
+        summary = evaluate(results, args.dataroot, version, split, args.evaluator, args.out,
                            render_curves=args.render_curves, allow_empty_attribute=args.allow_empty_attribute,
                            gt_cache=args.gt_cache, verbose=args.verbose)
     except (ValueError, OSError) as exc:  # SubmissionError, ConfigError, DataError, CheckpointError; file errors
@@ -229,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cfg is not None and figures > 0:
         written = _write_figures(cfg, args, results, figures)
         print(f"figures of the {figures} best and worst samples: {args.out / 'figures'} ({len(written)} files)")
-    print(f"\nengine={args.engine}  total {time.perf_counter() - started:.1f} s  ->  {args.out / 'metrics_summary.json'}")
+    print(f"\nevaluator={args.evaluator}  total {time.perf_counter() - started:.1f} s  ->  "
+          f"{args.out / 'metrics_summary.json'}")
     return 0
 
 

@@ -48,7 +48,7 @@ def build_loss_engine(cfg: Config) -> LossEngine:
 
 
 class FastValidation:
-    """``validate(model, epoch)``: predict the val split, score it with the fast exact engine."""
+    """``validate(model, epoch)``: predict the val split, score it with the fast exact evaluator."""
 
     def __init__(self, cfg: Config, work_dir: Path) -> None:
         self.cfg = cfg
@@ -64,7 +64,7 @@ class FastValidation:
         out_dir = self.work_dir / "val" / f"epoch_{epoch + 1:03d}"
         metrics = evaluate_submission(
             submission, self.cfg.data.dataroot, self.cfg.data.version, self.cfg.data.val_split,
-            out_dir=out_dir, engine="fast",
+            out_dir=out_dir, evaluator="fast",
         )
         return validation_scores(metrics)
 

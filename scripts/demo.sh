@@ -46,10 +46,10 @@ step "2/6 train $CONFIG -> $OUT/train"
 
 step "3/6 evaluate with the nuScenes devkit -> $OUT/eval"
 "$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
-  --engine devkit --out "$OUT/eval" data.dataroot="$DATA" data.version="$VERSION"
+  --evaluator devkit --out "$OUT/eval" data.dataroot="$DATA" data.version="$VERSION"
 
 # The learning curve: the in-training validations (train.val_every) of this run, scored on the val split
-# with the fast engine, whose metrics equal the devkit's (the numbers above come from the devkit itself).
+# with the fast evaluator, whose metrics equal the devkit's (the numbers above come from the devkit itself).
 "$PY" - "$OUT/train/train.log" <<'PY'
 import os, re, sys
 scores = {}  # epoch -> scores; the last line wins (a resumed run may validate an epoch again)
@@ -58,7 +58,7 @@ for line in open(sys.argv[1], encoding="utf-8") if os.path.isfile(sys.argv[1]) e
     if match:
         scores[int(match.group(1))] = match.group(2).strip()
 if scores:
-    print("learning curve (in-training validation, fast engine = devkit metrics):")
+    print("learning curve (in-training validation, fast evaluator = devkit metrics):")
     for epoch in sorted(scores):
         print(f"  after epoch {epoch}: {scores[epoch]}")
 else:
@@ -75,7 +75,7 @@ if [ -n "$HELDOUT" ]; then
     "$PY" data_tools/create_infos.py --dataroot "$HELDOUT" --version "$VERSION" --splits "$VAL_SPLIT"
   fi
   "$PY" -m bevperc.eval --config "$CONFIG" --checkpoint "$OUT/train/checkpoints/latest.pth" --split "$VAL_SPLIT" \
-    --engine devkit --figures 0 --out "$OUT/eval_heldout" data.dataroot="$HELDOUT" data.version="$VERSION"
+    --evaluator devkit --figures 0 --out "$OUT/eval_heldout" data.dataroot="$HELDOUT" data.version="$VERSION"
   "$PY" - "$OUT/eval/metrics_summary.json" "$OUT/eval_heldout/metrics_summary.json" <<'PY'
 import json, sys
 own, held = (json.load(open(path)) for path in sys.argv[1:3])

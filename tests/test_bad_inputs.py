@@ -47,7 +47,7 @@ class World:
 def world(synthetic_root, synthetic_infos, tmp_path_factory) -> World:
     from bevperc.gesture.data import generate_synthetic_gestures
     from bevperc.gesture.presets import student_config
-    from bevperc.gesture.train import save_detector
+    from bevperc.gesture.train import save_centernet
     from bevperc.models.centernet import CenterNet
     from bevperc.train import main as train_main
 
@@ -65,7 +65,7 @@ def world(synthetic_root, synthetic_infos, tmp_path_factory) -> World:
     bench.write_synthetic_submission(base / "tables", "v1.0-mini", tokens, base / "results.json", preds_per_sample=8,
                                      seed=8)
     generate_synthetic_gestures(base / "gestures", 8, 4, 0)
-    model = save_detector(base / "student.pt", CenterNet(student_config(), num_classes=4), ["grid_h", "grid_v",
+    model = save_centernet(base / "student.pt", CenterNet(student_config(), num_classes=4), ["grid_h", "grid_v",
                           "grid_d1", "grid_d2"], 64, "student")
     return World(synthetic_root, infos, base / "run", base / "tables", json.loads((base / "results.json").read_text()),
                  base / "gestures", model)
@@ -148,9 +148,9 @@ _HOLDERS: list = []
 
 # ----------------------------------------------------------------------------- python -m bevperc.eval
 def _eval(w: World, t: Path, results: Path, *extra: str, split: str = "mini_val", root: Path | None = None,
-          engine: str = "fast") -> list[str]:
+          evaluator: str = "fast") -> list[str]:
     return ["--results", str(results), "--dataroot", str(root or w.tables), "--version", "v1.0-mini", "--split", split,
-            "--engine", engine, "--out", str(t / "out"), *extra]
+            "--evaluator", evaluator, "--out", str(t / "out"), *extra]
 
 
 def _submission(w: World, t: Path, change: Callable[[dict], None] | None = None, text: str | None = None) -> Path:
@@ -373,7 +373,7 @@ KINDS = [
          lambda w, t: _eval(w, t, _submission(w, t, _first_box("translation", [math.nan, 0.0, 0.0]))),
          r"results\['\w+'\]\[0\]: field 'translation' must be finite"),
     # A quaternion whose squared norm overflows (scaled by 1e160) is no longer a bad input: the devkit
-    # accepts it and its normalisation gives yaw 0, and the fast engine scores it the same (#17;
+    # accepts it and its normalisation gives yaw 0, and the fast evaluator scores it the same (#17;
     # tests/test_eval_values.py). The kind kept here is the other end: a squared norm that underflows to 0.
     Kind("quaternion norm underflowing to 0", "eval", "error naming sample, box and field",
          lambda w, t: _eval(w, t, _submission(w, t, _first_box("rotation", lambda q: [v * 1e-170 for v in q]))),
@@ -381,16 +381,16 @@ KINDS = [
     Kind("num_pts beyond 64 bits", "eval", "error naming sample, box and field",
          lambda w, t: _eval(w, t, _submission(w, t, _first_box("num_pts", 10 ** 20))),
          r"\[0\]: optional field 'num_pts' must be an integer in \[-2\*\*63, 2\*\*63\)"),
-    Kind("custom split, devkit engine", "eval", "error naming the split",
-         lambda w, t: _eval(w, t, _submission(w, t), split="my_split", engine="devkit"),
+    Kind("custom split, devkit evaluator", "eval", "error naming the split",
+         lambda w, t: _eval(w, t, _submission(w, t), split="my_split", evaluator="devkit"),
          r"split 'my_split' is not a predefined nuScenes split"),
     Kind("split of another version", "eval", "error naming split and version",
          lambda w, t: _eval(w, t, _submission(w, t), split="val"), r"split 'val' is not compatible with .*v1\.0-mini"),
-    Kind("binary garbage table, fast engine", "eval", "error naming the table",
+    Kind("binary garbage table, fast evaluator", "eval", "error naming the table",
          lambda w, t: _eval(w, t, _submission(w, t), root=_broken_tables(w, t, "sample")),
          r"sample\.json cannot be read"),
-    Kind("binary garbage table, devkit engine", "eval", "error naming the table",
-         lambda w, t: _eval(w, t, _submission(w, t), root=_broken_tables(w, t, "ego_pose"), engine="devkit"),
+    Kind("binary garbage table, devkit evaluator", "eval", "error naming the table",
+         lambda w, t: _eval(w, t, _submission(w, t), root=_broken_tables(w, t, "ego_pose"), evaluator="devkit"),
          r"ego_pose\.json: not a UTF-8 JSON text file"),
     Kind("checkpoint of another config", "eval", "error naming the checkpoint",
          lambda w, t: _predict(w, t, w.run / "checkpoints" / "latest.pth", "model.neck.out_channels=32"),

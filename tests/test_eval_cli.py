@@ -1,4 +1,4 @@
-"""Submission validation (clear errors) and the ``python -m bevperc.eval`` CLI with both engines."""
+"""Submission validation (clear errors) and the ``python -m bevperc.eval`` CLI with both evaluators."""
 
 from __future__ import annotations
 
@@ -183,9 +183,9 @@ def _run_cli(args: list[str]) -> int:
 def test_cli_fast_and_devkit_give_the_same_metrics(mini, tmp_path, capsys):
     root, _, results, _ = mini
     common = ["--results", results, "--dataroot", root, "--version", "v1.0-mini", "--split", "mini_val"]
-    assert _run_cli(common + ["--engine", "fast", "--out", tmp_path / "fast"]) == 0
+    assert _run_cli(common + ["--evaluator", "fast", "--out", tmp_path / "fast"]) == 0
     assert "NDS:" in capsys.readouterr().out
-    assert _run_cli(common + ["--engine", "devkit", "--out", tmp_path / "devkit"]) == 0
+    assert _run_cli(common + ["--evaluator", "devkit", "--out", tmp_path / "devkit"]) == 0
     fast = json.loads((tmp_path / "fast" / "metrics_summary.json").read_text())
     devkit = json.loads((tmp_path / "devkit" / "metrics_summary.json").read_text())
     assert set(fast) == set(devkit)
@@ -206,7 +206,7 @@ def test_cli_fast_and_devkit_give_the_same_metrics(mini, tmp_path, capsys):
 def test_cli_module_entry_point_and_render(mini, tmp_path):
     root, _, results, _ = mini
     proc = subprocess.run([sys.executable, "-m", "bevperc.eval", "--results", str(results), "--dataroot", str(root),
-                           "--version", "v1.0-mini", "--split", "mini_val", "--engine", "fast", "--render-curves",
+                           "--version", "v1.0-mini", "--split", "mini_val", "--evaluator", "fast", "--render-curves",
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "| car |" in proc.stdout
@@ -219,9 +219,9 @@ def test_cli_reports_an_invalid_submission(mini, tmp_path, capsys):
     bad = _mutated(submission, _set_box("size", [1.0, -1.0, 1.0]))
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
-    for engine in ("fast", "devkit"):
+    for evaluator in ("fast", "devkit"):
         code = _run_cli(["--results", path, "--dataroot", root, "--version", "v1.0-mini", "--split", "mini_val",
-                         "--engine", engine, "--out", tmp_path / engine])
+                         "--evaluator", evaluator, "--out", tmp_path / evaluator])
         assert code == 2
         err = capsys.readouterr().err
         assert "field 'size' must be > 0" in err and _first_box_sample(bad) in err
@@ -252,7 +252,7 @@ def test_cli_config_checkpoint_errors_are_clear(mini, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
 
 
-def test_evaluate_submission_api_both_engines(mini, tmp_path):
+def test_evaluate_submission_api_both_evaluators(mini, tmp_path):
     """The in-training entry point: a submission dict, GT kept in memory between calls."""
     from bevperc.evaluation import _EVALUATORS, evaluate_submission
 
@@ -261,7 +261,7 @@ def test_evaluate_submission_api_both_engines(mini, tmp_path):
     again = evaluate_submission(submission, root, "v1.0-mini", "mini_val")
     assert len([k for k in _EVALUATORS if k[0] == str(Path(root).resolve())]) == 1
     devkit = evaluate_submission(submission, root, "v1.0-mini", "mini_val", out_dir=tmp_path / "devkit",
-                                 engine="devkit")
+                                 evaluator="devkit")
     assert fast["nd_score"] == again["nd_score"]
     assert abs(fast["nd_score"] - devkit["nd_score"]) <= 1e-9 and abs(fast["mean_ap"] - devkit["mean_ap"]) <= 1e-9
     assert (tmp_path / "fast" / "metrics_summary.json").is_file()

@@ -1,7 +1,7 @@
-"""Extreme but valid numbers in a results file: the fast engine reads them as the devkit does.
+"""Extreme but valid numbers in a results file: the fast evaluator reads them as the devkit does.
 
-Each case writes a submission file and scores it with both engines through
-``bevperc.evaluation.evaluate_submission`` (the fast engine streams the file; the devkit's
+Each case writes a submission file and scores it with both evaluators through
+``bevperc.evaluation.evaluate_submission`` (the fast evaluator streams the file; the devkit's
 ``DetectionEval`` reads it with the json module after bevperc's validation):
 
 * a finite velocity equal to the streaming reader's NaN stand-in (-1.2345678901234567e+308) is a
@@ -54,8 +54,9 @@ def _scores(world, submission: dict, tmp_path: Path, name: str) -> dict[str, dic
     root = world[0]
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(submission))
-    return {engine: evaluate_submission(path, root, "v1.0-mini", "mini_val", out_dir=tmp_path / f"{name}_{engine}",
-                                        engine=engine) for engine in ("fast", "devkit")}
+    return {evaluator: evaluate_submission(path, root, "v1.0-mini", "mini_val",
+                                           out_dir=tmp_path / f"{name}_{evaluator}", evaluator=evaluator)
+            for evaluator in ("fast", "devkit")}
 
 
 def _assert_same_metrics(fast: dict, devkit: dict) -> None:
@@ -115,9 +116,9 @@ def test_quaternions_whose_norm_overflows_have_yaw_0_as_in_the_devkit(world, tmp
     _assert_same_metrics(scores["fast"], scores["devkit"])
     yaw_0 = _with_boxes(world[2], lambda box: box.__setitem__("rotation", [1.0, 0.0, 0.0, 0.0]))
     unit = _scores(world, yaw_0, tmp_path, "yaw_0")
-    for engine in ("fast", "devkit"):
-        assert scores[engine]["tp_errors"]["orient_err"] == pytest.approx(unit[engine]["tp_errors"]["orient_err"],
-                                                                          abs=1e-12)
+    for evaluator in ("fast", "devkit"):
+        assert scores[evaluator]["tp_errors"]["orient_err"] == pytest.approx(
+            unit[evaluator]["tp_errors"]["orient_err"], abs=1e-12)
 
 
 @pytest.mark.parametrize("value", [10 ** 20, -(10 ** 19), 2 ** 63])

@@ -186,7 +186,7 @@ def test_onnx_submission_scores_the_same_as_pytorch_through_eval(exported, demo,
     """
     from bevperc.eval import main as eval_main
 
-    common = ["--config", str(demo["config"]), "--split", "mini_val", "--engine", "fast", "--figures", "0"]
+    common = ["--config", str(demo["config"]), "--split", "mini_val", "--evaluator", "fast", "--figures", "0"]
     out = {kind: demo["dir"] / f"eval_{kind}" for kind in ("torch", "onnx")}
     assert eval_main([*common, "--checkpoint", str(demo["checkpoint"]), "--out", str(out["torch"])]) == 0
     assert eval_main([*common, "--onnx", exported["inputs"]["onnx"], "--out", str(out["onnx"])]) == 0
@@ -242,12 +242,12 @@ def test_a_failed_check_writes_nothing(demo, tmp_path):
 
 def test_gesture_models_export_through_the_same_command(tmp_path, capsys):
     from bevperc.gesture.presets import student_config
-    from bevperc.gesture.train import save_detector
+    from bevperc.gesture.train import save_centernet
     from bevperc.models.centernet import CenterNet
 
     torch.manual_seed(0)
     model = CenterNet(student_config(), num_classes=4).eval()
-    checkpoint = save_detector(tmp_path / "m.pt", model, list("abcd"), 64, "student")
+    checkpoint = save_centernet(tmp_path / "m.pt", model, list("abcd"), 64, "student")
     assert main(["--gesture", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "g.onnx")]) == 0
     report = json.loads((tmp_path / "g.check.json").read_text())
     assert max(report["max_abs_diff"].values()) <= ATOL

@@ -2,7 +2,7 @@
 
 Property-based (hypothesis) comparisons at the metric-data level on random GT/prediction sets, a
 filter comparison with the real ``NuScenes`` class and ``filter_eval_boxes``, and an end-to-end run of
-``DetectionEval`` vs the fast engine on a small generated nuScenes root. Every metric must agree to 1e-9.
+``DetectionEval`` vs the fast evaluator on a small generated nuScenes root. Every metric must agree to 1e-9.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import yaml
 from bevperc.gesture.__main__ import main
 from bevperc.gesture.export import export_onnx
 from bevperc.gesture.presets import student_config
-from bevperc.gesture.train import save_detector
-from bevperc.models.centernet import CenterNet, decode_detections
+from bevperc.gesture.train import save_centernet
+from bevperc.models.centernet import CenterNet, decode_centernet
 
 
 @pytest.fixture(autouse=True)
@@ -35,17 +35,17 @@ def test_onnx_export_matches_onnxruntime(tmp_path: Path) -> None:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    ckpt = save_detector(tmp_path / "m.pt", model, ["a", "b", "c", "d"], 64, "student")
+    ckpt = save_centernet(tmp_path / "m.pt", model, ["a", "b", "c", "d"], 64, "student")
     report = export_onnx(ckpt, tmp_path / "m.onnx", atol=1e-4)
     assert max(report["max_abs_diff"].values()) < 1e-4
     # decoding the onnxruntime outputs gives the torch detections
     image = torch.randn(1, 3, 64, 64)
     heat, wh, off = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": image.numpy()})
-    got = decode_detections(torch.from_numpy(heat), torch.from_numpy(wh), torch.from_numpy(off), 4.0,
+    got = decode_centernet(torch.from_numpy(heat), torch.from_numpy(wh), torch.from_numpy(off), 4.0,
                             heatmap_is_logits=False, score_threshold=0.0)[0]
     with torch.no_grad():
         out = model(image)
-    want = decode_detections(out.heatmap, out.wh, out.offset, 4.0, score_threshold=0.0)[0]
+    want = decode_centernet(out.heatmap, out.wh, out.offset, 4.0, score_threshold=0.0)[0]
     assert torch.equal(got["labels"], want["labels"])
     np.testing.assert_allclose(got["boxes"].numpy(), want["boxes"].numpy(), atol=1e-3)
 
@@ -77,7 +77,8 @@ def test_cli_end_to_end(tmp_path: Path, capsys) -> None:
     assert (runs / "student" / "checkpoints" / "latest.pth").is_file() and (runs / "student" / "train.log").is_file()
     distill_cfg = _write_yaml(tmp_path / "distill.yaml", {
         "student": tiny, "data": data_cfg,
-        "optim": {**optim, "engine": {"enabled": True, "warmup_steps": 1, "affinity_steps": 1, "scale_warmup_steps": 1}},
+        "optim": {**optim, "loss_engine": {"enabled": True, "warmup_steps": 1, "affinity_steps": 1,
+                                           "scale_warmup_steps": 1}},
         "teacher1_checkpoint": str(runs / "teacher1" / "model.pt"),
         "teacher2_checkpoint": str(runs / "teacher2" / "model.pt"), "teacher2_scale": 2, "teacher2_stage_k": 1})
     assert main(["distill", "--config", distill_cfg, "--out", str(runs / "kd"), "--set", "optim.epochs=2"]) == 0

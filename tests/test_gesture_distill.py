@@ -21,6 +21,7 @@ from bevperc.gesture.distill import (
     teacher_peak_count,
 )
 from bevperc.gesture.train import train_detector
+from bevperc.losses.config import LossEngineConfig
 from bevperc.models.centernet import StrideAlignmentError
 
 
@@ -57,13 +58,14 @@ def teachers(tiny_set: Path, tmp_path_factory) -> dict[str, Path]:
                                  out / role) for role in ("teacher1", "teacher2", "teacher2_resize")}
 
 
-@pytest.mark.parametrize("engine,warmup", [({"enabled": False}, 0.0), ({"enabled": False}, 1.0),
-                                           ({"enabled": True, "warmup_steps": 2, "affinity_steps": 2,
-                                             "condition_every": 2, "scale_warmup_steps": 2}, 0.0)])
+@pytest.mark.parametrize("engine,warmup", [(LossEngineConfig(enabled=False), 0.0),
+                                           (LossEngineConfig(enabled=False), 1.0),
+                                           (LossEngineConfig(enabled=True, warmup_steps=2, affinity_steps=2,
+                                                             condition_every=2, scale_warmup_steps=2), 0.0)])
 def test_zero_distillation_weights_equal_plain_training(tiny_set: Path, teachers, tmp_path: Path, engine,
                                                          warmup) -> None:
     cfgs = _configs(tiny_set)
-    optim = dataclasses.replace(cfgs["student"].optim, engine=engine, warmup_epochs=warmup)
+    optim = dataclasses.replace(cfgs["student"].optim, loss_engine=engine, warmup_epochs=warmup)
     plain = train_detector(dataclasses.replace(cfgs["student"], optim=optim), tmp_path / "plain")
     distill_cfg = dataclasses.replace(
         cfgs["distill"], optim=optim, weights=DistillWeights(0.0, 0.0, 0.0, 0.0),
@@ -114,9 +116,9 @@ def test_distillation_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_set: 
     cfgs = _configs(tiny_set)
     cfg = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(teachers["teacher1"]),
                               teacher2_checkpoint=str(teachers["teacher2"]),
-                              optim=dataclasses.replace(cfgs["distill"].optim, epochs=3, engine={
-                                  "enabled": True, "first_weighting": "fixed", "warmup_steps": 3, "affinity_steps": 3,
-                                  "condition_every": 2, "scale_warmup_steps": 2}))
+                              optim=dataclasses.replace(cfgs["distill"].optim, epochs=3, loss_engine=LossEngineConfig(
+                                  enabled=True, first_weighting="fixed", warmup_steps=3, affinity_steps=3,
+                                  condition_every=2, scale_warmup_steps=2)))
     reference = distill_student(cfg, tmp_path / "reference")
 
     class Crash(Exception):
@@ -189,9 +191,9 @@ def test_full_distillation_tasks_and_engine_summary(tiny_set: Path, teachers, tm
     cfgs = _configs(tiny_set)
     cfg = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(teachers["teacher1"]),
                               teacher2_checkpoint=str(teachers["teacher2"]),
-                              optim=dataclasses.replace(cfgs["distill"].optim, engine={
-                                  "enabled": True, "warmup_steps": 3, "affinity_steps": 3, "condition_every": 2,
-                                  "scale_warmup_steps": 2}))
+                              optim=dataclasses.replace(cfgs["distill"].optim, loss_engine=LossEngineConfig(
+                                  enabled=True, warmup_steps=3, affinity_steps=3, condition_every=2,
+                                  scale_warmup_steps=2)))
     distill_student(cfg, tmp_path / "kd")
     history = json.loads((tmp_path / "kd" / "history.json").read_text())
     tasks = set(history["tasks"])
@@ -208,7 +210,8 @@ def test_full_distillation_tasks_and_engine_summary(tiny_set: Path, teachers, tm
 def test_resize_alternative_and_misaligned_teacher(tiny_set: Path, teachers, tmp_path: Path) -> None:
     cfgs = _configs(tiny_set)
     base = dataclasses.replace(cfgs["distill"], weights=DistillWeights(0.0, 0.0, 1.0, 1.0),
-                               optim=dataclasses.replace(cfgs["distill"].optim, epochs=1, engine={"enabled": False}))
+                               optim=dataclasses.replace(cfgs["distill"].optim, epochs=1,
+                                                         loss_engine=LossEngineConfig(enabled=False)))
     distill_student(dataclasses.replace(base, teacher2_checkpoint=str(teachers["teacher2_resize"]),
                                         teacher2_align="resize"), tmp_path / "resize")
     tasks = json.loads((tmp_path / "resize" / "history.json").read_text())["tasks"]
@@ -299,8 +302,7 @@ def test_shipped_gesture_configs_are_the_presets_and_distil_with_the_documented_
     user copies from the README runs what was measured."""
     from bevperc.gesture.config import DISTILL_ENGINE, DistillConfig, GestureDataConfig, GestureTrainConfig
     from bevperc.gesture.demo import data_configs
-    from bevperc.losses.engine import LossEngineConfig
-    from bevperc.utils.config import from_dict, load_config
+    from bevperc.utils.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     expected = run_configs("data/gestures", epochs=30)
@@ -308,11 +310,12 @@ def test_shipped_gesture_configs_are_the_presets_and_distil_with_the_documented_
         assert load_config(GestureTrainConfig, root / f"gesture_{name}.yaml") == expected[name], name
     assert load_config(GestureDataConfig, root / "gesture_test_data.yaml") == data_configs("data/gestures")[1]
     distill = load_config(DistillConfig, root / "gesture_distill.yaml")
-    engine = distill.optim.engine
-    assert {k: engine.get(k) for k in DISTILL_ENGINE} == DISTILL_ENGINE
-    assert set(engine) - set(DISTILL_ENGINE) <= {"warmup_steps", "affinity_steps", "regroup_every", "condition_every"}
-    from_dict(LossEngineConfig, engine)  # valid engine settings
+    engine = distill.optim.loss_engine
+    assert {k: getattr(engine, k) for k in DISTILL_ENGINE} == DISTILL_ENGINE
+    schedule = {k: getattr(LossEngineConfig(), k) for k in ("warmup_steps", "affinity_steps", "regroup_every",
+                                                              "condition_every")}
+    assert dataclasses.replace(engine, **schedule) == LossEngineConfig(**DISTILL_ENGINE)  # nothing else is set
     assert distill == dataclasses.replace(
         expected["distill"], teacher1_checkpoint="work_dirs/gesture/teacher1/model.pt",
         teacher2_checkpoint="work_dirs/gesture/teacher2/model.pt",
-        optim=dataclasses.replace(expected["distill"].optim, engine=engine))
+        optim=dataclasses.replace(expected["distill"].optim, loss_engine=engine))

@@ -11,7 +11,7 @@ from bevperc.models.centernet import (
     DetectorConfig,
     StrideAlignmentError,
     assert_stride_alignment,
-    decode_detections,
+    decode_centernet,
     scaled_stride_config,
 )
 
@@ -88,7 +88,7 @@ def test_decode_recovers_planted_boxes() -> None:
         heat[0, cls, y, x] = 3.0
         wh[0, :, y, x] = torch.tensor([w, h])
         off[0, :, y, x] = torch.tensor([ox, oy])
-    det = decode_detections(heat, wh, off, stride, max_detections=5, score_threshold=0.5)[0]
+    det = decode_centernet(heat, wh, off, stride, max_detections=5, score_threshold=0.5)[0]
     assert det["labels"].tolist() == [1, 2]
     for box, (cls, y, x, w, h, ox, oy) in zip(det["boxes"], planted):
         cx, cy = (x + ox) * stride, (y + oy) * stride
@@ -101,7 +101,7 @@ def test_decode_suppresses_non_peaks() -> None:
     heat = torch.full((1, 1, 8, 8), -10.0)
     heat[0, 0, 3, 3] = 2.0
     heat[0, 0, 3, 4] = 1.5  # neighbour of a stronger peak: removed by the 3x3 max-pool NMS
-    det = decode_detections(heat, torch.ones(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), 4.0, score_threshold=0.1)[0]
+    det = decode_centernet(heat, torch.ones(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), 4.0, score_threshold=0.1)[0]
     assert len(det["scores"]) == 1
 
 

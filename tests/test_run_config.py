@@ -48,3 +48,65 @@ def test_loss_engine_choices_name_the_field_and_the_allowed_values(field: str, v
     for choice in allowed:  # every allowed value is named, and accepted
         assert repr(choice) in str(error.value)
         assert getattr(LossEngineConfig(**{field: choice}), field) == choice
+
+
+# ----------------------------------------------------------------------------- old spellings of renamed fields
+
+
+def test_old_spelling_of_a_renamed_field_loads_as_the_field(tmp_path: Path) -> None:
+    """``eval.engine`` (now ``eval.evaluator``) and the gesture ``optim.engine`` (now ``optim.loss_engine``,
+    typed) load to the same config as the new spelling, in files, mappings and overrides."""
+    from bevperc.gesture.config import DistillConfig
+    from bevperc.utils.config import from_dict, load_config
+
+    new = CONFIGS / "demo_cpu.yaml"
+    old = tmp_path / "old.yaml"
+    old.write_text(new.read_text().replace("\n  evaluator: devkit\n", "\n  engine: devkit\n"))
+    assert "engine: devkit" in old.read_text()
+    assert load_run_config(old) == load_run_config(new) and load_run_config(new).eval.evaluator == "devkit"
+    # an override in either spelling replaces the file's value in either spelling
+    for path in (old, new):
+        for key in ("eval.engine", "eval.evaluator"):
+            assert load_run_config(path, [f"{key}=fast"]) == load_run_config(new, ["eval.evaluator=fast"])
+    assert from_dict(Config, {"eval": {"engine": "devkit"}}).eval.evaluator == "devkit"
+
+    gesture_new = CONFIGS / "gesture_distill.yaml"
+    gesture_old = tmp_path / "gesture_old.yaml"
+    gesture_old.write_text(gesture_new.read_text().replace("\n  loss_engine:\n", "\n  engine:\n"))
+    distill = load_config(DistillConfig, gesture_new)
+    assert isinstance(distill.optim.loss_engine, LossEngineConfig) and distill.optim.loss_engine.enabled
+    assert load_config(DistillConfig, gesture_old) == distill
+    assert (load_config(DistillConfig, gesture_old, ["optim.loss_engine.lag_temperature=0.5"])
+            == load_config(DistillConfig, gesture_new, ["optim.engine.lag_temperature=0.5"]))
+
+
+def test_old_and_new_spelling_together_is_an_error(tmp_path: Path) -> None:
+    from bevperc.gesture.config import DistillConfig
+    from bevperc.utils.config import load_config
+
+    both = tmp_path / "both.yaml"
+    both.write_text((CONFIGS / "demo_cpu.yaml").read_text().replace("\n  evaluator: devkit\n",
+                                                                       "\n  evaluator: devkit\n  engine: fast\n"))
+    with pytest.raises(ConfigError, match=r"both\.yaml: eval: both 'engine' \(the old spelling\) and 'evaluator' "
+                                          r"are given for EvalConfig\.evaluator; keep only 'evaluator'"):
+        load_run_config(both)
+    gesture = tmp_path / "gesture.yaml"
+    gesture.write_text("optim:\n  engine: {enabled: false}\n  loss_engine: {enabled: false}\n")
+    with pytest.raises(ConfigError, match=r"optim: both 'engine' .* and 'loss_engine' are given"):
+        load_config(DistillConfig, gesture)
+
+
+def test_gesture_loss_engine_takes_its_first_weights_from_the_task_weights() -> None:
+    """The typed ``optim.loss_engine`` has no place for ``fixed_weights``: the task weights are they."""
+    from bevperc.gesture.config import DistillConfig
+    from bevperc.utils.config import load_config
+
+    with pytest.raises(ConfigError, match=r"OptimConfig\.loss_engine\.fixed_weights: the first weights are the task"):
+        load_config(DistillConfig, CONFIGS / "gesture_distill.yaml", ["optim.loss_engine.fixed_weights={det_wh: 2.0}"])
+
+
+def test_eval_cli_engine_flag_is_the_old_spelling_of_evaluator() -> None:
+    from bevperc.eval import build_parser
+
+    for flag in ("--evaluator", "--engine"):
+        assert build_parser().parse_args(["--results", "r.json", "--out", "o", flag, "devkit"]).evaluator == "devkit"

@@ -26,7 +26,7 @@ def run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_train_resume_eval_figures(synthetic_root, synthetic_infos, tmp_path):
     work = tmp_path / "run"
     overrides = [*NuScenesWorld(synthetic_root).overrides(), *TINY]
-    # with in-training validation by the fast engine after the epoch
+    # with in-training validation by the fast evaluator after the epoch
     run(["-m", "bevperc.train", "--config", "configs/demo_cpu.yaml", "--work-dir", str(work), "train.val_every=1", *overrides])
     val = json.loads((work / "val" / "epoch_001" / "metrics_summary.json").read_text())
     assert 0.0 <= val["nd_score"] <= 1.0
@@ -50,7 +50,7 @@ def test_train_resume_eval_figures(synthetic_root, synthetic_infos, tmp_path):
 
     out = tmp_path / "eval"
     result = run(["-m", "bevperc.eval", "--config", "configs/demo_cpu.yaml", "--checkpoint", str(latest),
-                  "--engine", "devkit", "--out", str(out), "--figures", "1", *overrides])
+                  "--evaluator", "devkit", "--out", str(out), "--figures", "1", *overrides])
     summary = json.loads((out / "metrics_summary.json").read_text())
     assert 0.0 <= summary["mean_ap"] <= 1.0 and "nd_score" in summary
     assert "NDS" in result.stdout

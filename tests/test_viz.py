@@ -351,7 +351,7 @@ def test_gesture_figures_with_real_centernet_models(tmp_path):
     import torch
 
     from bevperc.gesture.presets import student_config, teacher1_config
-    from bevperc.models.centernet import CenterNet, decode_detections
+    from bevperc.models.centernet import CenterNet, decode_centernet
     from bevperc.viz.gestures import heatmap_agreement, plot_gesture_detections, plot_student_teacher_heatmaps
 
     torch.manual_seed(0)
@@ -360,7 +360,7 @@ def test_gesture_figures_with_real_centernet_models(tmp_path):
     image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         out_s, out_t = student(image), teacher(image)
-    detections = decode_detections(out_s.heatmap, out_s.wh, out_s.offset, student.output_stride, score_threshold=0.0)
+    detections = decode_centernet(out_s.heatmap, out_s.wh, out_s.offset, student.output_stride, score_threshold=0.0)
     uint8 = (image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     gt = [{"boxes": np.array([[10.0, 12.0, 30.0, 40.0]]), "labels": np.array([1])}]
     fig = plot_gesture_detections([uint8], detections, classes, gt, score_threshold=0.0)

@@ -1,4 +1,4 @@
-"""nuScenes detection evaluation: strict submission checks, the devkit runner and a fast exact engine.
+"""nuScenes detection evaluation: strict submission checks, the devkit runner and a fast exact evaluator.
 
     from bevperc.evaluation import FastDetectionEval, run_devkit_eval, read_submission
 
@@ -41,34 +41,34 @@ _EVALUATORS: dict[tuple, FastDetectionEval] = {}
 
 
 def evaluate_submission(submission: dict | str | Path, dataroot: str | Path, version: str, split: str,
-                        out_dir: str | Path | None = None, engine: str = "fast", render_curves: bool = False,
+                        out_dir: str | Path | None = None, evaluator: str = "fast", render_curves: bool = False,
                         allow_empty_attribute: bool = False) -> dict[str, Any]:
     """Validate and score a submission (dict or JSON file); returns the ``metrics_summary.json`` dict
     (``mean_ap``, ``nd_score``, ``label_aps``, ``tp_errors``...) and writes the metrics files into
     ``out_dir`` when given.
 
-    ``engine="fast"`` keeps the GT of each (dataroot, version, split, table files) in memory, so
-    per-epoch validation reads the tables once per process. ``engine="devkit"`` runs DetectionEval
+    ``evaluator="fast"`` keeps the GT of each (dataroot, version, split, table files) in memory, so
+    per-epoch validation reads the tables once per process. ``evaluator="devkit"`` runs DetectionEval
     (a dict submission is first written to ``out_dir/results_<split>.json``).
     """
-    if engine == "fast":
+    if evaluator == "fast":
         from bevperc.evaluation.ground_truth import table_fingerprint
 
         key = (str(Path(dataroot).resolve()), version, split, table_fingerprint(Path(dataroot) / version))
-        evaluator = _EVALUATORS.get(key)
-        if evaluator is None:
+        fast = _EVALUATORS.get(key)
+        if fast is None:
             # a dict needs no worker processes (they decode files); a cached evaluator keeps its choice
             workers = 1 if isinstance(submission, dict) else None
-            evaluator = _EVALUATORS[key] = FastDetectionEval(dataroot, version, split, workers=workers)
+            fast = _EVALUATORS[key] = FastDetectionEval(dataroot, version, split, workers=workers)
         if isinstance(submission, dict):
-            result = evaluator.evaluate_dict(submission, allow_empty_attribute)
+            result = fast.evaluate_dict(submission, allow_empty_attribute)
         else:
-            result = evaluator.evaluate_file(submission, allow_empty_attribute)
+            result = fast.evaluate_file(submission, allow_empty_attribute)
         if out_dir is not None:
             write_metrics(result, out_dir)
         return to_jsonable(result.summary)
-    if engine != "devkit":
-        raise ValueError(f"engine must be 'fast' or 'devkit', got {engine!r}")
+    if evaluator != "devkit":
+        raise ValueError(f"evaluator must be 'fast' or 'devkit', got {evaluator!r}")
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="bevperc_devkit_eval_"))
     if isinstance(submission, dict):
         from bevperc.utils.io import atomic_write_json

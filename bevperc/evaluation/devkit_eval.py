@@ -39,7 +39,7 @@ def run_devkit_eval(results_path: str | Path, dataroot: str | Path, version: str
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
-    _check_split(version, split)  # the fast engine's check: the devkit would raise a bare KeyError
+    _check_split(version, split)  # the fast evaluator's check: the devkit would raise a bare KeyError
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if nusc is None:

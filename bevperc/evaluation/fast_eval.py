@@ -1,6 +1,6 @@
 """Fast, exact nuScenes detection evaluation (same numbers as ``nuscenes.eval.detection.DetectionEval``).
 
-The devkit builds one Python object per box and matches predictions in a Python loop. This engine
+The devkit builds one Python object per box and matches predictions in a Python loop. This evaluator
 keeps every box set as NumPy columns and reproduces the devkit step by step, in stages:
 
 * **Ground truth** (:mod:`~bevperc.evaluation.ground_truth`): read straight from the tables, once

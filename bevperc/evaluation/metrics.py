@@ -1,4 +1,4 @@
-"""Filtering, matching, curves and metrics of the fast engine: the devkit's ``filter_eval_boxes``,
+"""Filtering, matching, curves and metrics of the fast evaluator: the devkit's ``filter_eval_boxes``,
 ``accumulate``, ``calc_ap``, ``calc_tp`` and ``DetectionMetrics`` on NumPy columns.
 
 * **Filtering** (``filter_eval_boxes``), for GT and predictions alike: xy distance to the ego pose of

@@ -17,7 +17,7 @@ failure names the sample token, the box index, the field, what was found and wha
 * each box has every field; its ``sample_token`` equals the sample it is listed under;
 * ``translation`` 3 finite numbers, ``size`` 3 finite numbers > 0, ``rotation`` 4 finite numbers
   with a non-zero norm (a quaternion; normalised by the devkit, which accepts any size: one whose
-  squared norm overflows becomes 0 there and has yaw 0, in the fast engine too), ``velocity`` 2 numbers
+  squared norm overflows becomes 0 there and has yaw 0, in the fast evaluator too), ``velocity`` 2 numbers
   (finite or NaN: the devkit allows NaN velocities);
 * ``detection_name`` one of the 10 detection classes; ``detection_score`` a finite number in [0, 1];
 * ``attribute_name`` one of the attributes of that class (``""`` for barrier and traffic_cone; ``""``

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from bevperc.losses.config import LossEngineConfig
 from bevperc.models.centernet import DetectorConfig
 
 SYNTHETIC_CLASSES: list[str] = ["grid_h", "grid_v", "grid_d1", "grid_d2"]
@@ -61,10 +62,18 @@ class OptimConfig:
     det_heatmap_weight: float = 1.0
     det_wh_weight: float = 0.1
     det_offset_weight: float = 1.0
-    # Loss engine settings (fields of bevperc.losses.engine.LossEngineConfig, except
-    # fixed_weights which is filled from the task weights). Empty = engine defaults.
-    engine: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    loss_engine: LossEngineConfig = field(default_factory=lambda: LossEngineConfig(enabled=False),
+                                          metadata={"aliases": ["engine"]})
+    """The loss engine over the run's tasks (old spelling: ``engine``). Its ``fixed_weights`` are the
+    task weights (``det_*_weight`` above, ``DistillWeights``), so they must not be given here.
+    Default: disabled, the fixed weighted sum; a YAML mapping starts from ``LossEngineConfig``'s
+    own defaults (``enabled: true``)."""
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_engine.fixed_weights:
+            raise ValueError("OptimConfig.loss_engine.fixed_weights: the first weights are the task weights "
+                             "(det_*_weight, DistillWeights); leave fixed_weights empty")
 
 
 @dataclass
@@ -79,7 +88,9 @@ class GestureTrainConfig:
 
 DISTILL_ENGINE: dict[str, Any] = {"enabled": True, "first_weighting": "fixed", "lag_reference": "grouping",
                                   "lag_temperature": 1.0}
-"""Loss-engine settings of distillation (``DistillConfig.optim.engine``; schedule fields are added per run).
+"""Loss-engine settings of distillation: the ``LossEngineConfig`` fields that ``DistillConfig.optim.loss_engine``
+sets away from their defaults (a run also sets its schedule: ``warmup_steps``, ``affinity_steps``,
+``regroup_every``, ``condition_every``).
 
 ``first_weighting: fixed``: the first loss of a set is the weighted sum of the raw terms with the
 ``DistillWeights`` / CenterNet priors, as in plain KD, and the engine moves only the second weights
@@ -115,7 +126,7 @@ class DistillConfig:
 
     student: DetectorConfig = field(default_factory=DetectorConfig)
     data: GestureDataConfig = field(default_factory=GestureDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(engine=dict(DISTILL_ENGINE)))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(loss_engine=LossEngineConfig(**DISTILL_ENGINE)))
     teacher1_checkpoint: Optional[str] = None
     teacher2_checkpoint: Optional[str] = None
     teacher2_scale: int = 2

@@ -21,6 +21,7 @@ from bevperc.gesture.config import (
     OptimConfig,
 )
 from bevperc.gesture.presets import student_config, teacher1_config, teacher2_config
+from bevperc.losses.config import LossEngineConfig
 from bevperc.utils.config import save_config
 from bevperc.utils.io import atomic_write_json
 
@@ -49,7 +50,7 @@ def run_configs(
         "teacher2_resize": GestureTrainConfig(model=teacher2_config(scale, stage_k, aligned=False), data=big_data,
                                               optim=optim, role="teacher2_resize"),
         "distill": DistillConfig(student=student_config(), data=train_data,
-                                 optim=dataclasses.replace(optim, engine=dict(DISTILL_ENGINE)),
+                                 optim=dataclasses.replace(optim, loss_engine=LossEngineConfig(**DISTILL_ENGINE)),
                                  teacher2_scale=scale, teacher2_stage_k=stage_k, weights=DistillWeights()),
     }
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from bevperc.gesture.data import IMAGE_EXTENSIONS, letterbox_resize, normalise_image, pil_to_uint8
-from bevperc.gesture.train import load_detector
-from bevperc.models.centernet import decode_detections
+from bevperc.gesture.train import load_centernet
+from bevperc.models.centernet import decode_centernet
 from bevperc.utils.io import atomic_write_json
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -31,7 +31,7 @@ def detect_folder(
     Writes ``out_dir/<relative path>.png`` with boxes drawn and ``out_dir/detections.json``
     {image path: [{"label", "score", "box_xyxy" (original pixels), "box_xywh_norm" (HaGRID)}]}.
     """
-    model, payload = load_detector(checkpoint)
+    model, payload = load_centernet(checkpoint)
     classes, size = payload["classes"], payload["input_size"]
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     paths = sorted(p for p in image_dir.rglob(pattern) if p.suffix in IMAGE_EXTENSIONS)
@@ -46,7 +46,7 @@ def detect_folder(
             raise OSError(f"{path}: cannot read image ({err})") from None
         square, (pad_left, pad_top, side) = letterbox_resize(image, size)
         out = model(normalise_image(pil_to_uint8(square))[None])
-        det = decode_detections(out.heatmap, out.wh, out.offset, model.output_stride, max_detections, score_threshold)[0]
+        det = decode_centernet(out.heatmap, out.wh, out.offset, model.output_stride, max_detections, score_threshold)[0]
         scale = side / size
         entries = []
         draw = ImageDraw.Draw(image)

@@ -52,7 +52,7 @@ from bevperc.gesture.train import (
     det_task_weights,
     fit,
     gesture_loss_engine,
-    load_detector,
+    load_centernet,
     save_run,
 )
 from bevperc.models.centernet import (
@@ -169,7 +169,7 @@ def object_cell_weight(teacher_heat_logits: Tensor, size: tuple[int, int], floor
 def teacher_peak_count(teacher_logits: Tensor, threshold: float = 0.3) -> Tensor:
     """Per-sample [B] number of teacher detections: 3x3 local maxima of sigmoid(logits) >= threshold.
 
-    The same peak rule as ``decode_detections``; at least 1. It plays the role of the number of
+    The same peak rule as ``decode_centernet``; at least 1. It plays the role of the number of
     labelled centres in the CenterNet focal loss, so a heatmap term is "per object", not "per cell".
     """
     prob = torch.sigmoid(teacher_logits)
@@ -290,7 +290,7 @@ def _link(cfg: DistillConfig, student: CenterNet, teacher: CenterNet, stages: li
 def _teacher1_link(cfg: DistillConfig, student: CenterNet) -> TeacherLink:
     if not cfg.teacher1_checkpoint:
         raise ValueError("teacher1_checkpoint: required while teacher-1 weights are non-zero")
-    t1, payload = load_detector(cfg.teacher1_checkpoint)
+    t1, payload = load_centernet(cfg.teacher1_checkpoint)
     _check_classes(payload, cfg.data.classes, cfg.teacher1_checkpoint)
     s_size = cfg.data.input_size
     if payload["input_size"] != s_size:
@@ -307,7 +307,7 @@ def _teacher1_link(cfg: DistillConfig, student: CenterNet) -> TeacherLink:
 def _teacher2_link(cfg: DistillConfig, student: CenterNet) -> TeacherLink:
     if not cfg.teacher2_checkpoint:
         raise ValueError("teacher2_checkpoint: required while teacher-2 weights are non-zero")
-    t2, payload = load_detector(cfg.teacher2_checkpoint)
+    t2, payload = load_centernet(cfg.teacher2_checkpoint)
     _check_classes(payload, cfg.data.classes, cfg.teacher2_checkpoint)
     L, s_size = cfg.teacher2_scale, cfg.data.input_size
     if cfg.teacher2_align == "stride":

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 
 from bevperc.gesture.config import GestureDataConfig
 from bevperc.gesture.data import GestureDataset, collate_gestures
-from bevperc.models.centernet import CenterNet, decode_detections
+from bevperc.models.centernet import CenterNet, decode_centernet
 
 
 @torch.no_grad()
-def predict_dataset(
+def predict_gestures(
     model: CenterNet,
     dataset: GestureDataset,
     image_index: int = 0,
@@ -36,7 +36,7 @@ def predict_dataset(
     results = []
     for batch in loader:
         out = model(batch["images"][image_index])
-        for det in decode_detections(out.heatmap, out.wh, out.offset, model.output_stride, max_detections, score_threshold):
+        for det in decode_centernet(out.heatmap, out.wh, out.offset, model.output_stride, max_detections, score_threshold):
             results.append({k: v.numpy() for k, v in det.items()})
     return results
 
@@ -89,7 +89,7 @@ def coco_map(
 def evaluate_model(model: CenterNet, dataset: GestureDataset, image_index: int = 0) -> dict[str, float]:
     """mAP of ``model`` on ``dataset`` (input size = dataset.input_sizes[image_index])."""
     size = dataset.input_sizes[image_index]
-    detections = predict_dataset(model, dataset, image_index)
+    detections = predict_gestures(model, dataset, image_index)
     gt_boxes = [dataset[i]["boxes"].numpy() * size for i in range(len(dataset))]
     gt_labels = [r.labels for r in dataset.records]
     return coco_map(gt_boxes, gt_labels, detections, list(dataset.cfg.classes), size)
@@ -97,9 +97,9 @@ def evaluate_model(model: CenterNet, dataset: GestureDataset, image_index: int =
 
 def evaluate_checkpoint(checkpoint: str | Path, data: GestureDataConfig) -> dict[str, Any]:
     """Load a checkpoint and score it on ``data`` at the checkpoint's own input size."""
-    from bevperc.gesture.train import load_detector
+    from bevperc.gesture.train import load_centernet
 
-    model, payload = load_detector(checkpoint)
+    model, payload = load_centernet(checkpoint)
     if list(payload["classes"]) != list(data.classes):
         raise ValueError(f"{checkpoint}: classes {payload['classes']} != data.classes {data.classes}")
     cfg = GestureDataConfig(**{**data.__dict__, "input_size": payload["input_size"]})

@@ -2,7 +2,7 @@
 
 The exported graph maps a normalised image [B,3,S,S] to (heatmap probabilities [B,C,h,w],
 wh [B,2,h,w], offset [B,2,h,w]); decoding (peak picking) stays on the host
-(``bevperc.models.centernet.decode_detections(..., heatmap_is_logits=False)``).
+(``bevperc.models.centernet.decode_centernet(..., heatmap_is_logits=False)``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bevperc.gesture.train import load_detector
+from bevperc.gesture.train import load_centernet
 from bevperc.models.centernet import ExportableCenterNet
 from bevperc.utils.io import atomic_write_json
 
@@ -31,7 +31,7 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, opset: int = 17, 
     import onnx
     import onnxruntime as ort
 
-    model, payload = load_detector(checkpoint)
+    model, payload = load_centernet(checkpoint)
     wrapper = ExportableCenterNet(model).eval()
     size = payload["input_size"]
     onnx_path = Path(onnx_path)

@@ -10,13 +10,14 @@ three engine tasks; with the engine disabled (the default for plain training) th
 fixed-weight sum ``1*heatmap + 0.1*wh + 1*offset``. A GestureTask without teachers *is* plain
 training, which is what makes zero-weight distillation equal plain training bit for bit.
 
-A run directory holds ``model.pt`` (the detector, ``save_detector``), ``history.json``,
+A run directory holds ``model.pt`` (the detector, ``save_centernet``), ``history.json``,
 ``engine_summary.json``, ``config.yaml`` and the Trainer's ``train.log``, ``run_info.json``,
 ``tensorboard/`` and ``checkpoints/`` (what ``resume=True`` continues from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -30,7 +31,7 @@ from bevperc.engine.checkpoint import load_checkpoint, load_weights
 from bevperc.engine.distributed import dist_info, iterations_per_epoch
 from bevperc.gesture.config import GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
-from bevperc.losses.engine import LossEngine, LossEngineConfig
+from bevperc.losses.engine import LossEngine
 from bevperc.models.centernet import CenterNet, DetectorConfig, FeatureSet
 from bevperc.utils.config import from_dict, save_config, to_dict
 from bevperc.utils.io import atomic_torch_save, atomic_write_json
@@ -84,9 +85,9 @@ def det_task_weights(optim: OptimConfig) -> dict[str, float]:
 
 def gesture_loss_engine(task_weights: dict[str, float], optim: OptimConfig) -> LossEngine:
     """The project's LossEngine over the tasks of ``task_weights`` (in that order), which are its
-    first weights, with the settings ``optim.engine``."""
-    cfg = from_dict(LossEngineConfig, {**optim.engine, "fixed_weights": dict(task_weights)}, source="optim.engine")
-    return LossEngine(list(task_weights), cfg)
+    first weights, with the settings ``optim.loss_engine``."""
+    weights = {name: float(weight) for name, weight in task_weights.items()}
+    return LossEngine(list(task_weights), dataclasses.replace(optim.loss_engine, fixed_weights=weights))
 
 
 def engine_summary(engine: LossEngine) -> dict:
@@ -187,7 +188,7 @@ def save_run(trainer: Trainer, out: Path, classes: list[str], input_size: int, r
     path = out / "model.pt"
     if not trainer.dist.is_main:
         return path
-    save_detector(path, task.detector, classes, input_size, role, extra)
+    save_centernet(path, task.detector, classes, input_size, role, extra)
     losses, per_epoch = trainer.history["loss"], trainer.iters_per_epoch
     epoch_loss = [_finite_mean(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
     atomic_write_json(out / "history.json", {"history": trainer.history, "epoch_loss": epoch_loss,
@@ -204,7 +205,7 @@ def _finite_mean(values: list[float]) -> float | None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_detector(path: str | Path, model: CenterNet, classes: list[str], input_size: int, role: str, extra: dict | None = None) -> Path:
+def save_centernet(path: str | Path, model: CenterNet, classes: list[str], input_size: int, role: str, extra: dict | None = None) -> Path:
     """Checkpoint = weights + everything needed to rebuild the model (plain types only)."""
     payload = {
         "model": model.state_dict(),
@@ -217,8 +218,8 @@ def save_detector(path: str | Path, model: CenterNet, classes: list[str], input_
     return atomic_torch_save(payload, path)
 
 
-def load_detector(path: str | Path) -> tuple[CenterNet, dict]:
-    """Rebuild a detector from ``save_detector`` output (``weights_only=True``); eval mode."""
+def load_centernet(path: str | Path) -> tuple[CenterNet, dict]:
+    """Rebuild a detector from ``save_centernet`` output (``weights_only=True``); eval mode."""
     payload = load_checkpoint(path)  # weights_only=True; errors name the file
     for key in ("model", "detector", "classes", "input_size"):
         if key not in payload:

@@ -320,7 +320,7 @@ def _topk_peaks(heat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def decode_detections(
+def decode_centernet(
     heatmap: Tensor,
     wh: Tensor,
     offset: Tensor,

@@ -13,7 +13,11 @@ Rules:
     list/tuple of those, nested dataclasses, dicts);
   * ``overrides`` are ``dotted.key=value`` strings, the value parsed as YAML;
   * numbers are read the YAML 1.2 way: ``1e-3`` and ``1e9`` are floats (PyYAML's YAML 1.1
-    rules make them strings), in files and overrides alike.
+    rules make them strings), in files and overrides alike;
+  * a renamed field keeps its old spelling as an alias: ``field(..., metadata={"aliases": ["old"]})``.
+    ``old`` is read as the field in files, mappings and overrides (an override in either spelling
+    replaces the file's value in either spelling); one mapping that gives both spellings raises
+    ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -115,7 +119,23 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _aliases(cls: type) -> dict[str, str]:
+    """``{old spelling: field name}`` of dataclass ``cls`` (``metadata={"aliases": [...]}`` of its fields)."""
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("aliases", ())}
+
+
+def _with_field_names(cls: type, data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``data`` with the old spellings of ``cls``'s fields renamed to the fields; both given is an error."""
+    aliases = {old: name for old, name in _aliases(cls).items() if old in data}
+    for old, name in aliases.items():
+        if name in data:
+            raise ConfigError(f"{where or '<root>'}: both {old!r} (the old spelling) and {name!r} are given "
+                              f"for {cls.__name__}.{name}; keep only {name!r}")
+    return {aliases.get(key, key): value for key, value in data.items()} if aliases else data
+
+
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    data = _with_field_names(cls, data, where)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -161,14 +181,35 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass of annotation ``tp`` (itself, or the one in an ``Optional``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((arg for arg in typing.get_args(tp) if dataclasses.is_dataclass(arg)), None)
+    return None
+
+
+def _set_dotted(cls: type, data: dict, dotted: str, value: Any) -> None:
+    """Set ``data[k1][k2]... = value`` for the override ``k1.k2...=value``, reading each key of a
+    dataclass level in its field name: an old spelling, in the override or in ``data``, becomes the
+    field's name, so either spelling of an override replaces either spelling of the file."""
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
+    node, level = data, cls
+    for depth, key in enumerate(keys):
+        if level is not None:
+            aliases = _aliases(level)
+            key = aliases.get(key, key)
+            for old, name in aliases.items():
+                if name == key and old in node and key not in node:
+                    node[key] = node.pop(old)
+            level = _dataclass_in(typing.get_type_hints(level).get(key))
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = value
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -200,7 +241,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             value = safe_load_yaml(raw)
         except yaml.YAMLError:
             value = raw
-        _set_dotted(data, key.strip(), value)
+        _set_dotted(cls, data, key.strip(), value)
     if overrides:
         source = f"{source} (+overrides)"
     return from_dict(cls, data, source)

@@ -2,7 +2,7 @@
 
 Pure functions on arrays: images ``(H, W, 3)`` uint8 (or anything
 :func:`bevperc.viz.cameras.to_display_image` takes), boxes ``(K, 4)`` ``x1, y1, x2, y2`` in
-image pixels (what ``bevperc.models.centernet.decode_detections`` returns), heatmaps
+image pixels (what ``bevperc.models.centernet.decode_centernet`` returns), heatmaps
 ``(C, h, w)`` per detector (probabilities; pass ``logits=True`` for raw head outputs).
 """
 

@@ -2,7 +2,7 @@
 
 Keys used: ``mean_dist_aps`` ({class: AP averaged over the 4 distance thresholds}),
 ``label_aps`` ({class: {threshold: AP}}), ``label_tp_errors`` ({class: {metric: error}}),
-``mean_ap`` and ``nd_score``. Both bevperc evaluation engines and the devkit write it.
+``mean_ap`` and ``nd_score``. Both bevperc evaluators (fast and devkit) write it.
 """
 
 from __future__ import annotations
