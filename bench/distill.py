@@ -90,16 +90,15 @@ def needed_base_runs(variants: list[str], weights: tuple[float, float, float, fl
 
 
 def _engine_settings(steps: int, options: dict[str, Any]) -> LossEngineConfig:
-    """``DISTILL_ENGINE`` with its schedule scaled to the (short) run (group after ~1/5 of the steps),
+    """The engine's defaults with the schedule scaled to the (short) run (group after ~1/5 of the steps),
     then the ``--engine-option`` ``options``: a ``LossEngineConfig``."""
-    from bevperc.gesture.config import DISTILL_ENGINE
     from bevperc.losses.config import LossEngineConfig
     from bevperc.utils.config import from_dict
 
     warm = max(5, steps // 5)
     schedule = {"warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
                 "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
-    return from_dict(LossEngineConfig, {**DISTILL_ENGINE, **schedule, **options}, source="--engine-option")
+    return from_dict(LossEngineConfig, {**schedule, **options}, source="--engine-option")
 
 
 def parse_engine_options(items: list[str]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ distillation weights at 0 run literally the same training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from bevperc.losses.config import LossEngineConfig
 from bevperc.models.centernet import DetectorConfig
@@ -86,19 +86,6 @@ class GestureTrainConfig:
     role: Literal["student", "teacher1", "teacher2", "teacher2_resize"] = "student"
 
 
-DISTILL_ENGINE: dict[str, Any] = {"enabled": True, "first_weighting": "fixed", "lag_reference": "grouping",
-                                  "lag_temperature": 1.0}
-"""Loss-engine settings of distillation: the ``LossEngineConfig`` fields that ``DistillConfig.optim.loss_engine``
-sets away from their defaults (a run also sets its schedule: ``warmup_steps``, ``affinity_steps``,
-``regroup_every``, ``condition_every``).
-
-``first_weighting: fixed``: the first loss of a set is the weighted sum of the raw terms with the
-``DistillWeights`` / CenterNet priors, as in plain KD, and the engine moves only the second weights
-between sets (all ones = the fixed-weight KD sum); ``lag_reference: grouping``: a set's progress is
-measured from when it was formed; ``lag_temperature: 1.0``: a gentler lag rule than the engine
-default (0.33). Why, with the measurements: docs/methods.md, part B, "Why these defaults"."""
-
-
 @dataclass
 class DistillWeights:
     """First weights of the distillation tasks; 0 removes the task (and its teacher) entirely.
@@ -126,7 +113,7 @@ class DistillConfig:
 
     student: DetectorConfig = field(default_factory=DetectorConfig)
     data: GestureDataConfig = field(default_factory=GestureDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(loss_engine=LossEngineConfig(**DISTILL_ENGINE)))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(loss_engine=LossEngineConfig()))  # the engine's defaults
     teacher1_checkpoint: Optional[str] = None
     teacher2_checkpoint: Optional[str] = None
     teacher2_scale: int = 2

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from bevperc.gesture.config import (
-    DISTILL_ENGINE,
     DistillConfig,
     DistillWeights,
     GestureDataConfig,
@@ -50,7 +49,7 @@ def run_configs(
         "teacher2_resize": GestureTrainConfig(model=teacher2_config(scale, stage_k, aligned=False), data=big_data,
                                               optim=optim, role="teacher2_resize"),
         "distill": DistillConfig(student=student_config(), data=train_data,
-                                 optim=dataclasses.replace(optim, loss_engine=LossEngineConfig(**DISTILL_ENGINE)),
+                                 optim=dataclasses.replace(optim, loss_engine=LossEngineConfig()),
                                  teacher2_scale=scale, teacher2_stage_k=stage_k, weights=DistillWeights()),
     }
 

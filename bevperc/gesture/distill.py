@@ -21,8 +21,8 @@ Per training step (image 1 = student resolution S, image 2 = L*S):
      scales the CenterNet map priors heatmap 1 / wh 0.1 / offset 1 (``TeacherLink.task_weights``).
    * plus the ordinary detection tasks ``det_heatmap``, ``det_wh``, ``det_offset`` on labels.
 5. ``LossEngine`` groups the tasks into sets and balances them; its summary is saved with the run.
-   Distillation runs it with ``config.DISTILL_ENGINE`` (raw terms x the priors above inside a set,
-   lag measured from each set's formation); why: docs/methods.md, part B.
+   Distillation runs it with the engine's defaults (raw terms x the priors above inside a set,
+   lag measured from each set's formation), the same as the BEV detector; why: docs/methods.md.
 
 A weight of 0 removes a task (a teacher with both weights 0 is not even loaded, a teacher
 whose features are not distilled gets no adapters). With all distillation weights 0 the run is

@@ -6,14 +6,15 @@ velocity; distillation terms). The engine
 1. measures task affinity (per-sample loss correlation and/or gradient cosine on the
    shared features) during a warm-up and periodically, and clusters the tasks with
    scikit-learn into N > 1 task sets (or uses ``fixed_sets``);
-2. first loss per set: ``F_j = sum_{i in j} a_i * L_i / s_i`` with first weights ``a_i``
-   (the user's ``fixed_weights`` as priors, normalised to mean 1 inside the set, so that
-   grouping by itself does not reweight tasks by the size of their set) and a
-   detached per-task loss scale ``s_i``: by default (``loss_scale='recent'``) the task's
-   mean loss over the last window, refreshed every k steps (so ``L_i / s_i`` acts like a
-   log-loss and every task keeps relative pressure while it converges), or its initial
-   loss (``'initial'``: mean of the first ``scale_warmup_steps`` finite non-zero values).
-   Either way each set is invariant to the raw scale of its tasks;
+2. first loss per set: by default (``first_weighting='fixed'``) ``F_j = sum_{i in j} w_i * L_i``,
+   the raw losses with the user's ``fixed_weights`` (the tuned weights: with all second weights 1
+   the engine's loss is the fixed-weight sum); with ``first_weighting='normalise'``,
+   ``F_j = sum_{i in j} a_i * L_i / s_i`` with first weights ``a_i`` (the ``fixed_weights`` as
+   priors, normalised to mean 1 inside the set, so that grouping by itself does not reweight tasks
+   by the size of their set) and a detached per-task loss scale ``s_i``: the task's mean loss over
+   the last window (``loss_scale='recent'``, refreshed every k steps, so ``L_i / s_i`` acts like a
+   log-loss) or its initial loss (``'initial'``: mean of the first ``scale_warmup_steps`` finite
+   non-zero values); either way each set is then invariant to the raw scale of its tasks;
 3. second loss ``sum_j w_j F_j`` with second weights ``w`` positive and summing to N
    (mean weight 1: all-ones is the plain sum of the set losses);
 4. alternating schedule: the caller back-propagates the returned total and steps the
@@ -28,7 +29,7 @@ whether the log-loss moved beyond its measured noise (gate ~1) or sat on a plate
 the neutral (mean) level by ``1 - gate``: a flat set or task is treated as neither ahead nor
 behind, so it keeps about the mean weight but cannot keep gaining weight.
 
-First weights (optional in step 5): with ``first_weight_temperature > 0`` the second process
+First weights (optional in step 5, with ``first_weighting='normalise'``): with ``first_weight_temperature > 0`` the second process
 also applies the gated lag rule inside each set every k steps (a task's share of its set
 follows ``prior * ratio ** (1 / first_weight_temperature)``, smoothed and floored, ratio =
 recent loss / initial loss); ``0`` keeps them at the normalised priors.
