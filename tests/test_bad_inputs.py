@@ -3,7 +3,7 @@
 Every kind must end in one of two ways: exit code 2 and a message naming the file or field (no
 traceback, and no result file or temporary file left in the output folder), or a safe skip with a
 warning and exit code 0 (complete outputs). The kinds and what each does are the table of the
-README's "Reliability" section (``python tests/test_bad_inputs.py`` prints it).
+docs/reliability.md, "The battery of bad inputs" (``python tests/test_bad_inputs.py`` prints it).
 
 Shared, built once per module: a tiny info dir (4 mini_train samples) over the session's synthetic
 world, a 2-step training run of the demo config, a tables-only nuScenes world with a valid
@@ -264,7 +264,7 @@ def _truncate_an_image(data: Path) -> None:
 class Kind:
     name: str
     command: str          # train | eval | viz | gesture | create_infos | synthetic
-    behaviour: str        # for the README table
+    behaviour: str        # for the table in docs/reliability.md
     argv: Callable[[World, Path], list[str]]
     expect: str           # regular expression the output must contain
     exit_code: int = 2
@@ -529,12 +529,12 @@ def test_the_battery_has_at_least_40_kinds_through_every_command() -> None:
     assert {k.command for k in KINDS} == {"train", "eval", "viz", "gesture", "create_infos", "synthetic"}
 
 
-def readme_table() -> str:
-    """The README's kind -> behaviour table."""
+def reliability_table() -> str:
+    """The kind -> behaviour table of docs/reliability.md."""
     lines = ["| command | bad input | behaviour |", "|---|---|---|"]
     lines += [f"| {k.command} | {k.name} | {k.behaviour} (exit {k.exit_code}) |" for k in KINDS]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print(reliability_table())

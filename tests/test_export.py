@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "nuscenes-real-sample"
 ATOL = 1e-4
 # The demo detector (RegNetX-400MF backbone): float32 rounding alone puts PyTorch ~3e-4 from a float64
-# forward on this model, so no float32 runtime meets 1e-4; the export is checked at 1e-3, as README's
-# "The check" advises at R50 size, and onnxruntime must be about as exact as PyTorch float32.
+# forward on this model, so no float32 runtime meets 1e-4; the export is checked at 1e-3, as docs/detector.md's
+# "The check" (Deploy (ONNX)) advises at R50 size, and onnxruntime must be about as exact as PyTorch float32.
 BEV_ATOL = 1e-3
 
 

@@ -299,7 +299,7 @@ def test_shipped_gesture_configs_are_the_presets_and_distil_with_the_documented_
     ``gesture.demo.run_configs`` builds from ``gesture/presets.py`` (data under data/gestures, 30
     epochs), so the YAMLs cannot drift from the presets; the distillation config adds only the
     teacher checkpoints and an engine schedule to the engine's defaults, so the command a
-    user copies from the README runs what was measured."""
+    user copies from the README (or docs/gesture.md) runs what was measured."""
     from bevperc.gesture.config import DistillConfig, GestureDataConfig, GestureTrainConfig
     from bevperc.gesture.demo import data_configs
     from bevperc.utils.config import load_config
