@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from bevperc.engine.distributed import process_alive  # noqa: E402
+from bevperc.training.distributed import process_alive  # noqa: E402
 from helpers.toy_train import assert_same, child_pids  # noqa: E402
 
 TOY_TRAIN = REPO / "tests" / "helpers" / "toy_train.py"

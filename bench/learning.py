@@ -59,7 +59,7 @@ def train_run(config: str, work_dir: Path, seed: int, overrides: list[str], thre
 
 def read_run(work_dir: Path) -> dict[str, Any]:
     """The validation curve of a finished run, from its latest checkpoint's history."""
-    from bevperc.engine.checkpoint import load_checkpoint
+    from bevperc.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(work_dir / "checkpoints" / "latest.pth")
     batch = state["data"]["batch_size"] * state["data"]["world_size"]

@@ -36,7 +36,7 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int, device: 
 
     from bevperc.config import load_run_config
     from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
-    from bevperc.engine.trainer import move_to_device
+    from bevperc.training.trainer import move_to_device
     from bevperc.models.detector import default_task_weights
     from bevperc.models.detector import build_detector
 

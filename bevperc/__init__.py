@@ -5,7 +5,7 @@ Package layout (by role):
     bevperc.data        info files, datasets, augmentation
     bevperc.models      backbone, neck, lift/splat, BEV encoder, heads, gesture detectors
     bevperc.losses      the task-set balanced loss engine and detection losses
-    bevperc.engine      training loop, checkpoints, distributed helpers
+    bevperc.training      training loop, checkpoints, distributed helpers
     bevperc.evaluation  nuScenes evaluation (devkit and fast exact evaluator)
     bevperc.gesture     gesture detection with dual-teacher distillation
     bevperc.viz         figures of what the model sees

@@ -6,7 +6,7 @@ find what a field does:
     data   -> bevperc.data.config.DataConfig
     model  -> bevperc.models.config.ModelConfig
     loss   -> bevperc.losses.engine.LossEngineConfig
-    train  -> bevperc.engine.config.TrainConfig
+    train  -> bevperc.training.config.TrainConfig
     eval   -> EvalConfig (below)
 
     cfg = load_run_config("configs/demo_cpu.yaml", ["train.epochs=2"])
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from bevperc.data.config import DataConfig
-from bevperc.engine.config import TrainConfig
+from bevperc.training.config import TrainConfig
 from bevperc.losses.engine import LossEngineConfig
 from bevperc.models.config import ModelConfig
 from bevperc.utils.config import ConfigError, load_config

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from bevperc.config import Config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
-from bevperc.engine.checkpoint import load_checkpoint, load_weights
+from bevperc.training.checkpoint import load_checkpoint, load_weights
 from bevperc.models.config import ModelConfig
 from bevperc.models.detector import BEVDetector, build_detector
 from bevperc.models.image_head import orient_by_image

@@ -27,9 +27,9 @@ from torch import nn
 from bevperc.config import Config, load_run_config
 from bevperc.data.dataset import NuScenesBEVDataset, collate_bev
 from bevperc.data.infos import DataError
-from bevperc.engine.checkpoint import CheckpointError, WorkDirLocked, lock_work_dir
-from bevperc.engine.distributed import cleanup_distributed, dist_info
-from bevperc.engine.trainer import Trainer
+from bevperc.training.checkpoint import CheckpointError, WorkDirLocked, lock_work_dir
+from bevperc.training.distributed import cleanup_distributed, dist_info
+from bevperc.training.trainer import Trainer
 from bevperc.inference import predict_dataset
 from bevperc.losses.engine import LossEngine
 from bevperc.models.detector import build_detector, default_task_weights, task_names

@@ -39,10 +39,10 @@ def synthetic_infos(synthetic_root) -> dict[str, Path]:
 @pytest.fixture
 def one_thread():
     """One intra-op thread while the test runs (fast and steady on a shared 2-core CPU); afterwards the
-    training engine's log files are released."""
+    trainer's log files are released."""
     import torch
 
-    from bevperc.engine.logging import close_logger
+    from bevperc.training.logging import close_logger
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

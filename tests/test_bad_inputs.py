@@ -512,7 +512,7 @@ def test_bad_input(kind: Kind, world: World, tmp_path: Path, capsys, caplog) -> 
             holder = _HOLDERS.pop()
             holder.kill()
             holder.wait()
-        from bevperc.engine.logging import close_logger
+        from bevperc.training.logging import close_logger
 
         close_logger()
     captured = capsys.readouterr()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bevperc.engine.checkpoint import load_checkpoint
-from bevperc.engine.distributed import process_alive
+from bevperc.training.checkpoint import load_checkpoint
+from bevperc.training.distributed import process_alive
 from helpers.toy_train import assert_same, child_pids
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from bevperc.engine.distributed import ResumableDistributedSampler, iterations_per_epoch
+from bevperc.training.distributed import ResumableDistributedSampler, iterations_per_epoch
 from helpers.toy_train import ToyQuadrants
 
 REPO = Path(__file__).resolve().parents[1]

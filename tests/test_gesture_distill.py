@@ -83,7 +83,7 @@ def test_gesture_training_settings_are_the_trainers_cosine_with_a_linear_warmup(
     """``OptimConfig`` -> the Trainer's ``TrainConfig``: every sample every epoch (10 samples, batch 4:
     3 iterations), ``warmup_epochs`` of linear warm-up rising as (step + 1) / (warmup + 1), never 0,
     then the Trainer's cosine to ``min_lr_ratio`` at the last step."""
-    from bevperc.engine.schedule import lr_factor
+    from bevperc.training.schedule import lr_factor
     from bevperc.gesture.config import OptimConfig
     from bevperc.gesture.train import trainer_config
 
@@ -106,8 +106,8 @@ def test_distillation_resumes_to_the_uninterrupted_result_bit_for_bit(tiny_set: 
     checkpoint at step 4 (mid-epoch 2); ``resume=True`` continues from it: the Trainer's checkpoint (weights,
     optimizer, loss-engine state, RNG, per-step history) and model.pt equal the uninterrupted run's bit for bit."""
     import bevperc.gesture.train as gesture_train
-    from bevperc.engine.checkpoint import load_checkpoint
-    from bevperc.engine.trainer import Trainer
+    from bevperc.training.checkpoint import load_checkpoint
+    from bevperc.training.trainer import Trainer
     from helpers.toy_train import assert_same
 
     settings = gesture_train.trainer_config

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bevperc.config import load_run_config
-from bevperc.engine.checkpoint import load_checkpoint, lock_work_dir
+from bevperc.training.checkpoint import load_checkpoint, lock_work_dir
 from bevperc.train import main as train_main
 from bevperc.viz.demo import DEMO_CONFIG
 from helpers.tiny_runs import REPO, linked_root, train_argv, write_infos
@@ -119,7 +119,7 @@ def test_a_forked_child_of_a_dead_trainer_does_not_hold_its_work_dir(tmp_path):
     """DataLoader workers (forked) outlive a SIGKILLed trainer by seconds: its resume must not find the dir locked."""
 
     code = ("import os, sys, time\n"
-            "from bevperc.engine.checkpoint import lock_work_dir\n"
+            "from bevperc.training.checkpoint import lock_work_dir\n"
             "with lock_work_dir(sys.argv[1]):\n"
             "    child = os.fork()\n"
             "    if child == 0:\n"

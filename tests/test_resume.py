@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bevperc.engine.checkpoint import load_checkpoint
-from bevperc.engine.logging import close_logger
+from bevperc.training.checkpoint import load_checkpoint
+from bevperc.training.logging import close_logger
 from helpers.toy_train import assert_same, build_trainer, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""bevperc.engine in one process: schedules, NaN/inf skipping, EMA, logging, TensorBoard, sampler.
+"""bevperc.training in one process: schedules, NaN/inf skipping, EMA, logging, TensorBoard, sampler.
 
 The model is the real toy conv net of tests/helpers/toy_train.py trained for a few steps.
 """
@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from bevperc.engine import TrainConfig, Trainer, sample_rng, write_run_info
-from bevperc.engine.checkpoint import check_plain, load_checkpoint
-from bevperc.engine.distributed import ResumableDistributedSampler
-from bevperc.engine.ema import ModelEMA
-from bevperc.engine.logging import close_logger, setup_logger
-from bevperc.engine.schedule import build_scheduler, lr_factor
+from bevperc.training import TrainConfig, Trainer, sample_rng, write_run_info
+from bevperc.training.checkpoint import check_plain, load_checkpoint
+from bevperc.training.distributed import ResumableDistributedSampler
+from bevperc.training.ema import ModelEMA
+from bevperc.training.logging import close_logger, setup_logger
+from bevperc.training.schedule import build_scheduler, lr_factor
 from bevperc.utils.config import ConfigError, from_dict
 from helpers.toy_train import ToyQuadrants, assert_same, build_trainer, parse_args
 
@@ -344,7 +344,7 @@ def test_amp_on_cuda_trains_checkpoints_and_resumes(tmp_path, amp_dtype):
 @pytest.mark.parametrize("total_iters", [1, 2, 3, 12])
 def test_onecycle_handles_runs_shorter_than_warmup(total_iters):
     """A short run (e.g. a smoke test) with warmup_iters > total iterations must not crash."""
-    from bevperc.engine.schedule import build_scheduler
+    from bevperc.training.schedule import build_scheduler
 
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)

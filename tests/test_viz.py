@@ -419,8 +419,8 @@ def test_training_curves_from_a_trainer_checkpoint_and_the_cli(tmp_path):
     import torch
     from helpers.toy_train import build_trainer, parse_args
 
-    from bevperc.engine.checkpoint import load_checkpoint
-    from bevperc.engine.logging import close_logger
+    from bevperc.training.checkpoint import load_checkpoint
+    from bevperc.training.logging import close_logger
     from bevperc.viz.__main__ import main as viz_main
     from bevperc.viz.training import history_from_checkpoint, plot_training_curves
 

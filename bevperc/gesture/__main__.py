@@ -1,7 +1,7 @@
 """``python -m bevperc.gesture {synth,train,distill,eval,detect,export,demo}``.
 
 Configs are YAML files of the dataclasses in ``bevperc.gesture.config`` plus ``--set a.b=value``
-overrides (see configs/gesture_*.yaml). ``train`` and ``distill`` run ``bevperc.engine.Trainer``:
+overrides (see configs/gesture_*.yaml). ``train`` and ``distill`` run ``bevperc.training.Trainer``:
 ``--resume`` continues a killed run, ``torchrun --nproc_per_node N -m bevperc.gesture train ...``
 trains data-parallel. Bad input (a config, an annotation, an image, a checkpoint)
 ends the command with exit code 2 and a message naming the file or field.
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bevperc.engine.checkpoint import WorkDirLocked
-    from bevperc.engine.distributed import cleanup_distributed
+    from bevperc.training.checkpoint import WorkDirLocked
+    from bevperc.training.distributed import cleanup_distributed
 
     start = time.perf_counter()
     try:

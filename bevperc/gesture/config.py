@@ -46,7 +46,7 @@ class GestureDataConfig:
 @dataclass
 class OptimConfig:
     """Training settings shared by plain training and distillation (``gesture.train.trainer_config``
-    turns them into the ``bevperc.engine.Trainer``'s ``TrainConfig``)."""
+    turns them into the ``bevperc.training.Trainer``'s ``TrainConfig``)."""
 
     epochs: int = 20
     batch_size: int = 16

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from bevperc.engine.seeding import sample_rng
+from bevperc.training.seeding import sample_rng
 from bevperc.gesture.config import SYNTHETIC_CLASSES, GestureDataConfig
 from bevperc.models.centerpoint_head import gaussian_radius  # the CenterNet radius, one implementation
 from bevperc.utils.io import atomic_write_json

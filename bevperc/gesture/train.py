@@ -1,4 +1,4 @@
-"""Training of one CenterNet gesture detector on labels, through :class:`bevperc.engine.Trainer`.
+"""Training of one CenterNet gesture detector on labels, through :class:`bevperc.training.Trainer`.
 
 ``train_detector`` trains a student or a teacher; ``distill.distill_student`` trains a student
 the same way with frozen teachers beside it. Both hand the Trainer a :class:`GestureTask` (the
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bevperc.engine import TrainConfig, Trainer
-from bevperc.engine.checkpoint import load_checkpoint, load_weights
-from bevperc.engine.distributed import dist_info, iterations_per_epoch
+from bevperc.training import TrainConfig, Trainer
+from bevperc.training.checkpoint import load_checkpoint, load_weights
+from bevperc.training.distributed import dist_info, iterations_per_epoch
 from bevperc.gesture.config import GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
 from bevperc.losses.engine import LossEngine

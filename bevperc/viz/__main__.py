@@ -91,7 +91,7 @@ def write_figures(args: argparse.Namespace, out: Path) -> dict[str, Path]:
                                              out / "loss_engine.png", args.dpi)  # fmt: skip
 
     if args.checkpoint:
-        from bevperc.engine.checkpoint import load_checkpoint
+        from bevperc.training.checkpoint import load_checkpoint
         from bevperc.viz.training import history_from_checkpoint, plot_training_curves
 
         history = history_from_checkpoint(load_checkpoint(args.checkpoint))

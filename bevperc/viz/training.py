@@ -1,6 +1,6 @@
 """Training curves of a run: loss per step, learning rate, in-training validation metrics.
 
-Input: the ``history`` dict :class:`bevperc.engine.Trainer` keeps (``Trainer.history``, returned by
+Input: the ``history`` dict :class:`bevperc.training.Trainer` keeps (``Trainer.history``, returned by
 ``fit()``) or the one stored in its checkpoints (``state["history"]``, loss/lr as float64 tensors)::
 
     {"loss": [per step], "lr": [per step], "grad_norm": [per step], "skipped_steps": [global steps],

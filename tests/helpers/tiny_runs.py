@@ -74,7 +74,7 @@ def train_argv(work_dir: Path, dataroot: Path, info_dir: Path | None = None, *ov
 def hold_lock(work_dir: Path) -> subprocess.Popen:
     """A process that holds the training lock of ``work_dir`` until killed (returns once it holds it)."""
     code = ("import sys, time\n"
-            "from bevperc.engine.checkpoint import lock_work_dir\n"
+            "from bevperc.training.checkpoint import lock_work_dir\n"
             "with lock_work_dir(sys.argv[1]):\n"
             "    print('locked', flush=True)\n"
             "    time.sleep(600)\n")

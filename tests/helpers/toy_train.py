@@ -1,4 +1,4 @@
-"""A small real training run through bevperc.engine.Trainer, used by the engine tests.
+"""A small real training run through bevperc.training.Trainer, used by the engine tests.
 
 Model: a few conv layers (BatchNorm or GroupNorm, dropout) with a regression head and a
 classification head. Data: synthetic 3x16x16 images whose four quadrants have random
@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from bevperc.engine import TrainConfig, Trainer, sample_rng, seed_process  # noqa: E402
-from bevperc.engine.distributed import all_reduce_mean, dist_info  # noqa: E402
+from bevperc.training import TrainConfig, Trainer, sample_rng, seed_process  # noqa: E402
+from bevperc.training.distributed import all_reduce_mean, dist_info  # noqa: E402
 from bevperc.losses.engine import LossEngine, LossEngineConfig  # noqa: E402
 
 IMAGE_SIZE = 16

@@ -6,7 +6,7 @@ The trainer knows nothing about detection. It is given
 * ``loss``, one of two things:
 
   - a :class:`~bevperc.losses.engine.LossEngine`, for a model with the task-model contract
-    (:class:`~bevperc.engine.task_loss.TaskModel`): ``outputs = model(batch)``,
+    (:class:`~bevperc.training.task_loss.TaskModel`): ``outputs = model(batch)``,
     ``model.loss(outputs, batch) -> (task_losses {name: scalar}, per_sample {name: [B]})`` with the
     engine's task names. The step's loss is ``engine(task_losses, per_sample)``, each task is logged
     as ``task/<name>``, and the trainer owns the engine: it checkpoints it (extra state
@@ -16,7 +16,7 @@ The trainer knows nothing about detection. It is given
   - ``compute_loss(model, batch) -> (loss, logs)`` for anything else: ``loss`` a scalar tensor to
     minimise, ``logs`` a ``dict[str, float | Tensor]`` of scalars to log (same keys on every rank);
 * ``train_dataset``: a map-style dataset (``len`` + ``__getitem__``); see
-  :mod:`bevperc.engine.seeding` for the augmentation-randomness rule that makes resume exact;
+  :mod:`bevperc.training.seeding` for the augmentation-randomness rule that makes resume exact;
 * ``extra_state``: objects with ``state_dict``/``load_state_dict`` saved in checkpoints
   (e.g. a running normaliser); ``nn.Module`` ones are moved to the device; any with a
   ``log_scalars(writer, step)`` method are asked to log to TensorBoard;
@@ -34,14 +34,14 @@ The trainer knows nothing about detection. It is given
   checkpoint is written first (and rewritten with the result); a validation that raises is
   logged and training goes on; a run resumed between the two validates then.
 
-Rank 0 holds :func:`bevperc.engine.checkpoint.lock_work_dir` while it trains; a resume loads the
+Rank 0 holds :func:`bevperc.training.checkpoint.lock_work_dir` while it trains; a resume loads the
 newest checkpoint that loads (``latest.pth``, else the newest intact ``iter_*.pth``, with a warning).
 
 Where the parts live: what a checkpoint holds, its saving and its loading in
-:mod:`bevperc.engine.checkpoint` (``checkpoint_from_trainer``, ``load_trainer_state``); AdamW with
-the extra-parameter group in :func:`bevperc.engine.schedule.build_optimizer`; the device and the DDP
-wrapper in :mod:`bevperc.engine.distributed`; the log lines' running means in
-:class:`bevperc.engine.logging.LogWindow`.
+:mod:`bevperc.training.checkpoint` (``checkpoint_from_trainer``, ``load_trainer_state``); AdamW with
+the extra-parameter group in :func:`bevperc.training.schedule.build_optimizer`; the device and the DDP
+wrapper in :mod:`bevperc.training.distributed`; the log lines' running means in
+:class:`bevperc.training.logging.LogWindow`.
 
 One step (:meth:`Trainer.train_one_step`):
 forward under autocast -> all-reduce ``[loss, non-finite flag, logs]`` -> skip everywhere if any
@@ -64,15 +64,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bevperc.engine import checkpoint as ckpt
-from bevperc.engine.config import TrainConfig
-from bevperc.engine.distributed import (ResumableDistributedSampler, all_reduce_sum, any_rank, average_gradients,
+from bevperc.training import checkpoint as ckpt
+from bevperc.training.config import TrainConfig
+from bevperc.training.distributed import (ResumableDistributedSampler, all_reduce_sum, any_rank, average_gradients,
                                         init_distributed, iterations_per_epoch, training_device, wrap_model)
-from bevperc.engine.ema import ModelEMA
-from bevperc.engine.logging import LogWindow, format_duration, setup_logger, write_run_info
-from bevperc.engine.schedule import build_optimizer, build_scheduler
-from bevperc.engine.seeding import loader_generator, preserved_rng_state, seed_process, seed_worker
-from bevperc.engine.task_loss import TaskLoss, engine_hooks
+from bevperc.training.ema import ModelEMA
+from bevperc.training.logging import LogWindow, format_duration, setup_logger, write_run_info
+from bevperc.training.schedule import build_optimizer, build_scheduler
+from bevperc.training.seeding import loader_generator, preserved_rng_state, seed_process, seed_worker
+from bevperc.training.task_loss import TaskLoss, engine_hooks
 from bevperc.losses.engine import LossEngine
 
 ComputeLoss = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]
@@ -538,12 +538,12 @@ class Trainer:
 
     def state_dict(self, rng_states: list[dict]) -> dict:
         """Everything a resume needs, as tensors and primitives (loads with weights_only=True);
-        ``rng_states``: one per rank. Contents: :func:`~bevperc.engine.checkpoint.checkpoint_from_trainer`."""
+        ``rng_states``: one per rank. Contents: :func:`~bevperc.training.checkpoint.checkpoint_from_trainer`."""
         return ckpt.checkpoint_from_trainer(self, rng_states)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current position (collective; rank 0 writes, every rank raises if
-        that fails): :func:`~bevperc.engine.checkpoint.save_trainer_checkpoint`."""
+        that fails): :func:`~bevperc.training.checkpoint.save_trainer_checkpoint`."""
         path = ckpt.save_trainer_checkpoint(self)
         self._last_saved_step = self.global_step
         return path
@@ -552,12 +552,12 @@ class Trainer:
         """Load the newest intact checkpoint of the work dir (read by rank 0, broadcast to the others).
 
         ``latest.pth``, else the newest ``iter_*.pth`` that loads, with a warning naming what was
-        skipped and what is used; a :class:`~bevperc.engine.checkpoint.CheckpointError` when none loads.
+        skipped and what is used; a :class:`~bevperc.training.checkpoint.CheckpointError` when none loads.
         """
         return ckpt.resume_trainer(self)
 
     def load_state_dict(self, state: dict, source: str | Path = "<checkpoint>") -> None:
         """Restore a :meth:`state_dict` (same model, data and global batch size); a
-        :class:`~bevperc.engine.checkpoint.CheckpointError` naming ``source`` when it does not fit."""
+        :class:`~bevperc.training.checkpoint.CheckpointError` naming ``source`` when it does not fit."""
         ckpt.load_trainer_state(self, state, source)
         self._last_saved_step = self.global_step

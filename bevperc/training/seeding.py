@@ -2,7 +2,7 @@
 
 Three kinds of randomness, three rules:
 
-* **Sample order**: :class:`bevperc.engine.distributed.ResumableDistributedSampler` shuffles with
+* **Sample order**: :class:`bevperc.training.distributed.ResumableDistributedSampler` shuffles with
   a generator seeded by ``(seed, epoch)`` only, so a resumed run can skip the batches it
   has already seen.
 * **Data augmentation**: a dataset must draw its augmentation randomness from

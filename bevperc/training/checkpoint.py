@@ -12,7 +12,7 @@ python primitives so they load with ``torch.load(weights_only=True)``. A resume 
 newest checkpoint that loads (:func:`load_newest_intact`), and a training holds
 :func:`lock_work_dir` so that two runs never write into one work dir.
 
-A :class:`~bevperc.engine.trainer.Trainer`'s checkpoint (format :data:`CHECKPOINT_FORMAT`) holds the
+A :class:`~bevperc.training.trainer.Trainer`'s checkpoint (format :data:`CHECKPOINT_FORMAT`) holds the
 model, optimizer, scheduler, scaler, EMA and extra states, one RNG state per rank, the data position
 and history: :func:`checkpoint_from_trainer` writes that dict, :func:`load_trainer_state` restores it,
 :func:`save_trainer_checkpoint` and :func:`resume_trainer` do so collectively over the ranks.
@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from bevperc.engine.distributed import all_gather_objects, all_reduce_sum, broadcast_object
-from bevperc.engine.ema import ModelEMA
-from bevperc.engine.seeding import seed_process
+from bevperc.training.distributed import all_gather_objects, all_reduce_sum, broadcast_object
+from bevperc.training.ema import ModelEMA
+from bevperc.training.seeding import seed_process
 from bevperc.utils.io import atomic_torch_save
 
 if TYPE_CHECKING:
     import logging
 
-    from bevperc.engine.trainer import Trainer
+    from bevperc.training.trainer import Trainer
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"

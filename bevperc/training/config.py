@@ -1,4 +1,4 @@
-"""Training-engine configuration (one dataclass; the coordinator nests it as ``train:``)."""
+"""Training configuration (one dataclass; the coordinator nests it as ``train:``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 @dataclass
 class TrainConfig:
-    """Everything the model-agnostic :class:`bevperc.engine.Trainer` needs to know.
+    """Everything the model-agnostic :class:`bevperc.training.Trainer` needs to know.
 
     Sizes are per process: the global batch is ``batch_size * WORLD_SIZE``.
     Iteration counts (``warmup_iters``, ``log_every``, ``checkpoint_every``) count

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from bevperc.engine.config import TrainConfig
+from bevperc.training.config import TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, model_params: list[nn.Parameter], extra_parameters: list[nn.Parameter],

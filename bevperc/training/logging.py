@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 from bevperc.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from bevperc.engine.trainer import StepResult
+    from bevperc.training.trainer import StepResult
 
 LOGGER_NAME = "bevperc"
 _FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
-_HANDLER_TAG = "_bevperc_engine_handler"
+_HANDLER_TAG = "_bevperc_training_handler"
 
 
 def setup_logger(work_dir: str | Path | None, rank: int = 0, level: int = logging.INFO) -> logging.Logger:

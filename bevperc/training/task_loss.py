@@ -52,7 +52,7 @@ def engine_hooks(engine: LossEngine, model: nn.Module, extra_state: Mapping[str,
     it all-reduces its statistics itself, so every rank takes the same grouping and weight decisions)."""
     if not isinstance(model, TaskModel):
         raise TypeError(f"{type(model).__name__} has no loss(outputs, batch): a model trained with a LossEngine "
-                        f"returns its task losses from it (see bevperc.engine.task_loss.TaskModel)")
+                        f"returns its task losses from it (see bevperc.training.task_loss.TaskModel)")
     extra_state = dict(extra_state or {})
     if "loss_engine" in extra_state:
         raise ValueError("extra_state['loss_engine']: the trainer checkpoints the loss engine it is given itself")
