@@ -182,6 +182,16 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def print_gap_table(rows: list[dict[str, Any]]) -> None:
+    """Per task (rows) and method (columns): the mean relative gap to the best method of the seed."""
+    if not rows:
+        return
+    print("| task | " + " | ".join(row["method"] for row in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for task in rows[0]["gaps"]:
+        print(f"| {task} | " + " | ".join(f"{row['gaps'][task]:.3f}" for row in rows) + " |")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -238,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         futures = [pool.submit(one, method, seed) for seed in args.seeds for method in args.methods]
         for future in futures:
             record(future.result())
-    print_table(summarise(runs))
+    rows = summarise(runs)
+    print_table(rows)
+    print()
+    print_gap_table(rows)
     return 0
 
 
