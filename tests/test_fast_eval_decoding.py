@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bevperc.evaluation import submission_chunks
+from bevperc.evaluation import submission_chunks, submission_scan
 from bevperc.evaluation import workers as worker_pool
 from bevperc.evaluation.columns import float_fields, struct_field_floats
 from bevperc.evaluation.fast_eval import FastDetectionEval, load_ground_truth, to_jsonable
@@ -67,18 +67,18 @@ def _fast(path: Path, tokens=None, workers: int = 1) -> PredictionBoxes | None:
 
 def _msgspec_decoded_everything(path: Path) -> bool:
     """Whether the fast path decoded every list of boxes with msgspec (no json-module fallback)."""
-    layout = submission_chunks._layout(path)
+    layout = submission_scan.read_layout(path)
     raw = path.read_bytes()[layout.start:layout.end]
-    return all(m.structs for m in submission_chunks._scan(raw))
+    return all(m.structs for m in submission_scan._scan(raw))
 
 
 def _whole_pieces_take(path: Path) -> bool:
     """Whether the range of the whole file decodes piece by piece (one msgspec call per piece, no
     member-by-member fallback)."""
-    layout = submission_chunks._layout(path)
+    layout = submission_scan.read_layout(path)
     raw = path.read_bytes()[layout.start:layout.end]
     task = submission_chunks._ChunkOptions(str(path), 500, False, None, None)
-    return submission_chunks._whole_pieces(task, raw, submission_chunks._for_msgspec(raw)) is not None
+    return submission_chunks._whole_pieces(task, raw, submission_scan.for_msgspec(raw)) is not None
 
 
 def assert_same_boxes(a: PredictionBoxes, b: PredictionBoxes) -> None:
@@ -278,8 +278,8 @@ def test_float_fields_headers_and_other_values():
 def test_velocities_read_n_as_nan(velocities):
     """"N" (a NaN velocity) anywhere, next to floats whose bytes look like msgpack's "N": NaN there,
     every other value bit for bit."""
-    boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v, "car",
-                                       0.5, "vehicle.moving") for v in velocities]
+    boxes = [submission_scan._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v, "car",
+                                     0.5, "vehicle.moving") for v in velocities]
     flat = [value for v in velocities for value in v]
     reference = np.array([math.nan if value == "N" else value for value in flat], dtype=np.float64).reshape(-1, 2)
     assert _bits(submission_chunks._velocities(boxes)) == _bits(reference)
@@ -295,8 +295,8 @@ def test_velocities_of_many_boxes():
             velocities[i] = ("N", velocities[i][1]) if i % 3 else ("N", "N")
             values[i, 0] = math.nan
             values[i, 1] = values[i, 1] if i % 3 else math.nan
-        boxes = [submission_chunks._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v,
-                                           "car", 0.5, "vehicle.moving") for v in velocities]
+        boxes = [submission_scan._NanBox(TOKENS[0], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0, 0.0), v,
+                                         "car", 0.5, "vehicle.moving") for v in velocities]
         assert _bits(submission_chunks._velocities(boxes)) == _bits(values)
 
 
@@ -304,7 +304,7 @@ def test_pieces_cut_inside_strings_and_repeated_samples(tmp_path, monkeypatch):
     """Pieces of a few hundred bytes: cuts inside strings (a piece that does not decode: the
     member-by-member path reads the range), a sample listed twice inside a piece, optional and
     unknown fields in some members: the json reader's columns or error."""
-    monkeypatch.setattr(submission_chunks, "_PIECE_BYTES", 300)
+    monkeypatch.setattr(submission_scan, "_PIECE_BYTES", 300)
     tricky = [_box(TOKENS[0], note='"a}], b"'), _box(TOKENS[0], velocity="[NaN, 2.5]")]
     optional = [_box(TOKENS[1], num_pts="7"), _box(TOKENS[1], ego_translation="[1.0, 2.0, 3.0]", note="[[1]]")]
     plain = [(token, [_box(token), _box(token, velocity="[1.5, NaN]")]) for token in TOKENS[2:]]
@@ -383,7 +383,7 @@ def mini(tmp_path_factory, eval_bench):
 def test_boundary_is_the_first_match_of_the_alternation(text, pos):
     alternation = re.compile(rb"(?:\}[ \t\n\r]*\]|\[[ \t\n\r]*\])(?P<cut>)[ \t\n\r]*,")
     data = text.encode()
-    expected, found = alternation.search(data, pos), submission_chunks._BOUNDARY.search(data, pos)
+    expected, found = alternation.search(data, pos), submission_scan.BOUNDARY.search(data, pos)
     assert (expected is None) == (found is None)
     if found is not None:
         assert ((found.start(), found.start("cut"), found.end())
@@ -393,8 +393,8 @@ def test_boundary_is_the_first_match_of_the_alternation(text, pos):
 def test_ranges_in_worker_processes_give_the_stream_readers_columns(mini, tmp_path, monkeypatch):
     root, tokens, results = mini
     monkeypatch.setattr(worker_pool, "RANGE_BYTES", 8192)
-    layout = submission_chunks._layout(results)
-    assert len(byte_ranges(results, layout.start, layout.end, submission_chunks._BOUNDARY)) > 10
+    layout = submission_scan.read_layout(results)
+    assert len(byte_ranges(results, layout.start, layout.end, submission_scan.BOUNDARY)) > 10
     reference = read_submission_stream(results, tokens)
     assert np.isnan(reference.velocity).any()
     for workers in (1, 2):

@@ -1,23 +1,16 @@
 """Fast path of :func:`~bevperc.evaluation.submission.read_submission`: byte ranges of the file
 decoded by msgspec straight into columns, in worker processes.
 
-1. **Layout** (this process): the file must be ``{"meta": {...}, "results": {...}}`` or
-   ``{"results": {...}, "meta": {...}}`` (any JSON whitespace; ``meta`` a flat object). Anything else
-   is left to the json-module stream reader.
+Stages 1 to 3 read bytes and are detailed in :mod:`~bevperc.evaluation.submission_scan`; this module
+runs them and does stages 4 and 5.
+
+1. **Layout** (this process): where the members of ``results`` are, in either of the two layouts of
+   the result format; anything else is left to the json-module stream reader.
 2. **Ranges**: the members of ``results`` are cut into byte ranges of about
-   :data:`~bevperc.evaluation.workers.RANGE_BYTES` after a sample's list of boxes (``}]`` or ``[]``
-   followed by ``,``).
-3. **Decoding** (a worker per range): the range is cut into pieces of about :data:`_PIECE_BYTES`
-   (same cuts), and msgspec decodes each piece in one call as a JSON object ``{token: [box, ...]}``
-   into structs (types, lengths, integers and the class and attribute names checked; every number it
-   returns is finite; a sample listed twice stays two entries, in file order). The non-standard
-   ``NaN`` literal (NaN velocities, which the devkit allows) is first overwritten with the string
-   ``"N"`` (same length: offsets hold), which is accepted only in ``velocity``, and only when the
-   range has no ``"N"`` of its own. If a piece does not decode or validate, the range is read member
-   by member: each member is a JSON key and a list of boxes, the list ends at the first ``}]`` and
-   msgspec decodes it; a list msgspec does not take (null, Infinity, numbers beyond float range, wrong
-   types, NaN elsewhere, a ``}]`` inside a string) is decoded by the json module from the original
-   bytes, as the stream reader would.
+   :data:`~bevperc.evaluation.workers.RANGE_BYTES` after a sample's list of boxes.
+3. **Decoding** (a worker per range): the range is cut into pieces, each decoded by one msgspec call
+   into structs (``NaN`` velocities included); if a piece does not decode or validate, the range is
+   read member by member, by msgspec or else the json module.
 4. **Columns and validation**: each piece's structs become columns right after decoding, while they
    are in the CPU cache: msgspec's msgpack encoder writes their floats as IEEE doubles in one call, a
    fixed layout that NumPy reads as strided columns (the bits: nothing is converted one by one, see
@@ -28,15 +21,13 @@ decoded by msgspec straight into columns, in worker processes.
 5. **Filtering** (when evaluating): each worker drops the boxes the devkit's ``filter_eval_boxes``
    drops and splits the rest by class, so only those travel back.
 
-If a range does not scan as complete members (invalid JSON, or a cut inside a string), the whole
-file goes to the stream reader, which raises its JSON error or reads it. A successful scan is a
-proof of validity: each range is a sequence of complete members, so their concatenation is too.
+If a range does not scan as complete members, the whole file goes to the stream reader, which raises
+its JSON error or reads it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -44,12 +35,12 @@ from functools import cached_property
 from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Union
+from typing import Any, Iterable
 
 import msgspec
 import numpy as np
 
-from bevperc.data.classes import ATTRIBUTE_NAMES, DETECTION_NAME_INDEX, DETECTION_NAMES
+from bevperc.data.classes import DETECTION_NAME_INDEX
 from bevperc.evaluation.columns import (
     FLOAT64_TAG,
     BoxColumns,
@@ -70,99 +61,22 @@ from bevperc.evaluation.submission import (
     empty_columns,
     sample_columns,
 )
+from bevperc.evaluation.submission_scan import (
+    BOUNDARY,
+    Box,
+    Member,
+    ScanError,
+    decode_piece,
+    for_msgspec,
+    piece_ranges,
+    read_layout,
+    scan_members,
+)
 from bevperc.evaluation.timing import StageTimer
 from bevperc.evaluation.workers import byte_ranges, default_workers, run_tasks
 
-_WS = rb"[ \t\n\r]*"
-_META = rb"(\{[^{}]*\})"
-_HEAD_META_FIRST = re.compile(rb"\A" + _WS + rb'\{' + _WS + rb'"meta"' + _WS + rb":" + _WS + _META + _WS + rb","
-                              + _WS + rb'"results"' + _WS + rb":" + _WS + rb"\{")
-_HEAD_RESULTS_FIRST = re.compile(rb"\A" + _WS + rb"\{" + _WS + rb'"results"' + _WS + rb":" + _WS + rb"\{")
-_TAIL_META_FIRST = re.compile(rb"\}" + _WS + rb"\}" + _WS + rb"\Z")
-_TAIL_RESULTS_FIRST = re.compile(rb"\}" + _WS + rb"," + _WS + rb'"meta"' + _WS + rb":" + _WS + _META + _WS
-                                 + rb"\}" + _WS + rb"\Z")
-
-
-class _Boundary:
-    """Where a range may end: after a list of boxes (``}]`` or ``[]``, any whitespace inside) and before
-    a comma; ``search`` is ``re.Pattern.search`` of ``(?:}WS]|[WS])(?P<cut>)WS,``, found as the earlier of
-    its two branches: each starts with a literal byte, which the re module finds much faster than
-    it tries the alternation at every byte."""
-
-    close = re.compile(rb"\}" + _WS + rb"\](?P<cut>)" + _WS + rb",")
-    empty = re.compile(rb"\[" + _WS + rb"\](?P<cut>)" + _WS + rb",")
-
-    def search(self, data: bytes, pos: int = 0) -> re.Match | None:
-        close = self.close.search(data, pos)
-        empty = self.empty.search(data, pos, close.start() if close is not None else len(data))
-        return empty or close
-
-
-_BOUNDARY = _Boundary()
-_KEY = re.compile(_WS + rb'("(?:[^"\\]|\\.)*")' + _WS + rb":" + _WS, re.DOTALL)
-_EMPTY_LIST = re.compile(rb"\[" + _WS + rb"\]")
-_LIST_END = re.compile(rb"\}" + _WS + rb"\]")
-_SEPARATOR = re.compile(_WS + rb",")
-_REST_IS_SPACE = re.compile(_WS + rb"\Z")
-_JSON = json.JSONDecoder()
-
-
-class _Box(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    """A box with the 8 fields of the result format and no other (what nearly every file has)."""
-
-    sample_token: str
-    translation: tuple[float, float, float]
-    size: tuple[float, float, float]
-    rotation: tuple[float, float, float, float]
-    velocity: tuple[float, float]
-    detection_name: Literal[DETECTION_NAMES]
-    detection_score: float
-    attribute_name: Literal[ATTRIBUTE_NAMES + ("",)]
-
-
-class _NanBox(_Box, gc=False, forbid_unknown_fields=True):
-    velocity: tuple[Union[float, Literal["N"]], Union[float, Literal["N"]]]  # "N": NaN (see _for_msgspec)
-
-
-class _FullBox(_Box, gc=False, forbid_unknown_fields=False):
-    """A box that may have the devkit's optional fields, and fields it ignores."""
-
-    num_pts: int = -1
-    ego_translation: Union[tuple[float, float, float], msgspec.UnsetType] = msgspec.UNSET
-
-
-class _FullNanBox(_FullBox, gc=False, forbid_unknown_fields=False):
-    velocity: tuple[Union[float, Literal["N"]], Union[float, Literal["N"]]]
-
-
-class _Key:
-    """The key of a member of ``results`` decoded by msgspec as a dict key: hashed by identity, so that
-    a sample listed twice stays two entries of the dict (in file order)."""
-
-    __slots__ = ("token",)
-
-    def __init__(self, token: str):
-        self.token = token
-
-
-def _key_hook(type_: type, value: Any) -> Any:
-    if type_ is _Key and isinstance(value, str):
-        return _Key(value)
-    raise NotImplementedError
-
-
-def _decoders(box_types: tuple[type, type]) -> tuple[tuple, tuple]:
-    """msgspec decoders of a list of boxes and of an object of lists ``{token: boxes}`` (a piece of a
-    range), for boxes with the 8 fields only and for any box: tried in this order."""
-    return (tuple(msgspec.json.Decoder(list[t]) for t in box_types),
-            tuple(msgspec.json.Decoder(dict[_Key, list[t]], dec_hook=_key_hook) for t in box_types))
-
-
-# [nan_ok]: whether "N" is read as a NaN velocity (see _for_msgspec)
-_LIST_DECODERS, _OBJECT_DECODERS = zip(_decoders((_Box, _FullBox)), _decoders((_NanBox, _FullNanBox)))
 _NAN = {"N": float("nan")}
 _BATCH_BOXES = 2048  # member by member: boxes turned into columns at a time (their structs still in the CPU cache)
-_PIECE_BYTES = 1 << 19  # whole pieces: bytes decoded by one msgspec call, then turned into columns
 _TOKEN = attrgetter("sample_token")
 _FIXED = attrgetter("translation", "size", "rotation", "detection_score")
 _FIXED_WIDTHS = (3, 3, 4, 0)
@@ -170,43 +84,6 @@ _VELOCITY = attrgetter("velocity")
 _MSGPACK = msgspec.msgpack.Encoder()
 _VELOCITY_RECORD = 19  # msgpack bytes of a (float, float) tuple: header, then 0xcb + 8 bytes per float
 _N_SHORTER = 7  # the string "N" takes 2 bytes instead of 9
-
-
-class _ScanError(Exception):
-    """A byte range is not a sequence of complete ``"token": value`` members."""
-
-
-# --------------------------------------------------------------------------- planning (this process)
-@dataclass
-class _Layout:
-    meta: Any
-    start: int  # byte offset of the members of "results"
-    end: int  # byte offset of the brace closing "results"
-
-
-def _layout(path: Path, window: int = 1 << 16) -> _Layout | None:
-    """Where the members of ``results`` are, and the decoded ``meta``; None for another layout."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(window)
-        tail_offset = max(0, size - window)
-        handle.seek(tail_offset)
-        tail = handle.read()
-    head_match = _HEAD_META_FIRST.match(head)
-    if head_match is not None:
-        tail_match = _TAIL_META_FIRST.search(tail)
-        meta_text = head_match.group(1)
-    else:
-        head_match = _HEAD_RESULTS_FIRST.match(head)
-        tail_match = _TAIL_RESULTS_FIRST.search(tail) if head_match is not None else None
-        meta_text = tail_match.group(1) if tail_match is not None else b""
-    if head_match is None or tail_match is None or tail_offset + tail_match.start() < head_match.end():
-        return None
-    try:
-        meta = json.loads(meta_text)
-    except ValueError:
-        return None
-    return _Layout(meta=meta, start=head_match.end(), end=tail_offset + tail_match.start())
 
 
 # --------------------------------------------------------------------------- one range (a worker)
@@ -237,109 +114,7 @@ class _ChunkResult:
     task_cpu: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _Member:
-    token: str
-    boxes: Any  # list of _Box (until turned into columns), or what the json module decoded
-    structs: bool  # boxes are msgspec structs
-    start: int  # byte range of the value in the chunk
-    end: int
-    optional: bool = False  # structs of _FullBox (optional or unknown fields)
-
-
-def _for_msgspec(raw: bytes) -> tuple[bytes | bytearray, bool]:
-    """What msgspec decodes the lists of a range from, and whether "N" is read as NaN: NaN literals
-    overwritten by ``"N"`` (same length) for the decoders that read ``"N"`` in ``velocity`` as NaN;
-    the original bytes and the decoders that take numbers only when the range has a ``"N"`` of its
-    own (its lists with NaN then go to the json module)."""
-    nan_at = []
-    at = raw.find(b"N")  # a capital N is rare in a submission: this is a fast scan
-    while at >= 0:
-        if raw.startswith(b"NaN", at):
-            nan_at.append(at)
-        elif at > 0 and raw.startswith(b'"N"', at - 1):
-            return raw, False
-        at = raw.find(b"N", at + 1)
-    if not nan_at:
-        return raw, True
-    patched = reused_buffer("patched", len(raw))
-    patched[:] = raw
-    for at in nan_at:
-        patched[at:at + 3] = b'"N"'
-    return patched, True
-
-
-def _decode_boxes(msgspec_input: tuple[bytes | bytearray, bool], start: int, end: int) -> tuple[list | None, bool]:
-    """msgspec structs of the list of boxes at [start, end) (None if msgspec does not take it), and
-    whether they are _FullBox structs (a box has a field beyond the 8 of the format)."""
-    data, nan_ok = msgspec_input
-    text = memoryview(data)[start:end]
-    for optional, decoder in enumerate(_LIST_DECODERS[nan_ok]):
-        try:
-            return decoder.decode(text), bool(optional)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass
-    return None, False
-
-
-def _decode_json(buf: bytes, start: int) -> tuple[Any, int]:
-    """The JSON value at buf[start:] decoded by the json module, and the byte offset after it."""
-    close = _LIST_END.search(buf, start)
-    for stop in ([close.end()] if close is not None else []) + [len(buf)]:
-        try:
-            text = buf[start:stop].decode("utf-8")
-            value, end = _JSON.raw_decode(text)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer beyond the digit limit
-            continue
-        return value, start + len(text[:end].encode("utf-8"))
-    raise _ScanError
-
-
-def _member_value(raw: bytes, msgspec_input: tuple[bytes | bytearray, bool], token: str, start: int) -> _Member:
-    empty = _EMPTY_LIST.match(raw, start)
-    if empty is not None:
-        return _Member(token, [], True, start, empty.end())
-    close = _LIST_END.search(raw, start) if raw.startswith(b"[", start) else None
-    if close is not None:
-        boxes, optional = _decode_boxes(msgspec_input, start, close.end())
-        if boxes is not None:
-            return _Member(token, boxes, True, start, close.end(), optional)
-    value, end = _decode_json(raw, start)
-    return _Member(token, value, False, start, end)
-
-
-def _members(raw: bytes, msgspec_input: tuple[bytes | bytearray, bool] | None = None) -> Iterator[_Member]:
-    """The members of a range of ``results``, decoded, in order; raises :class:`_ScanError` (after
-    the members before the problem). ``msgspec_input``: :func:`_for_msgspec` of ``raw``."""
-    if _REST_IS_SPACE.match(raw):
-        return
-    msgspec_input = msgspec_input or _for_msgspec(raw)
-    pos = 0
-    while True:
-        key = _KEY.match(raw, pos)
-        if key is None:
-            raise _ScanError
-        try:
-            token = json.loads(key.group(1))
-        except ValueError:
-            raise _ScanError from None
-        member = _member_value(raw, msgspec_input, token, key.end())
-        yield member
-        separator = _SEPARATOR.match(raw, member.end)
-        if separator is not None:
-            pos = separator.end()
-        elif _REST_IS_SPACE.match(raw, member.end):
-            return
-        else:
-            raise _ScanError
-
-
-def _scan(raw: bytes) -> list[_Member]:
-    """The members of a range of ``results``, decoded; raises :class:`_ScanError`."""
-    return list(_members(raw))
-
-
-def _velocities(boxes: list[_Box]) -> np.ndarray:
+def _velocities(boxes: list[Box]) -> np.ndarray:
     """float64 [n, 2]: the velocities of structs, "N" read as NaN.
 
     Through msgpack, as :func:`~bevperc.evaluation.columns.float_fields`: a (float, float) tuple is
@@ -371,7 +146,7 @@ def _velocities(boxes: list[_Box]) -> np.ndarray:
     return np.fromiter(map(_NAN.get, values, values), dtype=np.float64, count=2 * n).reshape(n, 2)
 
 
-def _struct_fields(boxes: list[_Box], expected_tokens: list[str], optional: bool) -> dict[str, Any] | None:
+def _struct_fields(boxes: list[Box], expected_tokens: list[str], optional: bool) -> dict[str, Any] | None:
     """Raw columns of msgspec-decoded boxes (types and lengths already checked by msgspec);
     ``optional``: some are _FullBox structs (num_pts and ego_translation are read)."""
     if list(map(_TOKEN, boxes)) != expected_tokens:
@@ -395,7 +170,7 @@ def _struct_fields(boxes: list[_Box], expected_tokens: list[str], optional: bool
                 num_pts=num_pts)
 
 
-def _struct_columns(members: list[_Member], first: int, task: _ChunkOptions,
+def _struct_columns(members: list[Member], first: int, task: _ChunkOptions,
                     attributes: np.ndarray | None) -> dict[str, np.ndarray] | None:
     """Columns of consecutive struct members (sample_index: ``first`` + position), None if invalid;
     ``attributes`` None: the checks of :func:`columns_valid` are left to the caller."""
@@ -413,7 +188,7 @@ def _struct_columns(members: list[_Member], first: int, task: _ChunkOptions,
     return columns
 
 
-def _json_columns(buf: bytes, members: list[_Member], first: int, task: _ChunkOptions,
+def _json_columns(buf: bytes, members: list[Member], first: int, task: _ChunkOptions,
                   attributes: np.ndarray) -> dict[str, np.ndarray]:
     """Columns of consecutive members from the json module's values (as the stream reader validates
     them); raises the first problem as (member index, error)."""
@@ -448,13 +223,13 @@ class _RangeColumns:
         self.attributes = attribute_table(task.allow_empty_attribute)
         self.tokens: list[str] = []
         self.parts: list[dict[str, np.ndarray]] = []
-        self.run: list[_Member] = []  # members of one kind not yet in parts
+        self.run: list[Member] = []  # members of one kind not yet in parts
         self.run_first = 0  # index of run[0] among the range's members
         self.run_boxes = 0
         self.failure: _MemberError | None = None
         self.cpu = 0.0  # CPU seconds spent turning structs into columns and validating them
 
-    def add(self, member: _Member) -> None:
+    def add(self, member: Member) -> None:
         index = len(self.tokens)
         self.tokens.append(member.token)
         if self.failure is not None:
@@ -507,53 +282,30 @@ def read_chunk(task: _ChunkOptions, byte_range: tuple[int, int]) -> _ChunkResult
         return _read_range(task, buf, started)
 
 
-def _pieces(buf: bytes) -> list[tuple[int, int]]:
-    """Byte ranges of about :data:`_PIECE_BYTES` that cover ``buf``, cut as the ranges are, but only
-    after a list that is not empty (a cut inside a string makes a piece that does not decode)."""
-    pieces, begin = [], 0
-    while len(buf) - begin > 2 * _PIECE_BYTES:
-        found = _Boundary.close.search(buf, begin + _PIECE_BYTES)
-        if found is None:
-            break
-        pieces.append((begin, found.start("cut")))
-        begin = found.end()
-    pieces.append((begin, len(buf)))
-    return pieces
-
-
 def _whole_pieces(task: _ChunkOptions, buf: bytes,
                   msgspec_input: tuple[bytes | bytearray, bool]) -> tuple[list[str], list[dict], float] | None:
-    """The members of a valid range, decoded piece by piece (:func:`_pieces`), each piece by one
+    """The members of a valid range, decoded piece by piece (:func:`piece_ranges`), each piece by one
     msgspec call as a JSON object ``{token: boxes}`` and turned into columns right away, then
     validated: the tokens, the columns and the CPU seconds spent on columns. None when a piece
     does not decode (a NaN or "N" where the fast decoders do not take it, null, Infinity, wrong types,
     a cut inside a string, invalid JSON) or the range does not validate: then the member-by-member path
-    (:func:`_members`) reads the range, with the json module where msgspec does not take a list, and
+    (:func:`scan_members`) reads the range, with the json module where msgspec does not take a list, and
     names the first problem.
 
     A piece that decodes is a sequence of complete members read as the member-by-member path reads
     them (the same text, decoders and checks; the keys decoded by msgspec, which takes a string only
     when the json module gives the same one), so its end is a member's end and the next piece
     starts at the next member: by induction, the same members, values and columns."""
-    data, nan_ok = msgspec_input
-    decoders = _OBJECT_DECODERS[nan_ok]
     attributes = attribute_table(task.allow_empty_attribute)
-    view = memoryview(data)
     tokens: list[str] = []
     parts: list[dict] = []
     cpu = 0.0
-    for begin, end in _pieces(buf):
-        text = b"".join((b"{", view[begin:end], b"}"))
-        for optional, decoder in enumerate(decoders):
-            try:
-                decoded = decoder.decode(text)
-                break
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
-        else:
+    for begin, end in piece_ranges(buf):
+        decoded, optional = decode_piece(msgspec_input, begin, end)
+        if decoded is None:
             return None
         started = time.process_time()
-        members = [_Member(key.token, boxes, True, begin, end, bool(optional)) for key, boxes in decoded.items()]
+        members = [Member(key.token, boxes, True, begin, end, optional) for key, boxes in decoded.items()]
         del decoded
         columns = _struct_columns(members, len(tokens), task, None)
         if columns is None:
@@ -570,17 +322,17 @@ def _whole_pieces(task: _ChunkOptions, buf: bytes,
 
 
 def _read_range(task: _ChunkOptions, buf: bytes | bytearray, started: float) -> _ChunkResult:
-    msgspec_input = _for_msgspec(buf)
+    msgspec_input = for_msgspec(buf)
     whole = _whole_pieces(task, buf, msgspec_input)
     if whole is not None:
         tokens, parts, convert_cpu = whole
     else:
         range_columns = _RangeColumns(buf, task)
         try:
-            for member in _members(buf, msgspec_input):
+            for member in scan_members(buf, msgspec_input):
                 range_columns.add(member)
             range_columns.flush()
-        except _ScanError:
+        except ScanError:
             return _ChunkResult(readable=False)
         tokens, parts, convert_cpu = range_columns.tokens, range_columns.parts, range_columns.cpu
     cpu = {"sub_decode": time.process_time() - started - convert_cpu, "sub_validate": convert_cpu}
@@ -631,11 +383,11 @@ def read_chunked(path: Path, expected_sample_tokens: Iterable[str] | None, max_b
     """
     timer = timer or StageTimer()
     with timer.stage("sub_plan"):
-        layout = _layout(path)
+        layout = read_layout(path)
         if layout is None:
             return None
         options = _ChunkOptions(str(path), max_boxes_per_sample, allow_empty_attribute, box_filter, split_tokens)
-        ranges = byte_ranges(path, layout.start, layout.end, _BOUNDARY)
+        ranges = byte_ranges(path, layout.start, layout.end, BOUNDARY)
     source = str(path)
     out = ChunkedSubmission(sample_tokens=[], meta=layout.meta, columns=[], by_class={})
     seen: set[str] = set()
