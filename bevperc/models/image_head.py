@@ -21,8 +21,8 @@ from torch import nn
 
 from bevperc.data.classes import DETECTION_CLASSES
 from bevperc.geometry import box_corners, pixels_from_ego_points
-from bevperc.models.centerpoint_head import HEATMAP_INIT_BIAS, draw_gaussians, gaussian_focal_loss_sums, gaussian_radius
 from bevperc.models.config import ViewTransformerConfig
+from bevperc.models.heatmap import HEATMAP_INIT_BIAS, draw_gaussians, gaussian_focal_loss_sums, gaussian_radius
 
 MIN_OVERLAP = 0.7
 """CenterNet's Gaussian radius overlap for 2D boxes."""
