@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bevperc.data import DataConfig, NuScenesBEVDataset, collate_bev
+from bevperc.models.config import BEVGridConfig
 
 
 def measure(dataset: NuScenesBEVDataset, workers: int, batch_size: int, batches: int) -> tuple[float, float]:
@@ -56,7 +57,7 @@ def main() -> None:
     datasets = {}
     for cached in (False, True) if args.cache else (False,):
         cfg = DataConfig(dataroot=args.dataroot, version=args.version, input_size=tuple(args.input_size),
-                         load_depth=args.depth, image_cache=cached)
+                         gt_range=BEVGridConfig().bounds, load_depth=args.depth, image_cache=cached)
         datasets["image cache" if cached else "JPEG decoding"] = NuScenesBEVDataset(cfg, args.split, train=True)
     if args.cache:  # fill the cache with every sample the measurement reads
         measure(datasets["image cache"], 0, args.batch_size, args.batches)

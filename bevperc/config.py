@@ -14,6 +14,7 @@ find what a field does:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -49,22 +50,23 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        # The network input size lives in two places that must agree: the data pipeline
-        # produces it and the frustum is built for it.
-        if tuple(self.data.input_size) != tuple(self.model.view.input_size):
+        # The network input size and the GT range are the model's: the data section takes them
+        # (left out, None) or restates them, and then must agree.
+        input_size, bounds = tuple(self.model.view.input_size), self.model.grid.bounds
+        if self.data.input_size is not None and tuple(self.data.input_size) != input_size:
             raise ConfigError(
-                f"data.input_size {tuple(self.data.input_size)} != model.view.input_size "
-                f"{tuple(self.model.view.input_size)}: set both to the same (H, W)"
+                f"data.input_size {tuple(self.data.input_size)} != model.view.input_size {input_size}: "
+                "leave data.input_size out (it is the model's) or set both to the same (H, W)"
             )
         if self.model.view.depth_supervision and not self.data.load_depth:
             raise ConfigError("model.view.depth_supervision needs LiDAR depth in the batch: set data.load_depth: true")
-        grid = self.model.grid
-        expected = (grid.x_range[0], grid.y_range[0], grid.z_range[0], grid.x_range[1], grid.y_range[1], grid.z_range[1])
-        if tuple(self.data.gt_range) != tuple(expected):
+        if self.data.gt_range is not None and tuple(self.data.gt_range) != bounds:
             raise ConfigError(
-                f"data.gt_range {tuple(self.data.gt_range)} != model grid ranges {expected} "
-                "(x_min, y_min, z_min, x_max, y_max, z_max): GT outside the grid cannot be learned"
+                f"data.gt_range {tuple(self.data.gt_range)} != model grid ranges {bounds} "
+                "(x_min, y_min, z_min, x_max, y_max, z_max): GT outside the grid cannot be learned; "
+                "leave data.gt_range out (it is the model's)"
             )
+        self.data = dataclasses.replace(self.data, input_size=input_size, gt_range=bounds)
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -286,3 +286,31 @@ def camera_from_ego_points(points_ego: Array, ego_from_camera: Array) -> Array:
     with :func:`invert_transform`, not transposed.
     """
     return transform_points(invert_transform(ego_from_camera), points_ego)
+
+
+def pixels_from_ego_points(points_ego: Array, ego_from_camera: Array, pixels_from_camera: Array,
+                           eps: float = 1e-6) -> tuple[Array, Array]:
+    """Ego-frame points -> pixels and depth (camera z), in one or many cameras at once (torch).
+
+    Args:
+        points_ego: ``(..., P, 3)``.
+        ego_from_camera: ``(..., 4, 4)``, possibly with a BEV augmentation (``bev_aug @ ego_from_camera``;
+            inverted as a whole, not transposed).
+        pixels_from_camera: ``(..., 3, 3)``: the intrinsics, possibly behind an image augmentation
+            (``image_aug @ K``). The leading dims of both broadcast against the points', e.g. cameras
+            ``[N, 1, 4, 4]`` with points ``[M, 9, 3]`` give ``[N, M, 9]``.
+    Returns:
+        pixels ``(..., P, 2)`` and depth ``(..., P)``. The pixels are divided by the depth clamped at
+        ``eps``: points at or behind the camera get finite pixels, which the caller masks by depth.
+    """
+    if _is_tensor(points_ego):
+        import torch
+
+        camera_from_ego = torch.linalg.inv(ego_from_camera)
+        camera = points_ego @ camera_from_ego[..., :3, :3].transpose(-1, -2) + camera_from_ego[..., None, :3, 3]
+        depth = camera[..., 2]
+        return (camera @ pixels_from_camera.transpose(-1, -2))[..., :2] / depth.clamp(min=eps)[..., None], depth
+    camera_from_ego = np.linalg.inv(ego_from_camera)
+    camera = points_ego @ np.swapaxes(camera_from_ego[..., :3, :3], -1, -2) + camera_from_ego[..., None, :3, 3]
+    depth = camera[..., 2]
+    return (camera @ np.swapaxes(pixels_from_camera, -1, -2))[..., :2] / np.maximum(depth, eps)[..., None], depth

@@ -17,10 +17,12 @@ from bevperc.data.config import ImageAugConfig
 from bevperc.data.dataset import load_lidar_points
 from bevperc.data.infos import CAMERA_NAMES
 from bevperc.geometry import invert_transform, transform_boxes, transform_points
+from bevperc.models.config import BEVGridConfig
 
 
 def make_cfg(root: Path, **kwargs) -> DataConfig:
-    return DataConfig(**{"dataroot": str(root), "input_size": (128, 352), **kwargs})
+    """A data config used on its own: it sets the model's values a run config fills in."""
+    return DataConfig(**{"dataroot": str(root), "input_size": (128, 352), "gt_range": BEVGridConfig().bounds, **kwargs})
 
 
 def denormalise(images: torch.Tensor, cfg: DataConfig) -> np.ndarray:

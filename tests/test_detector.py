@@ -26,7 +26,8 @@ from bevperc.models import (
 import torchvision
 
 from bevperc.models.backbone import build_backbone
-from bevperc.models.centerpoint_head import assign_targets, gaussian_radius
+from bevperc.models.centerpoint_head import assign_targets
+from bevperc.models.heatmap import gaussian_focal_loss_sums, gaussian_radius
 from bevperc.models.config import (
     BACKBONE_NAMES,
     BackboneConfig,
@@ -106,9 +107,24 @@ def test_targets_skip_boxes_outside_the_grid_and_respect_max_objs():
     assert targets.indices[0, 0] == 64 * 128 + 64  # x = 0 m, y = 0 m is cell (64, 64); x = 60 m was dropped
 
 
+def test_focal_loss_clamps_the_probabilities_or_takes_logsigmoid():
+    """CenterPoint's clamp bounds a cell's loss at -log(1e-4); without it (the gesture loss) a confident
+    miss costs its whole logit. Both are CenterNet's penalty-reduced focal loss."""
+    target = torch.tensor([[[[1.0, 0.5, 0.0]]]])
+    logits = torch.tensor([[[[-30.0, 0.3, 30.0]]]])
+    clamped, positives = gaussian_focal_loss_sums(logits, target)
+    plain, _ = gaussian_focal_loss_sums(logits, target, clamp=False)
+    p = torch.sigmoid(logits)
+    expected = (-torch.nn.functional.logsigmoid(logits[..., 0]) * (1 - p[..., 0]) ** 2
+                - torch.nn.functional.logsigmoid(-logits[..., 1:]).mul(p[..., 1:] ** 2 * (1 - target[..., 1:]) ** 4).sum(-1))
+    torch.testing.assert_close(plain, expected.flatten())
+    assert positives.tolist() == [1.0] and float(plain) > 60  # the two confident misses, ~30 each
+    assert float(clamped) < 2 * -math.log(1e-4) + 0.1  # ~9.2 each
+
+
 def naive_heatmaps(boxes: torch.Tensor, labels: torch.Tensor, head: HeadConfig, grid: BEVGridConfig) -> dict[str, torch.Tensor]:
     """Reference: one Gaussian at a time, a Python loop over objects and window slices."""
-    from bevperc.models.centerpoint_head import gaussian_kernel
+    from bevperc.models.heatmap import gaussian_kernel
 
     heatmaps = {}
     for group_name, group in zip(head.group_names, head.class_groups):

@@ -12,8 +12,10 @@ from pyquaternion import Quaternion
 from bevperc.geometry import (
     box_corners,
     invert_transform,
+    camera_from_ego_points,
     make_transform,
     matrix_to_quaternion,
+    pixels_from_ego_points,
     points_in_boxes,
     project_to_image,
     quaternion_to_matrix,
@@ -120,6 +122,30 @@ def test_projection_matches_devkit_view_points():
     pixels, depth = project_to_image(points, intrinsics)
     np.testing.assert_allclose(pixels, view_points(points.T, intrinsics, normalize=True)[:2].T, atol=1e-9)
     np.testing.assert_allclose(depth, points[:, 2])
+
+
+
+def test_pixels_from_ego_points_projects_into_many_cameras_at_once():
+    """Per camera the same as camera_from_ego_points + project_to_image (with the image augmentation
+    folded into the intrinsics), for NumPy and torch; camera leading dims broadcast against the points'."""
+    rng = np.random.default_rng(7)
+    intrinsics = np.array([[1266.4, 0, 816.3], [0, 1266.4, 491.5], [0, 0, 1]])
+    image_aug = np.array([[0.22, 0.0, -3.0], [0.0, 0.22, -70.0], [0, 0, 1]])
+    cameras = np.stack([make_transform(random_rotation(rng), rng.normal(size=3)) for _ in range(3)])  # [N, 4, 4]
+    points = rng.normal(size=(5, 4, 3)) * 20  # [M, P, 3]
+    pixels, depth = pixels_from_ego_points(points, cameras[:, None], image_aug @ intrinsics)
+    assert pixels.shape == (3, 5, 4, 2) and depth.shape == (3, 5, 4)
+    for n in range(3):
+        camera = camera_from_ego_points(points.reshape(-1, 3), cameras[n])
+        expected, expected_depth = project_to_image(camera, image_aug @ intrinsics)
+        np.testing.assert_allclose(depth[n].reshape(-1), expected_depth, rtol=1e-12, atol=1e-9)
+        front = expected_depth > 1e-6
+        np.testing.assert_allclose(pixels[n].reshape(-1, 2)[front], expected[front], rtol=1e-9)
+        assert np.isfinite(pixels[n]).all()  # behind the camera: finite, masked by depth
+    found, found_depth = pixels_from_ego_points(torch.from_numpy(points), torch.from_numpy(cameras[:, None]),
+                                                torch.from_numpy(image_aug @ intrinsics))
+    np.testing.assert_allclose(found.numpy(), pixels, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(found_depth.numpy(), depth, rtol=1e-12, atol=1e-9)
 
 
 def test_points_in_boxes():

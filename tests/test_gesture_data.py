@@ -124,6 +124,30 @@ def test_targets_peak_at_centres() -> None:
     assert t["mask"].sum() == 1
 
 
+
+def test_targets_are_gaussians_over_the_whole_map() -> None:
+    """The gesture Gaussians are not cut at their radius (unlike the BEV head's): every cell holds the
+    maximum over the objects of the class of exp(-d^2 / (2 sigma^2)), sigma = (2r + 1) / 6, in float32."""
+    from bevperc.models.heatmap import gaussian_radius
+
+    generator = torch.Generator().manual_seed(0)
+    centres, sides = torch.rand(5, 2, generator=generator), torch.rand(5, 2, generator=generator) * 0.4 + 0.05
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2], 1).clamp(0, 1)
+    labels = torch.tensor([0, 1, 0, 2, 0])
+    h, w = 12, 20
+    t = build_targets([boxes], [labels], num_classes=3, grid=(h, w))
+    expected, beyond = torch.zeros(3, h, w), torch.ones(3, h, w, dtype=torch.bool)
+    ys, xs = torch.arange(h, dtype=torch.float32).view(h, 1), torch.arange(w, dtype=torch.float32).view(1, w)
+    for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+        ix, iy = min(int((x1 + x2) / 2 * w), w - 1), min(int((y1 + y2) / 2 * h), h - 1)
+        radius = max(0, int(gaussian_radius((y2 - y1) * h, (x2 - x1) * w, min_overlap=0.7)))
+        sigma = (2 * radius + 1) / 6
+        expected[label] = torch.maximum(expected[label], torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2)))
+        beyond[label, max(0, iy - radius): iy + radius + 1, max(0, ix - radius): ix + radius + 1] = False
+    assert torch.equal(t["heatmap"][0], expected)
+    assert (t["heatmap"][0][beyond] > 0).any()  # the tails reach beyond the radius
+
+
 def test_class_cue_is_weak_but_present_at_the_student_resolution() -> None:
     """The default grating survives the 128 -> 64 px resize at about half contrast, unaliased;
     the old 6-8 px (at 256) grating did not (<= 0.38 of it, periods below the 2 px Nyquist limit)."""

@@ -14,12 +14,49 @@ from bevperc.losses.engine import LossEngineConfig
 from bevperc.utils.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BEV_CONFIGS = ("demo_cpu.yaml", "bevdet_r50_256x704.yaml")
+BEV_CONFIGS = tuple(sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("gesture_")))
+
+
+def test_bev_configs_found() -> None:
+    assert {"demo_cpu.yaml", "bevdet_r50_256x704.yaml"} <= set(BEV_CONFIGS)
 
 
 @pytest.mark.parametrize("name", BEV_CONFIGS)
 def test_shipped_bev_configs_load(name: str) -> None:
     assert isinstance(load_run_config(CONFIGS / name), Config)
+
+
+@pytest.mark.parametrize("name", BEV_CONFIGS)
+def test_data_input_size_and_gt_range_are_the_models(name: str) -> None:
+    """Every shipped config gets the network input size and the GT range from the model, whether its
+    data section leaves them out or restates them."""
+    smaller = "model.view.input_size=[64,160]"
+    for overrides in ([], [smaller], ["data.input_size=[64,160]", smaller]):  # as shipped; another model size; restated
+        cfg = load_run_config(CONFIGS / name, overrides)
+        grid = cfg.model.grid
+        assert cfg.data.input_size == tuple(cfg.model.view.input_size)
+        assert cfg.data.gt_range == (grid.x_range[0], grid.y_range[0], grid.z_range[0],
+                                     grid.x_range[1], grid.y_range[1], grid.z_range[1])
+    assert load_run_config(CONFIGS / name, [smaller]).data.input_size == (64, 160)
+
+
+def test_data_values_that_disagree_with_the_model_name_both_fields() -> None:
+    with pytest.raises(ConfigError, match=r"data\.input_size \(64, 160\) != model\.view\.input_size \(128, 352\)"):
+        load_run_config(CONFIGS / "demo_cpu.yaml", ["data.input_size=[64,160]"])
+    with pytest.raises(ConfigError, match=r"data\.gt_range .* != model grid ranges"):
+        load_run_config(CONFIGS / "demo_cpu.yaml", ["data.gt_range=[-40,-40,-5,40,40,3]"])
+    with pytest.raises(ConfigError, match=r"data\.gt_range .* != model grid ranges"):
+        load_run_config(CONFIGS / "demo_cpu.yaml", ["model.grid.x_range=[-40,40]",
+                                                     "data.gt_range=[-51.2,-51.2,-5,51.2,51.2,3]"])
+    moved = load_run_config(CONFIGS / "demo_cpu.yaml", ["model.grid.x_range=[-40,40]"])
+    assert moved.data.gt_range == (-40.0, -51.2, -5.0, 40.0, 51.2, 3.0)
+
+
+def test_a_data_config_on_its_own_must_set_the_models_values() -> None:
+    from bevperc.data import DataConfig, NuScenesBEVDataset
+
+    with pytest.raises(ValueError, match=r"data\.input_size and data\.gt_range not set"):
+        NuScenesBEVDataset(DataConfig(dataroot="nowhere"), "mini_train", train=False)
 
 
 def test_depth_supervision_without_depth_labels_names_both_fields() -> None:

@@ -37,9 +37,10 @@ class BEVAugConfig:
 class DataConfig:
     """Where the data is and how samples are prepared.
 
-    ``info_dir`` defaults to ``dataroot``. ``gt_range`` ``[x_min, y_min, z_min, x_max,
-    y_max, z_max]`` (augmented ego frame) drops GT boxes whose centre lies outside; keep it
-    equal to the model's BEV grid.
+    ``info_dir`` defaults to ``dataroot``. ``input_size`` and ``gt_range`` are the model's: left
+    out (None), :class:`bevperc.config.Config` fills them in from ``model.view.input_size`` and the
+    grid ranges (a value given that disagrees is an error); a ``DataConfig`` used without a run
+    config (``NuScenesBEVDataset(DataConfig(...), ...)``) must set both.
     """
 
     dataroot: str = "data/nuscenes-synthetic"
@@ -47,7 +48,8 @@ class DataConfig:
     train_split: str = "mini_train"
     val_split: str = "mini_val"
     info_dir: Optional[str] = None
-    input_size: tuple[int, int] = (256, 704)
+    input_size: Optional[tuple[int, int]] = None
+    """(H, W) of the network input (after image augmentation); None: ``model.view.input_size``."""
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     image_aug: ImageAugConfig = field(default_factory=ImageAugConfig)
@@ -60,11 +62,13 @@ class DataConfig:
     first skip JPEG decoding; the images are bit-identical."""
     cache_dir: Optional[str] = None
     """Where the image cache lives; default ``<info_dir or dataroot>/bevperc_cache``."""
-    gt_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    gt_range: Optional[tuple[float, float, float, float, float, float]] = None
+    """``(x_min, y_min, z_min, x_max, y_max, z_max)`` (augmented ego frame): GT boxes whose centre lies
+    outside are dropped; None: the model's grid ranges (``BEVGridConfig.bounds``)."""
     min_lidar_points: int = 1
 
     def __post_init__(self) -> None:
-        if self.input_size[0] <= 0 or self.input_size[1] <= 0:
+        if self.input_size is not None and (self.input_size[0] <= 0 or self.input_size[1] <= 0):
             raise ValueError(f"data.input_size must be positive (H, W), got {self.input_size}")
 
     def info_path(self, split: str) -> str:

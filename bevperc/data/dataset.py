@@ -133,6 +133,10 @@ class NuScenesBEVDataset(Dataset):
     """
 
     def __init__(self, cfg: DataConfig, split: str, train: bool, seed: int = 0) -> None:
+        unset = [name for name in ("input_size", "gt_range") if getattr(cfg, name) is None]
+        if unset:
+            raise ValueError(f"data.{' and data.'.join(unset)} not set: a run config (bevperc.config.Config) takes "
+                             "them from the model; a DataConfig used on its own must set them")
         self.cfg = cfg
         self.split = split
         self.train = train

@@ -21,9 +21,9 @@ contrast a resize keeps. What that contrast is and how the student learns it: do
 part B, "Why these defaults".
 
 The CenterNet targets (``build_targets``) and the gesture focal loss (``train.focal_heatmap_loss``)
-are not the BEV head's (``models.centerpoint_head``): the gesture Gaussians are not cut at their
-radius, and the focal loss uses ``logsigmoid`` without CenterPoint's probability clamp. Sharing
-the head's would change gesture results, so they stay separate.
+are the BEV head's (``models.heatmap``) with two differences of method: the gesture Gaussians are
+not cut at their radius, and the focal loss uses ``logsigmoid`` without CenterPoint's probability
+clamp.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from bevperc.training.seeding import sample_rng
 from bevperc.gesture.config import SYNTHETIC_CLASSES, GestureDataConfig
-from bevperc.models.centerpoint_head import gaussian_radius  # the CenterNet radius, one implementation
+from bevperc.models.heatmap import draw_gaussians, gaussian_radius
 from bevperc.utils.io import atomic_write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -318,8 +318,7 @@ def build_targets(
     wh = torch.zeros(b, 2, h, w)
     off = torch.zeros(b, 2, h, w)
     mask = torch.zeros(b, h, w)
-    ys = torch.arange(h, dtype=torch.float32).view(h, 1)
-    xs = torch.arange(w, dtype=torch.float32).view(1, w)
+    peaks: list[tuple[int, int, int, int]] = []  # (heatmap channel b * C + class, ix, iy, radius)
     for bi, (bx, lb) in enumerate(zip(boxes, labels)):
         for box, cls in zip(bx.tolist(), lb.tolist()):
             bw, bh = (box[2] - box[0]) * w, (box[3] - box[1]) * h
@@ -327,13 +326,13 @@ def build_targets(
                 continue
             cx, cy = (box[0] + box[2]) / 2 * w, (box[1] + box[3]) / 2 * h
             ix, iy = min(int(cx), w - 1), min(int(cy), h - 1)
-            radius = max(0, int(gaussian_radius(bh, bw, min_overlap=0.7)))  # CenterNet's overlap
-            sigma = (2 * radius + 1) / 6
-            g = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2))
-            heat[bi, cls] = torch.maximum(heat[bi, cls], g)
+            peaks.append((bi * num_classes + cls, ix, iy, max(0, int(gaussian_radius(bh, bw, min_overlap=0.7)))))
             wh[bi, :, iy, ix] = torch.tensor([bw, bh])
             off[bi, :, iy, ix] = torch.tensor([cx - ix, cy - iy])
             mask[bi, iy, ix] = 1.0
+    # CenterNet's overlap 0.7; the Gaussians over the whole map (not cut at the radius), evaluated in float32
+    channel, ix, iy, radius = torch.tensor(peaks, dtype=torch.long).reshape(-1, 4).unbind(1)
+    draw_gaussians(heat.view(-1, h, w), channel, ix, iy, radius, reach=max(h, w) - 1, compute_dtype=torch.float32)
     return {"heatmap": heat, "wh": wh, "offset": off, "mask": mask}
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevperc.training import TrainConfig, Trainer
@@ -33,6 +32,7 @@ from bevperc.gesture.config import GestureTrainConfig, OptimConfig
 from bevperc.gesture.data import GestureDataset, build_targets, collate_gestures
 from bevperc.losses.engine import LossEngine
 from bevperc.models.centernet import CenterNet, DetectorConfig, FeatureSet
+from bevperc.models.heatmap import gaussian_focal_loss_sums
 from bevperc.utils.config import from_dict, save_config, to_dict
 from bevperc.utils.io import atomic_torch_save, atomic_write_json
 
@@ -49,14 +49,10 @@ def focal_heatmap_loss(logits: Tensor, target: Tensor) -> Tensor:
     """CenterNet penalty-reduced focal loss per sample [B] (alpha 2, beta 4, / number of centres).
 
     logits, target: [B,C,h,w]; target is 1 at centres, Gaussian-decayed around them. Unlike the BEV
-    head's ``gaussian_focal_loss_sums`` the probabilities are not clamped (``logsigmoid`` instead).
+    head's, the probabilities are not clamped (``logsigmoid`` instead; ``models.heatmap``).
     """
-    prob = torch.sigmoid(logits)
-    pos = target.eq(1).to(logits.dtype)
-    pos_term = -F.logsigmoid(logits) * (1 - prob) ** 2 * pos
-    neg_term = -F.logsigmoid(-logits) * prob**2 * (1 - target) ** 4 * (1 - pos)
-    num_pos = pos.flatten(1).sum(1).clamp(min=1)
-    return (pos_term + neg_term).flatten(1).sum(1) / num_pos
+    sums, positives = gaussian_focal_loss_sums(logits, target, clamp=False)
+    return sums / positives.clamp(min=1)
 
 
 def masked_l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import Conv2dNormActivation
 
+from bevperc.models.heatmap import HEATMAP_INIT_BIAS
+
 
 class StrideAlignmentError(ValueError):
     """Teacher 2's stage maps do not have the student's shape from stage K on."""
@@ -199,9 +201,6 @@ def _head(c_in: int, c_mid: int, c_out: int, bias: float = 0.0) -> nn.Sequential
 class CenterNet(nn.Module):
     """CenterNet-style detector; ``forward(image) -> FeatureSet``."""
 
-    # Prior probability 0.1 for the heatmap bias (CenterNet's -2.19) so early focal loss is sane.
-    HEATMAP_PRIOR_BIAS = -2.19
-
     def __init__(self, cfg: DetectorConfig, num_classes: int) -> None:
         super().__init__()
         if num_classes < 1:
@@ -210,7 +209,7 @@ class CenterNet(nn.Module):
         self.num_classes = num_classes
         self.encoder = Encoder(cfg)
         self.neck = Neck(cfg)
-        self.heatmap_head = _head(cfg.neck_channels, cfg.head_channels, num_classes, self.HEATMAP_PRIOR_BIAS)
+        self.heatmap_head = _head(cfg.neck_channels, cfg.head_channels, num_classes, HEATMAP_INIT_BIAS)
         self.wh_head = _head(cfg.neck_channels, cfg.head_channels, 2)
         self.offset_head = _head(cfg.neck_channels, cfg.head_channels, 2)
 

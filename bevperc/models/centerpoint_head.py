@@ -15,13 +15,12 @@ velocity   2         ``vx, vy`` (m/s)
 =========  ========  =========================================================
 
 ``cx = (x - x_min) / cell_size`` is the continuous cell coordinate. Losses: Gaussian focal
-loss (CenterNet) for heatmaps, L1 at centre cells normalised by the number of objects for
-regressions; each is one named task ``f"{group}.{branch}"`` (+ ``"depth"``).
+loss (CenterNet, ``bevperc.models.heatmap``) for heatmaps, L1 at centre cells normalised by the
+number of objects for regressions; each is one named task ``f"{group}.{branch}"`` (+ ``"depth"``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from bevperc.data.classes import CLASS_INDEX
 from bevperc.models.config import BEVGridConfig, HeadConfig
+from bevperc.models.heatmap import HEATMAP_INIT_BIAS, draw_gaussians, gaussian_focal_loss_sums, gaussian_radius
 
 REGRESSION_BRANCHES: dict[str, int] = {"offset": 2, "height": 1, "size": 3, "rotation": 2, "velocity": 2}
 """Regression branch -> channels, in CenterPoint's code order (reg, height, dim, rot, vel)."""
@@ -38,61 +38,9 @@ BRANCHES: tuple[str, ...] = ("heatmap", *REGRESSION_BRANCHES)
 CENTERPOINT_CODE_WEIGHTS = {"offset": 1.0, "height": 1.0, "size": 1.0, "rotation": 1.0, "velocity": 0.2}
 REGRESSION_LOSS_WEIGHT = 0.25
 HEATMAP_LOSS_WEIGHT = 1.0
-HEATMAP_INIT_BIAS = -2.19  # sigmoid = 0.1: CenterNet's prior for rare positives
 
 
-# --------------------------------------------------------------------------- Gaussian targets
-def gaussian_radius(length_cells: float, width_cells: float, min_overlap: float = 0.1) -> float:
-    """CenterPoint/CornerNet Gaussian radius (cells) for a box of ``length x width`` cells.
-
-    The smallest of the three CornerNet cases, kept exactly as CenterPoint writes it
-    (including its known deviations) so heatmaps match the published models.
-    """
-    height, width = length_cells, width_cells
-    b1 = height + width
-    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + math.sqrt(b1**2 - 4 * c1)) / 2
-    a2, b2 = 4, 2 * (height + width)
-    c2 = (1 - min_overlap) * width * height
-    r2 = (b2 + math.sqrt(b2**2 - 4 * a2 * c2)) / 2
-    a3, b3 = 4 * min_overlap, -2 * min_overlap * (height + width)
-    c3 = (min_overlap - 1) * width * height
-    r3 = (b3 + math.sqrt(b3**2 - 4 * a3 * c3)) / 2
-    return min(r1, r2, r3)
-
-
-def gaussian_kernel(radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """``[2r+1, 2r+1]`` Gaussian with sigma = diameter / 6 and peak 1 (CenterNet)."""
-    diameter = 2 * radius + 1
-    sigma = diameter / 6
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma * sigma))
-    kernel[kernel < torch.finfo(torch.float64).eps * kernel.max()] = 0
-    return kernel.to(dtype=dtype, device=device)
-
-
-def draw_gaussians(heatmaps: torch.Tensor, classes: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor,
-                   radii: torch.Tensor) -> None:
-    """In place, for every object ``k``: ``heatmaps[classes[k]] = max(heatmaps[classes[k]], gaussian_kernel(radii[k])``
-    centred at ``(ix[k], iy[k])``), clipped at the borders.
-
-    Args:
-        heatmaps: ``[C, ny, nx]`` contiguous; classes, ix, iy, radii: ``[K]`` int64.
-    One scatter-max per distinct radius (a handful), not one per object.
-    """
-    channels, rows, cols = heatmaps.shape
-    flat = heatmaps.view(-1)
-    for radius in radii.unique().tolist():
-        chosen = radii == radius
-        kernel = gaussian_kernel(radius, heatmaps.dtype, heatmaps.device)
-        offsets = torch.arange(-radius, radius + 1, device=heatmaps.device)
-        y = iy[chosen, None, None] + offsets[None, :, None]  # [k, d, 1]
-        x = ix[chosen, None, None] + offsets[None, None, :]  # [k, 1, d]
-        inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)  # [k, d, d]
-        index = (classes[chosen, None, None] * rows + y) * cols + x
-        flat.scatter_reduce_(0, index[inside], kernel.expand(inside.shape)[inside], reduce="amax")
-
-
+# --------------------------------------------------------------------------- targets
 def encode_boxes(boxes: torch.Tensor, grid: BEVGridConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Boxes ``[M, 9]`` (augmented ego frame) -> centre cells and regression targets.
 
@@ -197,22 +145,6 @@ def assign_targets(
 
 
 # --------------------------------------------------------------------------- losses
-def gaussian_focal_loss_sums(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CenterNet focal loss (alpha 2, beta 4), summed per sample.
-
-    Args:
-        logits: ``[B, C, ny, nx]``; target: same shape, Gaussian heatmap in [0, 1].
-    Returns:
-        (loss sum ``[B]``, number of positive cells ``[B]``); the loss is sum / max(positives, 1).
-    """
-    pred = torch.sigmoid(logits.float()).clamp(1e-4, 1 - 1e-4)  # CenterPoint's clamp
-    positive = target.eq(1).float()
-    negative_weight = (1 - target).pow(4)
-    pos_loss = -torch.log(pred) * (1 - pred).pow(2) * positive
-    neg_loss = -torch.log(1 - pred) * pred.pow(2) * negative_weight * (1 - positive)
-    return (pos_loss + neg_loss).flatten(1).sum(1), positive.flatten(1).sum(1)
-
-
 def gather_at_indices(prediction: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``[B, c, ny, nx]`` map sampled at flat cells ``[B, K]`` -> ``[B, K, c]``."""
     flat = prediction.flatten(2)  # [B, c, ny*nx]

@@ -148,6 +148,12 @@ class BEVGridConfig:
                 raise ValueError(f"grid.{name}: length {high - low} is not a multiple of cell_size {self.cell_size}")
 
     @property
+    def bounds(self) -> tuple[float, float, float, float, float, float]:
+        """``(x_min, y_min, z_min, x_max, y_max, z_max)`` of the grid (the run's ``data.gt_range``)."""
+        (x_min, x_max), (y_min, y_max), (z_min, z_max) = self.x_range, self.y_range, self.z_range
+        return (x_min, y_min, z_min, x_max, y_max, z_max)
+
+    @property
     def num_x(self) -> int:
         return int(round((self.x_range[1] - self.x_range[0]) / self.cell_size))
 

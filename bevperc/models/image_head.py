@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from bevperc.data.classes import DETECTION_CLASSES
-from bevperc.geometry import box_corners
-from bevperc.models.centerpoint_head import HEATMAP_INIT_BIAS, draw_gaussians, gaussian_focal_loss_sums, gaussian_radius
+from bevperc.geometry import box_corners, pixels_from_ego_points
 from bevperc.models.config import ViewTransformerConfig
+from bevperc.models.heatmap import HEATMAP_INIT_BIAS, draw_gaussians, gaussian_focal_loss_sums, gaussian_radius
 
 MIN_OVERLAP = 0.7
 """CenterNet's Gaussian radius overlap for 2D boxes."""
@@ -57,8 +57,8 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1,
 
     ``as_imaged=False``: the observation angle is not negated under a mirror (see ``ImageTargets``).
     Box centres (augmented ego frame) go to each augmented image by
-    ``image_aug @ K @ inv(bev_aug @ ego_from_camera)``; a box is drawn where its centre lands inside
-    the image, in front of the camera (all 8 corners too).
+    ``image_aug @ K @ inv(bev_aug @ ego_from_camera)`` (``bevperc.geometry.pixels_from_ego_points``);
+    a box is drawn where its centre lands inside the image, in front of the camera (all 8 corners too).
     """
     intrinsics, ego_from_camera = batch["intrinsics"].double(), batch["ego_from_camera"].double()
     image_aug, bev_aug = batch["image_aug"].double(), batch["bev_aug"].double()
@@ -70,7 +70,6 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1,
     centres_found: list[torch.Tensor] = []
     observations: list[torch.Tensor] = []
     aug_ego_from_camera = bev_aug[:, None] @ ego_from_camera  # [B, N, 4, 4]
-    camera_from_aug_ego = torch.linalg.inv(aug_ego_from_camera)
     pixels_from_camera = image_aug @ intrinsics  # [B, N, 3, 3]
     # sign of det(pixel -> augmented-ego ray map): -1 where the camera is mirrored (RAY_HANDEDNESS)
     handedness = camera_handedness(aug_ego_from_camera, pixels_from_camera)
@@ -81,10 +80,8 @@ def image_targets(batch: dict, view: ViewTransformerConfig, min_radius: int = 1,
             continue
         corners = box_corners(boxes.double())  # [M, 8, 3]
         points = torch.cat([boxes[:, None, :3].double(), corners], dim=1)  # [M, 9, 3]: centre, then corners
-        camera = points @ camera_from_aug_ego[b, :, None, :3, :3].transpose(-1, -2) + camera_from_aug_ego[b, :, None, None, :3, 3]
-        depth = camera[..., 2]  # [N, M, 9]
-        projected = camera @ pixels_from_camera[b, :, None].transpose(-1, -2)
-        uv = projected[..., :2] / depth.clamp(min=1e-6)[..., None] / stride  # feature-cell coordinates
+        pixels, depth = pixels_from_ego_points(points, aug_ego_from_camera[b, :, None], pixels_from_camera[b, :, None])
+        uv = pixels / stride  # [N, M, 9, 2] feature-cell coordinates; depth [N, M, 9]
         centre = uv[:, :, 0]  # [N, M, 2]
         extent = uv[:, :, 1:].amax(dim=2) - uv[:, :, 1:].amin(dim=2)  # [N, M, 2] (w, h) in cells
         visible = (depth[:, :, 0] > MIN_DEPTH) & (depth[:, :, 1:] > 0.1).all(dim=2)
@@ -179,13 +176,11 @@ def orient_by_image(detections: list[dict[str, torch.Tensor]], image_logits: tor
             continue
         ego_from_camera = batch["ego_from_camera"][b].to(boxes.device, torch.float64)  # [N, 4, 4]
         pixels_from_camera = (batch["image_aug"][b] @ batch["intrinsics"][b]).to(boxes.device, torch.float64)
-        camera_from_ego = torch.linalg.inv(ego_from_camera)
         centres = boxes[:, :3].double()
-        points = centres @ camera_from_ego[:, :3, :3].transpose(1, 2) + camera_from_ego[:, None, :3, 3]  # [N, K, 3]
-        projected = points @ pixels_from_camera.transpose(1, 2)
-        cell = (projected[..., :2] / points[..., 2:].clamp(min=1e-6) / view.feature_stride).floor()
+        pixels, depth = pixels_from_ego_points(centres, ego_from_camera, pixels_from_camera)  # [N, K, 2], [N, K]
+        cell = (pixels / view.feature_stride).floor()
         x, y = cell[..., 0].clamp(0, width - 1).long(), cell[..., 1].clamp(0, height - 1).long()
-        seen = (points[..., 2] > MIN_DEPTH) & (cell[..., 0] >= 0) & (cell[..., 0] < width) \
+        seen = (depth > MIN_DEPTH) & (cell[..., 0] >= 0) & (cell[..., 0] < width) \
             & (cell[..., 1] >= 0) & (cell[..., 1] < height)
         camera_index = torch.arange(cams, device=boxes.device)[:, None]
         score = maps[b, camera_index, det["labels"][None, :], y, x].float()  # [N, K]
