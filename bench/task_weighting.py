@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,10 +175,10 @@ def recorded_runs(path: Path, config: str, overrides_of) -> dict[tuple[str, int]
     return kept
 
 
-def git_commit() -> str | None:
-    """The commit of the code that trained a run (None outside a git checkout)."""
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or None
+def trained_at(work_dir: Path) -> str | None:
+    """The git commit of the code that trained a run (its ``run_info.json``; None if unknown)."""
+    info = work_dir / "run_info.json"
+    return (json.loads(info.read_text()).get("git") or {}).get("commit") if info.is_file() else None
 
 
 def print_gap_table(rows: list[dict[str, Any]]) -> None:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = last_validation(work_dir)
         return {"method": method, "seed": seed, "mAP": summary["mean_ap"], "NDS": summary["nd_score"],
                 "AP": summary["mean_dist_aps"], "tasks": task_metrics(summary, class_groups),
-                "overrides": overrides_of(method), "commit": git_commit(), "work_dir": str(work_dir)}
+                "overrides": overrides_of(method), "commit": trained_at(work_dir), "work_dir": str(work_dir)}
 
     def record(run: dict[str, Any]) -> None:
         if (run["method"], run["seed"]) in recorded:
