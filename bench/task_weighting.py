@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import _mean_sem, train_run  # noqa: E402
+from loss_engine import NORMALISED  # noqa: E402
 
 from bevperc.losses.config import LossEngineConfig  # noqa: E402
 
@@ -65,9 +66,8 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     if method == "default":
         return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
     if method == "normalised":
-        return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag", "loss.first_weighting=normalise",
-                "loss.loss_scale=recent", "loss.first_weight_temperature=0.25", "loss.lag_temperature=0.33",
-                "loss.lag_reference=initial"]
+        return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag",
+                *(f"loss.{name}={value}" for name, value in NORMALISED.items())]
     if method == "famo":
         return [*anchor, "loss.condition=famo", "loss.history_length=2"]
     if method == "uncertainty":
