@@ -47,10 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from bevperc.losses.config import LossEngineConfig
+from typing import Any
 
 VARIANTS = {
     # name: (teacher1 features, teacher1 heads, teacher2 features, teacher2 heads on?, teacher2 alignment)
@@ -89,18 +86,6 @@ def needed_base_runs(variants: list[str], weights: tuple[float, float, float, fl
     return [r for r in BASE_RUNS if r in needed]
 
 
-def _engine_settings(steps: int, options: dict[str, Any]) -> LossEngineConfig:
-    """The engine's defaults with the schedule scaled to the (short) run (group after ~1/5 of the steps),
-    then the ``--engine-option`` ``options``: a ``LossEngineConfig``."""
-    from bevperc.losses.config import LossEngineConfig
-    from bevperc.utils.config import from_dict
-
-    warm = max(5, steps // 5)
-    schedule = {"warmup_steps": warm, "affinity_steps": warm, "regroup_every": max(warm, steps // 2),
-                "condition_every": max(2, min(10, steps // 20)), "scale_warmup_steps": max(2, min(10, warm // 2))}
-    return from_dict(LossEngineConfig, {**schedule, **options}, source="--engine-option")
-
-
 def parse_engine_options(items: list[str]) -> dict[str, Any]:
     """``["first_weighting=fixed", "lag_floor=0.3"]`` -> LossEngineConfig overrides (checked against its fields)."""
     from bevperc.losses.engine import LossEngineConfig
@@ -126,6 +111,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
     from bevperc.gesture.data import GestureDataset
     from bevperc.gesture.demo import data_configs, run_configs
     from bevperc.gesture.distill import distill_student
+    from bevperc.gesture.presets import loss_engine_for_steps
     from bevperc.gesture.evaluate import evaluate_model
     from bevperc.gesture.train import load_centernet, train_detector
     from bevperc.losses.config import LossEngineConfig
@@ -171,7 +157,7 @@ def run_seed(args: dict[str, Any]) -> dict[str, Any]:
         score(role, ckpts[role], 1 if role.startswith("teacher2") else 0)
     full = on_weights(args.get("weights"))
     for mode in args["engine_modes"]:
-        engine = (_engine_settings(steps, args.get("engine_options", {})) if mode == "engine"
+        engine = (loss_engine_for_steps(steps, **args.get("engine_options", {})) if mode == "engine"
                   else LossEngineConfig(enabled=False))
         distill_optim = dataclasses.replace(cfgs["distill"].optim, loss_engine=engine)
         for variant, (t1f, t1h, t2f, t2h, align) in VARIANTS.items():

@@ -37,7 +37,7 @@ from loss_engine import NORMALISED  # noqa: E402
 
 from bevperc.losses.config import LossEngineConfig  # noqa: E402
 
-METHODS = ("fixed", "default", "normalised", "famo", "uncertainty", "equal")
+METHODS = ("fixed", "default", "settled", "normalised", "famo", "uncertainty", "equal")
 METHOD_FIELDS = ("grouping", "condition", "first_weighting", "loss_scale", "first_weight_temperature",
                  "lag_temperature", "lag_reference")
 """The ``loss`` fields that make the method (the schedule fields stay the config's)."""
@@ -53,7 +53,10 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     ``fixed``: plain weighted sum with CenterPoint's nuScenes weights (heatmap 1, regression 0.25 x code
     weights, velocity 0.2 -> 0.05) and BEVDepth's depth weight 3 (``default_task_weights``);
     ``default``: the engine's own defaults (``LossEngineConfig()``: clustered task sets, the lag
-    condition, ...), whatever the config's ``loss:`` section says about the method; ``normalised``:
+    condition, ...), whatever the config's ``loss:`` section says about the method; ``settled``: the
+    default on the affinity of every window so far and with the lag rule's start kept from the first grouping
+    (``affinity_memory=cumulative``, ``lag_reference=first_grouping``: sets that settle, a lag that each
+    regrouping does not reset); ``normalised``:
     the engine's default until issue 15 (first losses normalised by each task's recent loss, lag rule
     at temperature 0.33 from the initial losses); ``famo`` / ``uncertainty``: the anchors as published,
     one set per task on the raw losses with the fixed weights as priors, updated every step;
@@ -65,6 +68,10 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
         return ["loss.enabled=false"]
     if method == "default":
         return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
+    if method == "settled":
+        settled = {"lag_reference": "first_grouping", "affinity_memory": "cumulative"}
+        return ["loss.enabled=true", *(f"loss.{name}={settled.get(name, getattr(LossEngineConfig(), name))}"
+                                       for name in (*METHOD_FIELDS, "affinity_memory"))]
     if method == "normalised":
         return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag",
                 *(f"loss.{name}={value}" for name, value in NORMALISED.items())]

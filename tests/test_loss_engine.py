@@ -530,3 +530,60 @@ def test_lag_reference_judges_progress_from_the_start_of_balancing(reference: st
     restored = LossEngine(["a", "b"], cfg)
     restored.load_state_dict(engine.state_dict())
     torch.testing.assert_close(restored.initial_first_losses(), engine.initial_first_losses())
+
+
+def weakly_planted_losses(generator: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
+    """Like ``planted_losses`` but the shared factor is weaker than each task's own noise (as the BEV tasks)."""
+    latent = torch.randn(batch, max(PLANTED_GROUPS) + 1, generator=generator)
+    return {name: torch.exp(0.4 * latent[:, group] + 0.8 * torch.randn(batch, generator=generator))
+            for name, group in zip(TASKS, PLANTED_GROUPS)}
+
+
+def test_cumulative_affinity_settles_weak_structure_that_each_window_misses() -> None:
+    """With a weak shared factor one window of 20 steps x 4 samples is mostly noise: 'window' regroups on
+    almost every window and ends on a near-random grouping; 'cumulative' adds the windows up, regroups a few
+    times early and ends on the planted sets. The summed affinity survives a checkpoint."""
+    results = {}
+    for memory in ("window", "cumulative"):
+        accepted, agreement = [], []
+        for seed in range(4):
+            generator = torch.Generator().manual_seed(seed)
+            cfg = LossEngineConfig(warmup_steps=20, affinity_steps=20, regroup_every=20, affinity_memory=memory)
+            engine = LossEngine(TASKS, cfg)
+            for _ in range(300):
+                per_sample = weakly_planted_losses(generator, 4)
+                engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+                engine.step()
+            accepted.append(sum(event["accepted"] for event in engine.grouping_history))
+            labels = [next(j for j, s in enumerate(engine.task_sets) if n in s) for n in TASKS]
+            agreement.append(adjusted_rand_score(PLANTED_GROUPS, labels))
+        results[memory] = (max(accepted), min(accepted), float(np.mean(agreement)))
+    assert results["cumulative"][0] <= 3 and results["window"][1] >= 10, results
+    assert results["cumulative"][2] >= 0.8 and results["window"][2] <= 0.6, results
+    restored = LossEngine(TASKS, cfg)
+    restored.load_state_dict(engine.state_dict())
+    grouping, original = restored._grouping, engine._grouping
+    assert int(original.affinity_windows.max()) == 15  # every grouping of the run: the warm-up and 14 regroupings
+    torch.testing.assert_close(grouping.affinity_total, original.affinity_total)
+    torch.testing.assert_close(grouping.affinity_windows, original.affinity_windows)
+
+
+@pytest.mark.parametrize("reference", ["grouping", "first_grouping"])
+def test_first_grouping_reference_is_not_reset_by_a_regrouping(reference: str) -> None:
+    """The planted groups change at step 60, so the regrouping at step 80 is accepted. With 'grouping' the lag
+    rule starts anew from the losses there; with 'first_grouping' every task keeps its start from step 20."""
+    cfg = LossEngineConfig(warmup_steps=20, affinity_steps=20, regroup_every=60, lag_reference=reference)
+    engine = LossEngine(TASKS, cfg)
+    generator = torch.Generator().manual_seed(0)
+    swapped = [f"task{i}" for i in (0, 3, 5, 1, 6, 2, 4, 7)]  # planted sets {0, 3, 5}, {1, 6}, {2, 4, 7}
+    for step in range(100):
+        per_sample = planted_losses(generator, 16, [0.99 ** step] * len(TASKS))
+        if step >= 60:
+            per_sample = dict(zip(swapped, per_sample.values()))
+        engine({n: v.mean() for n, v in per_sample.items()}, per_sample)
+        engine.step()
+        if step + 1 == 20:
+            first_start = engine._stats.reference_loss.clone()
+    assert [event["accepted"] for event in engine.grouping_history] == [True, True]
+    kept = torch.equal(engine._stats.reference_loss, first_start)
+    assert kept == (reference == "first_grouping")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -33,6 +34,10 @@ def test_every_method_is_a_valid_config_of_its_kind(method):
         defaults = LossEngineConfig()
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(defaults, f) for f in tw.METHOD_FIELDS)
         assert cfg.loss.condition == "lag" and cfg.loss.warmup_steps == load_run_config(CONFIG).loss.warmup_steps
+    elif method == "settled":  # the default with the two settling options
+        expected = dataclasses.replace(LossEngineConfig(), lag_reference="first_grouping", affinity_memory="cumulative")
+        assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(expected, f)
+                                        for f in (*tw.METHOD_FIELDS, "affinity_memory"))
     elif method == "normalised":
         assert (cfg.loss.first_weighting, cfg.loss.lag_temperature, cfg.loss.lag_reference) == ("normalise", 0.33, "initial")
     else:  # the anchors as published: one set per task, raw losses, every step

@@ -71,7 +71,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from bevperc.gesture.demo import run_demo
+    from bevperc.gesture.demo import run_demo, summary_table
 
     import torch
 
@@ -79,6 +79,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     summary = run_demo(args.out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs)
     print(json.dumps(summary, indent=2))
+    print(summary_table(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic set -> teachers -> distil -> eval -> detect -> export")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-train", type=int, default=160)
-    p.add_argument("--num-test", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--num-train", type=int, default=240, help="as bench/distill.py (default 240)")
+    p.add_argument("--num-test", type=int, default=80, help="as bench/distill.py (default 80)")
+    p.add_argument("--epochs", type=int, default=40, help="as bench/distill.py (default 40)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared CPU)")
     p.set_defaults(func=_cmd_demo)
     return parser

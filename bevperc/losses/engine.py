@@ -120,7 +120,7 @@ class StepState:
 _STATE_KEYS = ("task_names", "iteration", "labels", "second_weights", "first_weights", "recent_scale",
                "reference_loss", "task_progress", "grouped", "initial_loss", "initial_count", "history", "samples",
                "grad_affinity_sum", "grad_affinity_count", "grad_records", "last_batch", "affinity", "grouping_score",
-               "grouping_history", "weight_history", "condition")
+               "grouping_history", "weight_history", "condition", "affinity_total", "affinity_windows")
 
 
 class LossEngine(nn.Module):
@@ -311,7 +311,7 @@ class LossEngine(nn.Module):
         if self._grouping.due(state.iteration):
             with torch.no_grad():
                 self._regroup()
-        if (self.cfg.lag_reference == "grouping" and self._stats.reference_loss is None
+        if (self.cfg.lag_reference != "initial" and self._stats.reference_loss is None
                 and state.iteration >= self.cfg.warmup_steps and self._stats.history):
             self._stats.set_reference()  # fixed or per-task sets: balancing starts after the warm-up
         if state.iteration % self.cfg.condition_every == 0 and self._stats.history:
@@ -358,7 +358,8 @@ class LossEngine(nn.Module):
             return
         self._weights.regroup(labels)
         self._state.coefficients = None
-        if self.cfg.lag_reference == "grouping":
+        if self.cfg.lag_reference == "grouping" or (self.cfg.lag_reference == "first_grouping"
+                                                    and self._stats.reference_loss is None):
             self._stats.set_reference()
         on_regroup = getattr(self.condition, "on_regroup", None)
         if on_regroup is not None:

@@ -57,7 +57,9 @@ class TaskGrouping:
         self.grad_count = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
         self.grad_records = 0
         self.last_batch = 0                                    # per-sample rows last recorded (all ranks)
-        self.affinity: Tensor | None = None                    # [T, T] last measured
+        self.affinity: Tensor | None = None                    # [T, T] last clustered
+        self.affinity_total = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)  # affinity_memory 'cumulative':
+        self.affinity_windows = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)  # sum and count of the windows
         self.score: float | None = None                        # silhouette of the current grouping
         self.history: list[dict[str, Any]] = []
         self.grouped = not self._clusters()
@@ -179,7 +181,7 @@ class TaskGrouping:
         indices are then aligned with the current ones. Records the event and restarts recording.
         """
         cfg = self.cfg
-        self.affinity = self.measure_affinity(ordered_history)  # the same on every rank: step() shares the statistics
+        self.affinity = self._remembered(self.measure_affinity(ordered_history))  # the same on every rank
         new, score = aff.cluster_tasks(self.affinity, cfg.num_sets, cfg.min_sets, cfg.max_sets, cfg.clustering)
         event = {"step": iteration, "score": float(score), "accepted": False}
         self._reset_recording()
@@ -200,6 +202,17 @@ class TaskGrouping:
         self.history.append(event)
         return new
 
+    def _remembered(self, window: Tensor) -> Tensor:
+        """The affinity [T, T] to cluster from this window's ``window`` [T, T] (NaN = unknown): the window's own with
+        ``affinity_memory='window'``, else the mean over every window so far (each known entry counted once per window)."""
+        if self.cfg.affinity_memory == "window":
+            return window
+        known = torch.isfinite(window).cpu()
+        self.affinity_total += torch.where(known, window.cpu().double(), torch.zeros_like(self.affinity_total))
+        self.affinity_windows += known.double()
+        mean = self.affinity_total / self.affinity_windows.clamp(min=1)
+        return torch.where(self.affinity_windows > 0, mean, torch.full_like(mean, float("nan"))).to(window)
+
     def _reset_recording(self) -> None:
         """Start the next affinity measurement from fresh samples/gradients."""
         self.samples = aff.SampleLossBuffer(len(self.task_names), self.cfg.affinity_capacity)
@@ -219,6 +232,8 @@ class TaskGrouping:
             "affinity": None if self.affinity is None else self.affinity.clone(),
             "grouping_score": self.score,
             "grouping_history": [dict(e) for e in self.history],
+            "affinity_total": self.affinity_total.clone(),
+            "affinity_windows": self.affinity_windows.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -231,3 +246,6 @@ class TaskGrouping:
         self.affinity = None if state["affinity"] is None else state["affinity"].clone()
         self.score = state["grouping_score"]
         self.history = [dict(e) for e in state["grouping_history"]]
+        if "affinity_total" in state:  # checkpoints written before affinity_memory have none (all windows: 'window')
+            self.affinity_total = state["affinity_total"].clone()
+            self.affinity_windows = state["affinity_windows"].clone()
