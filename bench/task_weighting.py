@@ -12,7 +12,8 @@ AOE, velocity -> AVE (mean over the group's classes where the devkit defines the
 relative gap in a run is its distance to the best value any method reached for it on that seed
 (``(AP_best - AP) / AP_best``, ``(err - err_best) / err_best``); the run's worst task is its largest
 gap. Writes ``bench/results/bev_task_weighting.json`` (metric values, so everything can be recomputed)
-after every finished run, and prints the table with paired per-seed differences from the default.
+after every finished run, and prints the table of the ``--methods`` with paired per-seed differences from
+``--reference``; ``--table`` trains nothing and prints that table from the runs recorded in ``--json``.
 
     python bench/task_weighting.py --config configs/demo_cpu.yaml --out work_dirs/task_weighting \\
         --seeds 0 1 2 --jobs 2 --threads 1 --reuse
@@ -209,6 +210,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs of the same config and overrides: those recorded in --json, and "
                              "finished work dirs under --out")
+    parser.add_argument("--table", action="store_true",
+                        help="train nothing: print the table of the --methods and --seeds recorded in --json")
+    parser.add_argument("--reference", default="default", choices=METHODS,
+                        help="the method the paired differences are taken from (default: default)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "bev_task_weighting.json"))
     parser.add_argument("overrides", nargs="*", help="overrides common to every run (e.g. data.dataroot=...)")
     return parser.parse_args(argv)
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     def overrides_of(method: str) -> list[str]:
         return [*args.overrides, *method_overrides(method, names)]
 
-    recorded = recorded_runs(Path(args.json), args.config, overrides_of) if args.reuse else {}
+    recorded = recorded_runs(Path(args.json), args.config, overrides_of) if args.reuse or args.table else {}
     runs.extend(recorded.values())
 
     def one(method: str, seed: int) -> dict[str, Any]:
@@ -246,16 +251,21 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
         atomic_write_json(args.json, {"command": " ".join(["python bench/task_weighting.py", *sys.argv[1:]]),
                                       "config": args.config, "overrides": args.overrides,
-                                      "methods": {m: method_overrides(m, names) for m in args.methods},
+                                      "methods": {m: method_overrides(m, names) for m in METHODS
+                                                  if m in args.methods or any(r["method"] == m for r in runs)},
                                       "runs": sorted(runs, key=lambda r: (r["seed"], METHODS.index(r["method"])))}, indent=1)
         print(f"finished {run['method']} seed {run['seed']}: mAP {run['mAP']:.4f} NDS {run['NDS']:.4f}", flush=True)
 
+    todo = [(method, seed) for seed in args.seeds for method in args.methods if (method, seed) not in recorded]
+    if args.table:
+        runs = [run for run in runs if run["seed"] in args.seeds]
+        todo = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(one, method, seed) for seed in args.seeds for method in args.methods]
+        futures = [pool.submit(one, method, seed) for method, seed in todo]
         for future in futures:
             record(future.result())
-    rows = summarise(runs)
-    print_table(rows)
+    rows = summarise([run for run in runs if run["method"] in args.methods], args.reference)
+    print_table(rows, args.reference)
     print()
     print_gap_table(rows)
     return 0

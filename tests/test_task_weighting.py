@@ -77,6 +77,9 @@ def test_gaps_worst_task_and_paired_differences():
     assert rows["default"]["seeds"] == [1] and rows["famo"]["seeds"] == [1]  # seed 0 lacks famo
     assert rows["default"]["worst_gap"] == pytest.approx(0.5) and rows["default"]["worst_task"] == ["g.AOE"]
     assert rows["famo"]["worst_gap"] == pytest.approx(2 / 3) and rows["famo"]["delta_mAP"] == pytest.approx(-0.2)
+    two = {row["method"]: row for row in tw.summarise([r for r in runs if r["method"] != "famo"], reference="fixed")}
+    assert two["default"]["seeds"] == [0, 1] and "delta_mAP" not in two["fixed"]  # without famo both seeds count
+    assert two["default"]["delta_mAP"] == pytest.approx(-0.05) and two["default"]["delta_NDS"] == pytest.approx(-0.01)
 
 
 def test_reuse_keeps_the_recorded_runs_of_the_same_config_and_overrides(tmp_path, capsys):
@@ -92,3 +95,23 @@ def test_reuse_keeps_the_recorded_runs_of_the_same_config_and_overrides(tmp_path
     assert "not reused (other overrides): default seed 1" in capsys.readouterr().out
     assert tw.recorded_runs(path, "configs/other.yaml", overrides_of) == {}
     assert tw.recorded_runs(tmp_path / "missing.json", CONFIG, overrides_of) == {}
+
+
+def test_table_prints_the_recorded_runs_and_trains_nothing(tmp_path, capsys):
+    """``--table``: the seeds asked for that are not in the file are left out, not trained."""
+    names = task_names(load_run_config(CONFIG).model)
+    tasks = {"car+truck+bus+trailer+construction_vehicle.AP": 0.2}
+
+    def run(method, seed, mean_ap):
+        return {"method": method, "seed": seed, "mAP": mean_ap, "NDS": 0.25, "tasks": tasks,
+                "overrides": ["data.dataroot=world", *tw.method_overrides(method, names)]}
+
+    path = tmp_path / "results.json"
+    runs = [run("fixed", 0, 0.20), run("settled", 0, 0.23), run("fixed", 1, 0.21), run("settled", 1, 0.22)]
+    path.write_text(tw.json.dumps({"config": CONFIG, "runs": runs}))
+    argv = ["--config", CONFIG, "--out", str(tmp_path / "work"), "--json", str(path), "--methods", "fixed", "settled",
+            "--seeds", "0", "1", "2", "--reference", "fixed", "--table", "--", "data.dataroot=world"]
+    assert tw.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| settled | 2 | 0.2250 |" in out and "+0.0200 ± 0.0100" in out  # paired over seeds 0 and 1
+    assert not (tmp_path / "work").exists() and tw.json.loads(path.read_text())["runs"] == runs
