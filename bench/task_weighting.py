@@ -38,10 +38,14 @@ from loss_engine import NORMALISED  # noqa: E402
 
 from bevperc.losses.config import LossEngineConfig  # noqa: E402
 
-METHODS = ("fixed", "default", "settled", "normalised", "famo", "uncertainty", "equal")
+METHODS = ("fixed", "default", "settled", "tasklag", "normalised", "famo", "uncertainty", "equal")
 METHOD_FIELDS = ("grouping", "condition", "first_weighting", "loss_scale", "first_weight_temperature",
                  "lag_temperature", "lag_reference")
 """The ``loss`` fields that make the method (the schedule fields stay the config's)."""
+SETTLED = {"lag_reference": "first_grouping", "affinity_memory": "cumulative"}
+VARIANTS = {"settled": SETTLED,
+            "tasklag": {**SETTLED, "first_weighting": "fixed_lag", "first_weight_temperature": 1.0}}
+"""Methods that differ from the engine's default in the fields given (the default's value for the others)."""
 METRIC_OF_BRANCH = {"heatmap": "AP", "offset": "ATE", "height": "ATE", "size": "ASE", "rotation": "AOE", "velocity": "AVE"}
 """The metric each head task drives; offset and height both drive ATE (one entry per group)."""
 TP_ERROR_KEYS = {"ATE": "trans_err", "ASE": "scale_err", "AOE": "orient_err", "AVE": "vel_err"}
@@ -57,7 +61,9 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     condition, ...), whatever the config's ``loss:`` section says about the method; ``settled``: the
     default on the affinity of every window so far and with the lag rule's start kept from the first grouping
     (``affinity_memory=cumulative``, ``lag_reference=first_grouping``: sets that settle, a lag that each
-    regrouping does not reset); ``normalised``:
+    regrouping does not reset); ``tasklag``: settled, with the first weights moved inside each set by the
+    gated per-task lag rule around the tuned weights (``first_weighting=fixed_lag``, temperature 1);
+    ``normalised``:
     the engine's default until issue 15 (first losses normalised by each task's recent loss, lag rule
     at temperature 0.33 from the initial losses); ``famo`` / ``uncertainty``: the anchors as published,
     one set per task on the raw losses with the fixed weights as priors, updated every step;
@@ -69,9 +75,9 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
         return ["loss.enabled=false"]
     if method == "default":
         return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
-    if method == "settled":
-        settled = {"lag_reference": "first_grouping", "affinity_memory": "cumulative"}
-        return ["loss.enabled=true", *(f"loss.{name}={settled.get(name, getattr(LossEngineConfig(), name))}"
+    if method in VARIANTS:
+        variant = VARIANTS[method]
+        return ["loss.enabled=true", *(f"loss.{name}={variant.get(name, getattr(LossEngineConfig(), name))}"
                                        for name in (*METHOD_FIELDS, "affinity_memory"))]
     if method == "normalised":
         return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag",

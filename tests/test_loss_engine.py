@@ -420,6 +420,36 @@ def test_first_weights_follow_the_lagging_task_inside_a_set() -> None:
     assert weights["other"] == pytest.approx(1.0)
 
 
+def test_fixed_lag_moves_pull_to_the_lagging_task_around_the_tuned_weights() -> None:
+    """'fixed_lag': raw losses, first weights start at the tuned weights, the gated lag rule shifts pull
+    inside a set towards the task that improved least since the reference, the set's total stays the
+    tuned total, a flat (unlearnable) task is neither lifted by the floor nor given the set's weight;
+    'fixed' keeps the tuned weights on the same losses."""
+    names = ["fast", "slow", "flat", "other"]
+    tuned = {"fast": 1.0, "slow": 0.25, "flat": 0.05, "other": 2.0}
+    first_weights = {}
+    for weighting in ("fixed_lag", "fixed"):
+        cfg = LossEngineConfig(fixed_sets=[["fast", "slow", "flat"], ["other"]], condition="fixed", condition_every=5,
+                               warmup_steps=10, first_weight_temperature=1.0, first_weighting=weighting,
+                               fixed_weights=tuned)
+        engine = LossEngine(names, cfg)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(120):
+            losses = {"fast": 4.0 * 0.98 ** step, "slow": 0.997 ** step, "other": 3.0,
+                      "flat": 3.0 * (1.0 + 0.05 * float(torch.randn((), generator=generator)))}
+            total = engine({name: torch.tensor(value) for name, value in losses.items()})
+            if step == 0:  # first weights = the tuned weights: the engine's loss is the fixed-weight sum
+                assert float(total) == pytest.approx(sum(tuned[n] * v for n, v in losses.items()))
+            engine.step()
+        first_weights[weighting] = engine.first_weights
+    weights = first_weights["fixed_lag"]
+    assert weights["fast"] + weights["slow"] + weights["flat"] == pytest.approx(1.3, rel=1e-5)
+    assert weights["slow"] / tuned["slow"] > 1.8 * weights["fast"] / tuned["fast"]
+    assert 0.5 < weights["flat"] / tuned["flat"] < 2.0
+    assert weights["other"] == pytest.approx(2.0)
+    assert first_weights["fixed"] == pytest.approx(tuned)
+
+
 def _ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist
 

@@ -34,8 +34,10 @@ def test_every_method_is_a_valid_config_of_its_kind(method):
         defaults = LossEngineConfig()
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(defaults, f) for f in tw.METHOD_FIELDS)
         assert cfg.loss.condition == "lag" and cfg.loss.warmup_steps == load_run_config(CONFIG).loss.warmup_steps
-    elif method == "settled":  # the default with the two settling options
+    elif method in ("settled", "tasklag"):  # the default with the two settling options (+ the per-task lag)
         expected = dataclasses.replace(LossEngineConfig(), lag_reference="first_grouping", affinity_memory="cumulative")
+        if method == "tasklag":
+            expected = dataclasses.replace(expected, first_weighting="fixed_lag", first_weight_temperature=1.0)
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(expected, f)
                                         for f in (*tw.METHOD_FIELDS, "affinity_memory"))
     elif method == "normalised":

@@ -56,10 +56,13 @@ class LossEngineConfig:
     """With affinity 'grad_cos'/'both': measure gradients every this many recorded steps."""
 
     # --- first loss ----------------------------------------------------------------
-    first_weighting: Literal["normalise", "fixed"] = "fixed"
+    first_weighting: Literal["normalise", "fixed", "fixed_lag"] = "fixed"
     """'fixed' (default): raw losses times fixed_weights, so with all second weights 1 the engine's loss
-    is the tuned fixed-weight sum and the condition only corrects it; 'normalise': divide each task by
-    its loss scale (scale-invariant sets, for tasks without tuned weights). Why: docs/methods.md, part A."""
+    is the tuned fixed-weight sum and the condition only corrects it; 'fixed_lag': the same raw losses,
+    with first weights that start at fixed_weights and follow the gated lag rule inside each set (each
+    set's total first weight kept, so the rule only shifts pull between the set's tasks); 'normalise':
+    divide each task by its loss scale (scale-invariant sets, for tasks without tuned weights). Why:
+    docs/methods.md, part A."""
     scale_warmup_steps: int = 10
     """Finite non-zero values averaged into each task's initial loss."""
     loss_scale: Literal["initial", "recent"] = "recent"
@@ -67,9 +70,10 @@ class LossEngineConfig:
     'recent' (its mean loss over the last lag window, refreshed every k steps by the second
     process, like a log-loss: every task keeps relative pressure as it converges)."""
     first_weight_temperature: float = 0.25
-    """> 0 (default 0.25): the second process also moves the first weights inside each set towards
-    ``prior_i * r_i ** (1 / first_weight_temperature)`` with r_i the task's loss ratio
-    (the lag rule inside the set, same smoothing and floor); 0: first weights stay fixed.
+    """> 0 (default 0.25): with first_weighting 'normalise' or 'fixed_lag' the second process also moves
+    the first weights inside each set towards ``prior_i * r_i ** (1 / first_weight_temperature)`` with
+    r_i the task's loss ratio (the lag rule inside the set, same smoothing and floor; 'normalise' from
+    the initial loss, 'fixed_lag' from the lag_reference start); 0: first weights stay fixed.
     Ignored with first_weighting='fixed'."""
 
     # --- second loss / optimisation condition ---------------------------------------

@@ -29,10 +29,11 @@ whether the log-loss moved beyond its measured noise (gate ~1) or sat on a plate
 the neutral (mean) level by ``1 - gate``: a flat set or task is treated as neither ahead nor
 behind, so it keeps about the mean weight but cannot keep gaining weight.
 
-First weights (optional in step 5, with ``first_weighting='normalise'``): with ``first_weight_temperature > 0`` the second process
-also applies the gated lag rule inside each set every k steps (a task's share of its set
-follows ``prior * ratio ** (1 / first_weight_temperature)``, smoothed and floored, ratio =
-recent loss / initial loss); ``0`` keeps them at the normalised priors.
+First weights (optional in step 5, with ``first_weighting`` 'normalise' or 'fixed_lag'): with
+``first_weight_temperature > 0`` the second process also applies the gated lag rule inside each set
+every k steps (a task's share of its set follows ``prior * ratio ** (1 / first_weight_temperature)``,
+smoothed and floored, ratio = recent loss / initial loss with 'normalise', / the lag_reference start
+with 'fixed_lag', whose sets keep the total of their tuned weights); ``0`` keeps them at the priors.
 
 Why the gate, why loss ratios rather than a gradient for the first weights, and the
 measurements behind the defaults: docs/methods.md, part A, "Why these defaults".
@@ -343,8 +344,10 @@ class LossEngine(nn.Module):
                                   initial_first_losses=self.initial_first_losses(), step=self._state.iteration)
         weights.set_second(proposed)
         normalise = self.cfg.first_weighting == "normalise"
-        if self.cfg.first_weight_temperature > 0 and normalise:
-            weights.adapt_first(ordered, stats.initial_loss, stats.initial_count)
+        if self.cfg.first_weight_temperature > 0 and self.cfg.first_weighting != "fixed":
+            # 'fixed_lag': scale 1, so the normalised start is the lag_reference start of each task
+            start = stats.initial_loss if normalise else stats.normalised_start()
+            weights.adapt_first(ordered, start, stats.initial_count)
         if self.cfg.loss_scale == "recent" and normalise:
             stats.refresh_recent_scale(ordered)
         self._state.coefficients = None

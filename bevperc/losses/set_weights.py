@@ -88,11 +88,12 @@ class SetWeights:
         floor = self.cfg.weight_floor
         self.second = (floor + (1.0 - floor) * current.numel() * (proposed / total)).float()
 
-    def adapt_first(self, ordered: Tensor, initial_loss: Tensor, initial_count: Tensor) -> None:
+    def adapt_first(self, ordered: Tensor, start: Tensor, initial_count: Tensor) -> None:
         """Gated lag rule inside each set: first weights follow ``prior * exp(l_i / T)`` (smoothed,
-        floored, mean 1 per set) with ``l_i = g_i log r_i + (1 - g_i) * mean of l over the set``.
+        floored; mean 1 per set with 'normalise', the set's total prior with 'fixed_lag') with
+        ``l_i = g_i log r_i + (1 - g_i) * mean of l over the set``.
 
-        ``r_i`` is the task's mean loss over the last window (of ``ordered`` [H, T]) over its initial
+        ``r_i`` is the task's mean loss over the last window (of ``ordered`` [H, T]) over its start
         loss [T] (``initial_count`` [T] values seen); ``g_i`` is its learnability (``ProgressGate``
         over its recent log-loss records), so an unlearnable task grouped with learnable ones counts
         as neutral and cannot take its set's first weight. A task without data in the window gets its
@@ -101,7 +102,7 @@ class SetWeights:
         """
         mean, variance = window_statistics(to_numpy(ordered), self.cfg.lag_window_steps)
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_ratio = np.log(np.maximum(mean / to_numpy(initial_loss), 1e-30))
+            log_ratio = np.log(np.maximum(mean / to_numpy(start), 1e-30))
         valid = np.isfinite(mean) & (initial_count.cpu().numpy() > 0) & np.isfinite(log_ratio)
         log_ratio = np.where(valid, log_ratio, np.nan)
         self.progress.update(log_ratio, variance)
@@ -123,7 +124,9 @@ class SetWeights:
 
     def _first_target_mix(self, lag: np.ndarray) -> np.ndarray:
         """New first weights [N, T]: the current ones mixed (``lag_smoothing``) with the floored
-        per-set softmax of ``log prior + lag / first_weight_temperature`` (mean 1 inside each set)."""
+        per-set softmax of ``log prior + lag / first_weight_temperature``: mean 1 inside each set
+        ('normalise', floor ``lag_floor``), or the set's total prior ('fixed_lag', floor
+        ``lag_floor * prior``: a task with a small tuned weight is not lifted by the floor)."""
         cfg = self.cfg
         membership = to_numpy(self.first) > 0                                 # [N, T]
         labels = self.labels.numpy()
@@ -132,8 +135,12 @@ class SetWeights:
         logits = logits - np.where(membership, logits, -np.inf).max(1)[labels]     # stable per-set softmax
         exp = np.exp(logits)
         share = exp / (membership * exp).sum(1)[labels]
-        set_size = membership.sum(1)[labels]
-        target = cfg.lag_floor + (1.0 - cfg.lag_floor) * set_size * share          # mean 1 inside the set
+        if cfg.first_weighting == "normalise":
+            set_size = membership.sum(1)[labels]
+            target = cfg.lag_floor + (1.0 - cfg.lag_floor) * set_size * share      # mean 1 inside the set
+        else:
+            total = (membership * prior).sum(1)[labels]
+            target = cfg.lag_floor * prior + (1.0 - cfg.lag_floor) * total * share  # the set's total prior
         current = to_numpy(self.first).sum(0)
         updated = (1.0 - cfg.lag_smoothing) * current + cfg.lag_smoothing * target
         return membership * updated

@@ -44,7 +44,7 @@ class TaskStatistics:
     def _refresh_flags(self) -> None:
         # A task that is never observed keeps the engine on the slow path (documented edge case).
         self.warming = bool((self.initial_count < self.cfg.scale_warmup_steps).any())
-        self.all_seen = self.cfg.first_weighting == "fixed" or bool((self.initial_count > 0).all())
+        self.all_seen = self.cfg.first_weighting != "normalise" or bool((self.initial_count > 0).all())
 
     def record(self, raw: Tensor) -> bool:
         """File one step's raw losses [T]; True when the loss scales may have changed (scale warm-up)."""
@@ -72,11 +72,11 @@ class TaskStatistics:
         return torch.where(torch.isfinite(history) & (history != 0), history, torch.full_like(history, float("nan")))
 
     def scale(self, raw: Tensor | None = None) -> Tensor:
-        """Per-task divisor s_i [T]: the initial or recent loss (normalise) or 1 (fixed).
+        """Per-task divisor s_i [T]: the initial or recent loss (normalise) or 1 (fixed, fixed_lag).
 
         ``raw`` [T]: this step's losses; a task not seen yet is then divided by its own current
         (finite, positive) value, otherwise by 1."""
-        if self.cfg.first_weighting == "fixed":
+        if self.cfg.first_weighting != "normalise":
             return torch.ones_like(self.initial_loss)
         known = self.initial_count > 0
         scale = self.initial_loss if self.recent_scale is None else self.recent_scale
