@@ -38,13 +38,14 @@ from loss_engine import NORMALISED  # noqa: E402
 
 from bevperc.losses.config import LossEngineConfig  # noqa: E402
 
-METHODS = ("fixed", "default", "settled", "tasklag", "normalised", "famo", "uncertainty", "equal")
+METHODS = ("fixed", "default", "settled", "tasklag", "tasklag_long", "normalised", "famo", "uncertainty", "equal")
 METHOD_FIELDS = ("grouping", "condition", "first_weighting", "loss_scale", "first_weight_temperature",
                  "lag_temperature", "lag_reference")
 """The ``loss`` fields that make the method (the schedule fields stay the config's)."""
 SETTLED = {"lag_reference": "first_grouping", "affinity_memory": "cumulative"}
 VARIANTS = {"settled": SETTLED,
             "tasklag": {**SETTLED, "first_weighting": "fixed_lag", "first_weight_temperature": 1.0}}
+VARIANTS["tasklag_long"] = {**VARIANTS["tasklag"], "progress_windows": 30}
 """Methods that differ from the engine's default in the fields given (the default's value for the others)."""
 METRIC_OF_BRANCH = {"heatmap": "AP", "offset": "ATE", "height": "ATE", "size": "ASE", "rotation": "AOE", "velocity": "AVE"}
 """The metric each head task drives; offset and height both drive ATE (one entry per group)."""
@@ -63,6 +64,7 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     (``affinity_memory=cumulative``, ``lag_reference=first_grouping``: sets that settle, a lag that each
     regrouping does not reset); ``tasklag``: settled, with the first weights moved inside each set by the
     gated per-task lag rule around the tuned weights (``first_weighting=fixed_lag``, temperature 1);
+    ``tasklag_long``: tasklag with the learnability gate fitted over 30 condition calls instead of 6;
     ``normalised``:
     the engine's default until issue 15 (first losses normalised by each task's recent loss, lag rule
     at temperature 0.33 from the initial losses); ``famo`` / ``uncertainty``: the anchors as published,
@@ -77,8 +79,9 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
         return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
     if method in VARIANTS:
         variant = VARIANTS[method]
+        names = dict.fromkeys((*METHOD_FIELDS, "affinity_memory", *variant))
         return ["loss.enabled=true", *(f"loss.{name}={variant.get(name, getattr(LossEngineConfig(), name))}"
-                                       for name in (*METHOD_FIELDS, "affinity_memory"))]
+                                       for name in names)]
     if method == "normalised":
         return ["loss.enabled=true", "loss.grouping=cluster", "loss.condition=lag",
                 *(f"loss.{name}={value}" for name, value in NORMALISED.items())]

@@ -34,12 +34,14 @@ def test_every_method_is_a_valid_config_of_its_kind(method):
         defaults = LossEngineConfig()
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(defaults, f) for f in tw.METHOD_FIELDS)
         assert cfg.loss.condition == "lag" and cfg.loss.warmup_steps == load_run_config(CONFIG).loss.warmup_steps
-    elif method in ("settled", "tasklag"):  # the default with the two settling options (+ the per-task lag)
+    elif method in tw.VARIANTS:  # the default with the two settling options (+ the per-task lag, a longer gate)
         expected = dataclasses.replace(LossEngineConfig(), lag_reference="first_grouping", affinity_memory="cumulative")
-        if method == "tasklag":
+        if method != "settled":
             expected = dataclasses.replace(expected, first_weighting="fixed_lag", first_weight_temperature=1.0)
+        if method == "tasklag_long":
+            expected = dataclasses.replace(expected, progress_windows=30)
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(expected, f)
-                                        for f in (*tw.METHOD_FIELDS, "affinity_memory"))
+                                        for f in (*tw.METHOD_FIELDS, "affinity_memory", "progress_windows"))
     elif method == "normalised":
         assert (cfg.loss.first_weighting, cfg.loss.lag_temperature, cfg.loss.lag_reference) == ("normalise", 0.33, "initial")
     else:  # the anchors as published: one set per task, raw losses, every step
