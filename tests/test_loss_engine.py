@@ -346,10 +346,19 @@ def test_summary_is_json_and_log_scalars(tmp_path) -> None:
     summary = json.loads(json.dumps(engine.summary()))
     assert summary["task_names"] == TASKS and len(summary["second_weights"]) == len(summary["task_sets"]) > 1
     assert len(summary["affinity"]) == len(TASKS) and summary["weight_history"]
+    last = summary["weight_history"][-1]  # the lag condition's set gates; first weights fixed: no task gates
+    assert len(last["set_gates"]) == len(summary["task_sets"]) and all(0.0 <= g <= 1.0 for g in last["set_gates"])
+    assert "task_gates" not in last
     writer = SummaryWriter(tmp_path)
     engine.log_scalars(writer, 25)
     writer.close()
-    assert any(p.name.startswith("events.out") for p in tmp_path.iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss_engine/second_weight/set0", "loss_engine/set_gate/set0", f"loss_engine/task_weight/{TASKS[0]}"} <= tags
+    assert events.Scalars("loss_engine/set_gate/set0")[0].value == pytest.approx(last["set_gates"][0])
 
 
 def test_gradient_cosine_affinity_groups_tasks() -> None:
@@ -427,7 +436,7 @@ def test_fixed_lag_moves_pull_to_the_lagging_task_around_the_tuned_weights() -> 
     'fixed' keeps the tuned weights on the same losses."""
     names = ["fast", "slow", "flat", "other"]
     tuned = {"fast": 1.0, "slow": 0.25, "flat": 0.05, "other": 2.0}
-    first_weights = {}
+    first_weights, history = {}, {}
     for weighting in ("fixed_lag", "fixed"):
         cfg = LossEngineConfig(fixed_sets=[["fast", "slow", "flat"], ["other"]], condition="fixed", condition_every=5,
                                warmup_steps=10, first_weight_temperature=1.0, first_weighting=weighting,
@@ -442,7 +451,11 @@ def test_fixed_lag_moves_pull_to_the_lagging_task_around_the_tuned_weights() -> 
                 assert float(total) == pytest.approx(sum(tuned[n] * v for n, v in losses.items()))
             engine.step()
         first_weights[weighting] = engine.first_weights
+        history[weighting] = engine.weight_history
     weights = first_weights["fixed_lag"]
+    gates = dict(zip(names, history["fixed_lag"][-1]["task_gates"]))  # recorded for the figure and TensorBoard
+    assert gates["flat"] < 0.3 and gates["fast"] > 0.9 and gates["slow"] > 0.9
+    assert "task_gates" not in history["fixed"][-1] and "set_gates" not in history["fixed"][-1]
     assert weights["fast"] + weights["slow"] + weights["flat"] == pytest.approx(1.3, rel=1e-5)
     assert weights["slow"] / tuned["slow"] > 1.8 * weights["fast"] / tuned["fast"]
     assert 0.5 < weights["flat"] / tuned["flat"] < 2.0

@@ -86,6 +86,15 @@ def test_gaps_worst_task_and_paired_differences():
     assert two["default"]["delta_mAP"] == pytest.approx(-0.05) and two["default"]["delta_NDS"] == pytest.approx(-0.01)
 
 
+def test_worst_learnable_gap_leaves_the_velocity_out():
+    runs = [{"method": "default", "seed": 0, "mAP": 0.4, "NDS": 0.3, "tasks": {"g.AP": 0.4, "g.AVE": 3.0}},
+            {"method": "fixed", "seed": 0, "mAP": 0.5, "NDS": 0.3, "tasks": {"g.AP": 0.5, "g.AVE": 1.0}}]
+    rows = {row["method"]: row for row in tw.summarise(runs, reference="fixed")}
+    assert rows["default"]["worst_gap"] == pytest.approx(2.0) and rows["default"]["worst_task"] == ["g.AVE"]
+    assert rows["default"]["worst_learnable_gap"] == pytest.approx(0.2)  # the AP gap: AVE is not learnable
+    assert rows["default"]["delta_worst_learnable_gap"] == pytest.approx(0.2)
+
+
 def test_reuse_keeps_the_recorded_runs_of_the_same_config_and_overrides(tmp_path, capsys):
     def overrides_of(method):
         return ["data.dataroot=world", *tw.method_overrides(method, ["heatmap"])]

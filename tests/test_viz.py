@@ -310,14 +310,15 @@ def test_lidar3d_ply_and_render(tmp_path):
 
 
 # --------------------------------------------------------------------------- loss engine and gestures
-def _engine_summary() -> dict:
+def _engine_summary(**options) -> dict:
     import torch
 
     from bevperc.losses.engine import LossEngine, LossEngineConfig
 
     torch.manual_seed(0)
     names = ["car.heatmap", "car.size", "ped.heatmap", "ped.size", "vel"]
-    engine = LossEngine(names, LossEngineConfig(warmup_steps=30, regroup_every=0, affinity_steps=25, condition_every=5))
+    engine = LossEngine(names, LossEngineConfig(warmup_steps=30, regroup_every=0, affinity_steps=25, condition_every=5,
+                                                **options))
     for step in range(60):
         a, b, c = torch.rand(8), torch.rand(8), torch.rand(8)
         per_sample = {"car.heatmap": a + 0.1, "car.size": 2 * a + 0.1, "ped.heatmap": b + 0.1, "ped.size": b + 0.2,
@@ -345,6 +346,22 @@ def test_loss_engine_figure_from_a_real_engine(tmp_path):
     from bevperc.viz import save_figure
 
     assert save_figure(fig, tmp_path / "engine.png").stat().st_size > 10_000
+
+
+def test_loss_engine_figure_draws_the_learnability_gates(tmp_path):
+    summary = _engine_summary(first_weighting="fixed_lag", first_weight_temperature=1.0)
+    last = summary["weight_history"][-1]
+    assert len(last["set_gates"]) == len(summary["task_sets"]) and len(last["task_gates"]) == 5
+    fig = loss_engine.plot_loss_engine(summary)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("gate per task set" in t for t in titles) and any("gate per task (" in t for t in titles)
+    task_ax = next(ax for ax in fig.axes if "gate per task (" in ax.get_title())
+    order, _ = loss_engine.set_order(summary["task_names"], summary["task_sets"])
+    image = task_ax.get_images()[0].get_array()
+    assert image.shape == (5, sum("task_gates" in e for e in summary["weight_history"]))
+    np.testing.assert_allclose(image[:, -1], np.array(last["task_gates"])[order])  # rows set by set
+    old = {**summary, "weight_history": [{"step": e["step"], "weights": e["weights"]} for e in summary["weight_history"]]}
+    assert not any("gate" in ax.get_title() for ax in loss_engine.plot_loss_engine(old).axes)  # older runs: no row
 
 
 def test_gesture_figures_with_real_centernet_models(tmp_path):

@@ -207,7 +207,9 @@ class LossEngine(nn.Module):
 
     @property
     def weight_history(self) -> list[dict[str, Any]]:
-        """Second weights at each condition call (thinned beyond ``max_weight_history``)."""
+        """Second weights at each condition call (thinned beyond ``max_weight_history``), with the
+        learnability gates the lag rules used: ``set_gates`` [N] (the condition's) and ``task_gates`` [T]
+        (the first weights'), where they ran."""
         return self._weights.history
 
     # ------------------------------------------------------------------ forward
@@ -344,14 +346,18 @@ class LossEngine(nn.Module):
                                   initial_first_losses=self.initial_first_losses(), step=self._state.iteration)
         weights.set_second(proposed)
         normalise = self.cfg.first_weighting == "normalise"
-        if self.cfg.first_weight_temperature > 0 and self.cfg.first_weighting != "fixed":
+        adapt_first = self.cfg.first_weight_temperature > 0 and self.cfg.first_weighting != "fixed"
+        if adapt_first:
             # 'fixed_lag': scale 1, so the normalised start is the lag_reference start of each task
             start = stats.initial_loss if normalise else stats.normalised_start()
             weights.adapt_first(ordered, start, stats.initial_count)
         if self.cfg.loss_scale == "recent" and normalise:
             stats.refresh_recent_scale(ordered)
         self._state.coefficients = None
-        weights.record(self._state.iteration)
+        set_gate = getattr(self.condition, "progress", None)
+        weights.record(self._state.iteration,
+                       set_gates=set_gate.gate(len(weights.second)) if set_gate is not None and set_gate.windows else None,
+                       task_gates=weights.progress.gate(len(self.task_names)) if adapt_first and weights.progress.windows else None)
 
     def _regroup(self) -> None:
         """Group the tasks anew (kept if the new grouping is not clearly better)."""
@@ -414,9 +420,15 @@ class LossEngine(nn.Module):
         return dict(zip(self.task_names, self._weights.coefficients(self._stats.scale()).tolist()))
 
     def log_scalars(self, writer: Any, step: int, prefix: str = "loss_engine") -> None:
-        """Write second weights, each task's set index and effective weight to a SummaryWriter."""
+        """Write second weights, each task's set index and effective weight, and the learnability gates
+        of the last condition call to a SummaryWriter."""
         for j, weight in enumerate(self._weights.second.tolist()):
             writer.add_scalar(f"{prefix}/second_weight/set{j}", weight, step)
+        last = self.weight_history[-1] if self.weight_history else {}
+        for j, gate in enumerate(last.get("set_gates", [])):
+            writer.add_scalar(f"{prefix}/set_gate/set{j}", gate, step)
+        for name, gate in zip(self.task_names, last.get("task_gates", [])):
+            writer.add_scalar(f"{prefix}/task_gate/{name}", gate, step)
         labels = self._weights.labels.tolist()
         for (name, weight), label in zip(self.task_weights().items(), labels):
             writer.add_scalar(f"{prefix}/set_of/{name}", label, step)

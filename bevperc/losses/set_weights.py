@@ -25,7 +25,7 @@ class SetWeights:
     ``prior`` [T] (CPU): the user's fixed weights, the first weights' starting point; with
     ``first_weighting='normalise'`` they are scaled to mean 1 inside every set, so that grouping by
     itself does not reweight tasks by the size of their set. ``progress`` is the learnability gate
-    of the first-weight lag rule; ``history`` records the second weights at every condition call.
+    of the first-weight lag rule; ``history`` records the second weights (and the gates) at every condition call.
     """
 
     def __init__(self, prior: Tensor, labels: np.ndarray, cfg: LossEngineConfig):
@@ -145,9 +145,15 @@ class SetWeights:
         updated = (1.0 - cfg.lag_smoothing) * current + cfg.lag_smoothing * target
         return membership * updated
 
-    def record(self, iteration: int) -> None:
-        """Append the second weights to ``history``; beyond ``max_weight_history`` keep every other one."""
-        self.history.append({"step": iteration, "weights": self.second.tolist()})
+    def record(self, iteration: int, set_gates: np.ndarray | None = None, task_gates: np.ndarray | None = None) -> None:
+        """Append the second weights to ``history``, with the learnability gates of the sets [N] and of
+        the tasks [T] where the lag rules used them; beyond ``max_weight_history`` keep every other entry."""
+        entry: dict[str, Any] = {"step": iteration, "weights": self.second.tolist()}
+        if set_gates is not None:
+            entry["set_gates"] = [float(g) for g in set_gates]
+        if task_gates is not None:
+            entry["task_gates"] = [float(g) for g in task_gates]
+        self.history.append(entry)
         if len(self.history) > self.cfg.max_weight_history:
             self.history = self.history[::2]
 
