@@ -362,6 +362,9 @@ def test_loss_engine_figure_draws_the_learnability_gates(tmp_path):
     np.testing.assert_allclose(image[:, -1], np.array(last["task_gates"])[order])  # rows set by set
     old = {**summary, "weight_history": [{"step": e["step"], "weights": e["weights"]} for e in summary["weight_history"]]}
     assert not any("gate" in ax.get_title() for ax in loss_engine.plot_loss_engine(old).axes)  # older runs: no row
+    fixed = _engine_summary(condition="fixed", first_weighting="fixed_lag", first_weight_temperature=1.0)
+    titles = [ax.get_title() for ax in loss_engine.plot_loss_engine(fixed).axes]  # task gates only
+    assert "set gates: not recorded" in " ".join(titles) and any("gate per task (" in t for t in titles)
 
 
 def test_gesture_figures_with_real_centernet_models(tmp_path):

@@ -148,9 +148,9 @@ def _set_label(j: int, task_set: Sequence[str] | None, max_chars: int = 48) -> s
     return f"set {j}: {text if len(text) <= max_chars else text[: max_chars - 3] + '...'}"
 
 
-def _plot_set_segments(ax: Axes, summary: Mapping[str, Any], key: str) -> None:
-    """One line per task set of ``key`` over training (earlier groupings in grey), regroupings dashed."""
-    segments = weight_segments(summary, key)
+def _plot_set_segments(ax: Axes, summary: Mapping[str, Any], segments: list[dict[str, Any]]) -> None:
+    """One line per task set over training from ``weight_segments`` (earlier groupings in grey), the
+    summary's regroupings dashed."""
     for index, segment in enumerate(segments):
         num_sets = segment["weights"].shape[1]
         colors = set_colors(num_sets)
@@ -174,7 +174,8 @@ def _plot_set_segments(ax: Axes, summary: Mapping[str, Any], key: str) -> None:
 
 def plot_second_weights_on_axes(ax: Axes, summary: Mapping[str, Any]) -> None:
     """Second weight of each task set over training steps (one line per set), regroupings marked."""
-    if not weight_segments(summary):
+    segments = weight_segments(summary)
+    if not segments:
         weights = np.asarray(summary.get("second_weights") or [], dtype=np.float64)
         colors = set_colors(max(len(weights), 1))
         for j, weight in enumerate(weights):
@@ -184,7 +185,7 @@ def plot_second_weights_on_axes(ax: Axes, summary: Mapping[str, Any]) -> None:
         if weights.size:
             ax.legend(fontsize=7, loc="best")
     else:
-        _plot_set_segments(ax, summary, "weights")
+        _plot_set_segments(ax, summary, segments)
         final_sets = summary.get("task_sets")
         final = len(final_sets) if final_sets is not None else "?"
         ax.set_title(f"second weights per task set (final grouping: {final} sets; dashed: regrouping, grey = kept)", fontsize=9)
@@ -200,7 +201,12 @@ def has_gates(summary: Mapping[str, Any]) -> bool:
 def plot_set_gates_on_axes(ax: Axes, summary: Mapping[str, Any]) -> None:
     """Learnability gate of each task set over training (the second weights' lag rule): ~0 = the set's
     loss did not move beyond its noise, so the rule treats it as neither ahead nor behind."""
-    _plot_set_segments(ax, summary, "set_gates")
+    segments = weight_segments(summary, "set_gates")
+    if not segments:
+        ax.set_axis_off()
+        ax.set_title("set gates: not recorded (a condition without a learnability gate)", fontsize=9)
+        return
+    _plot_set_segments(ax, summary, segments)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("gate (0 = flat, 1 = moving)", fontsize=8)
     ax.set_title("learnability gate per task set (second weights)", fontsize=9)
