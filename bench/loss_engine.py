@@ -137,7 +137,7 @@ def task_error(task: Task, prediction: Tensor, clean: Tensor) -> float:
 
 
 NORMALISED = dict(first_weighting="normalise", loss_scale="recent", first_weight_temperature=0.25, lag_temperature=0.33,
-                  lag_reference="initial")
+                  lag_reference="initial", affinity_memory="window")
 """The engine's defaults until issue 15: first losses normalised by each task's recent loss."""
 
 

@@ -38,13 +38,12 @@ from loss_engine import NORMALISED  # noqa: E402
 
 from bevperc.losses.config import LossEngineConfig  # noqa: E402
 
-METHODS = ("fixed", "default", "settled", "tasklag", "tasklag_long", "normalised", "famo", "uncertainty", "equal")
+METHODS = ("fixed", "default", "window", "tasklag", "tasklag_long", "normalised", "famo", "uncertainty", "equal")
 METHOD_FIELDS = ("grouping", "condition", "first_weighting", "loss_scale", "first_weight_temperature",
-                 "lag_temperature", "lag_reference")
+                 "lag_temperature", "lag_reference", "affinity_memory")
 """The ``loss`` fields that make the method (the schedule fields stay the config's)."""
-SETTLED = {"lag_reference": "first_grouping", "affinity_memory": "cumulative"}
-VARIANTS = {"settled": SETTLED,
-            "tasklag": {**SETTLED, "first_weighting": "fixed_lag", "first_weight_temperature": 1.0}}
+VARIANTS = {"window": {"lag_reference": "grouping", "affinity_memory": "window"},
+            "tasklag": {"first_weighting": "fixed_lag", "first_weight_temperature": 1.0}}
 VARIANTS["tasklag_long"] = {**VARIANTS["tasklag"], "progress_windows": 30}
 """Methods that differ from the engine's default in the fields given (the default's value for the others)."""
 METRIC_OF_BRANCH = {"heatmap": "AP", "offset": "ATE", "height": "ATE", "size": "ASE", "rotation": "AOE", "velocity": "AVE"}
@@ -62,10 +61,11 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     ``fixed``: plain weighted sum with CenterPoint's nuScenes weights (heatmap 1, regression 0.25 x code
     weights, velocity 0.2 -> 0.05) and BEVDepth's depth weight 3 (``default_task_weights``);
     ``default``: the engine's own defaults (``LossEngineConfig()``: clustered task sets, the lag
-    condition, ...), whatever the config's ``loss:`` section says about the method; ``settled``: the
-    default on the affinity of every window so far and with the lag rule's start kept from the first grouping
-    (``affinity_memory=cumulative``, ``lag_reference=first_grouping``: sets that settle, a lag that each
-    regrouping does not reset); ``tasklag``: settled, with the first weights moved inside each set by the
+    condition on the affinity of every window so far, the lag rule's start kept from the first grouping,
+    ...), whatever the config's ``loss:`` section says about the method; ``window``: the default until
+    session 27, called ``default`` in the docs of sessions 23-26 (each grouping on its own affinity
+    window, the lag's start reset at every regrouping: ``affinity_memory=window``,
+    ``lag_reference=grouping``); ``tasklag``: the default, with the first weights moved inside each set by the
     gated per-task lag rule around the tuned weights (``first_weighting=fixed_lag``, temperature 1);
     ``tasklag_long``: tasklag with the learnability gate fitted over 30 condition calls instead of 6;
     ``normalised``:
@@ -82,7 +82,7 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
         return ["loss.enabled=true", *(f"loss.{name}={getattr(LossEngineConfig(), name)}" for name in METHOD_FIELDS)]
     if method in VARIANTS:
         variant = VARIANTS[method]
-        names = dict.fromkeys((*METHOD_FIELDS, "affinity_memory", *variant))
+        names = dict.fromkeys((*METHOD_FIELDS, *variant))
         return ["loss.enabled=true", *(f"loss.{name}={variant.get(name, getattr(LossEngineConfig(), name))}"
                                        for name in names)]
     if method == "normalised":

@@ -614,8 +614,10 @@ def test_cumulative_affinity_settles_weak_structure_that_each_window_misses() ->
 @pytest.mark.parametrize("reference", ["grouping", "first_grouping"])
 def test_first_grouping_reference_is_not_reset_by_a_regrouping(reference: str) -> None:
     """The planted groups change at step 60, so the regrouping at step 80 is accepted. With 'grouping' the lag
-    rule starts anew from the losses there; with 'first_grouping' every task keeps its start from step 20."""
-    cfg = LossEngineConfig(warmup_steps=20, affinity_steps=20, regroup_every=60, lag_reference=reference)
+    rule starts anew from the losses there; with 'first_grouping' every task keeps its start from step 20.
+    The affinity of the last window only, so that the swap shows at once."""
+    cfg = LossEngineConfig(warmup_steps=20, affinity_steps=20, regroup_every=60, lag_reference=reference,
+                           affinity_memory="window")
     engine = LossEngine(TASKS, cfg)
     generator = torch.Generator().manual_seed(0)
     swapped = [f"task{i}" for i in (0, 3, 5, 1, 6, 2, 4, 7)]  # planted sets {0, 3, 5}, {1, 6}, {2, 4, 7}

@@ -30,18 +30,19 @@ def test_every_method_is_a_valid_config_of_its_kind(method):
         assert default_task_weights(cfg.model)["depth"] == 3.0
     elif method == "equal":
         assert not cfg.loss.enabled and cfg.loss.fixed_weights == dict.fromkeys(names, 1.0)
-    elif method == "default":  # the engine's defaults, not the config's loss section (condition: fixed)
+    elif method == "default":  # the engine's defaults, not the config's loss section
         defaults = LossEngineConfig()
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(defaults, f) for f in tw.METHOD_FIELDS)
         assert cfg.loss.condition == "lag" and cfg.loss.warmup_steps == load_run_config(CONFIG).loss.warmup_steps
-    elif method in tw.VARIANTS:  # the default with the two settling options (+ the per-task lag, a longer gate)
-        expected = dataclasses.replace(LossEngineConfig(), lag_reference="first_grouping", affinity_memory="cumulative")
-        if method != "settled":
-            expected = dataclasses.replace(expected, first_weighting="fixed_lag", first_weight_temperature=1.0)
+    elif method == "window":  # the default before session 27: affinity of the last window, lag reset at regroupings
+        expected = dataclasses.replace(LossEngineConfig(), lag_reference="grouping", affinity_memory="window")
+        assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(expected, f) for f in tw.METHOD_FIELDS)
+    elif method in tw.VARIANTS:  # the default with the per-task lag (+ a longer gate)
+        expected = dataclasses.replace(LossEngineConfig(), first_weighting="fixed_lag", first_weight_temperature=1.0)
         if method == "tasklag_long":
             expected = dataclasses.replace(expected, progress_windows=30)
         assert cfg.loss.enabled and all(getattr(cfg.loss, f) == getattr(expected, f)
-                                        for f in (*tw.METHOD_FIELDS, "affinity_memory", "progress_windows"))
+                                        for f in (*tw.METHOD_FIELDS, "progress_windows"))
     elif method == "normalised":
         assert (cfg.loss.first_weighting, cfg.loss.lag_temperature, cfg.loss.lag_reference) == ("normalise", 0.33, "initial")
     else:  # the anchors as published: one set per task, raw losses, every step
@@ -120,11 +121,11 @@ def test_table_prints_the_recorded_runs_and_trains_nothing(tmp_path, capsys):
                 "overrides": ["data.dataroot=world", *tw.method_overrides(method, names)]}
 
     path = tmp_path / "results.json"
-    runs = [run("fixed", 0, 0.20), run("settled", 0, 0.23), run("fixed", 1, 0.21), run("settled", 1, 0.22)]
+    runs = [run("fixed", 0, 0.20), run("window", 0, 0.23), run("fixed", 1, 0.21), run("window", 1, 0.22)]
     path.write_text(tw.json.dumps({"config": CONFIG, "runs": runs}))
-    argv = ["--config", CONFIG, "--out", str(tmp_path / "work"), "--json", str(path), "--methods", "fixed", "settled",
+    argv = ["--config", CONFIG, "--out", str(tmp_path / "work"), "--json", str(path), "--methods", "fixed", "window",
             "--seeds", "0", "1", "2", "--reference", "fixed", "--table", "--", "data.dataroot=world"]
     assert tw.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| settled | 2 | 0.2250 |" in out and "+0.0200 ± 0.0100" in out  # paired over seeds 0 and 1
+    assert "| window | 2 | 0.2250 |" in out and "+0.0200 ± 0.0100" in out  # paired over seeds 0 and 1
     assert not (tmp_path / "work").exists() and tw.json.loads(path.read_text())["runs"] == runs

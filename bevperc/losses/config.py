@@ -37,10 +37,11 @@ class LossEngineConfig:
     affinity: Literal["loss_corr", "grad_cos", "both"] = "loss_corr"
     """'loss_corr' (per-sample loss correlation), 'grad_cos' (gradient cosine on
     shared_features, extra per-task head backward on measurement steps) or 'both'."""
-    affinity_memory: Literal["window", "cumulative"] = "window"
-    """The affinity a (re)grouping clusters: 'window' (measured in the last affinity window only) or
-    'cumulative' (the mean of every window's affinity so far: the evidence adds up over training, so
-    weakly structured tasks settle into stable sets instead of being regrouped on each window's noise)."""
+    affinity_memory: Literal["window", "cumulative"] = "cumulative"
+    """The affinity a (re)grouping clusters: 'cumulative' (default: the mean of every window's affinity
+    so far: the evidence adds up over training, so weakly structured tasks settle into stable sets
+    instead of being regrouped on each window's noise) or 'window' (measured in the last affinity
+    window only)."""
     warmup_steps: int = 100
     """Steps before the first grouping (tasks are singleton sets until then)."""
     regroup_every: int = 1000
@@ -88,12 +89,12 @@ class LossEngineConfig:
     lag_floor: float = 0.1
     lag_window: int = 0
     """Steps averaged for the loss ratio; 0 = condition_every."""
-    lag_reference: Literal["initial", "grouping", "first_grouping"] = "grouping"
+    lag_reference: Literal["initial", "grouping", "first_grouping"] = "first_grouping"
     """The "start" of the lag rule's ratio L/L0 (second weights): 'initial' (each task's loss over
     the first scale_warmup_steps), 'grouping' (its mean loss over the lag window when the current
     task sets were formed: the first grouping, every accepted regrouping; with fixed sets, at
-    warmup_steps) or 'first_grouping' (that mean at the first grouping, kept over regroupings: a set's
-    start is the sum of its tasks' starts, so a regrouping does not reset the lag). When to use which:
+    warmup_steps) or 'first_grouping' (default: that mean at the first grouping, kept over regroupings:
+    a set's start is the sum of its tasks' starts, so a regrouping does not reset the lag). When to use which:
     docs/loss_engine.md."""
     progress_windows: int = 6
     """Learnability gate of the lag rule (second and first weights): the last this-many
