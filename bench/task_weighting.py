@@ -60,9 +60,8 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
 
     ``fixed``: plain weighted sum with CenterPoint's nuScenes weights (heatmap 1, regression 0.25 x code
     weights, velocity 0.2 -> 0.05) and BEVDepth's depth weight 3 (``default_task_weights``);
-    ``default``: the engine's own defaults (``LossEngineConfig()``: clustered task sets, the lag
-    condition on the affinity of every window so far, the lag rule's start kept from the first grouping,
-    ...), whatever the config's ``loss:`` section says about the method; ``window``: the default until
+    ``default``: the engine's own defaults (``LossEngineConfig()``: task sets clustered on the affinity of
+    every window so far, the lag condition with its start kept from the first grouping, ...), whatever the config's ``loss:`` section says about the method; ``window``: the default until
     session 27, called ``default`` in the docs of sessions 23-26 (each grouping on its own affinity
     window, the lag's start reset at every regrouping: ``affinity_memory=window``,
     ``lag_reference=grouping``); ``tasklag``: the default, with the first weights moved inside each set by the
