@@ -61,10 +61,11 @@ def method_overrides(method: str, task_names: list[str]) -> list[str]:
     ``fixed``: plain weighted sum with CenterPoint's nuScenes weights (heatmap 1, regression 0.25 x code
     weights, velocity 0.2 -> 0.05) and BEVDepth's depth weight 3 (``default_task_weights``);
     ``default``: the engine's own defaults (``LossEngineConfig()``: task sets clustered on the affinity of
-    every window so far, the lag condition with its start kept from the first grouping, ...), whatever the config's ``loss:`` section says about the method; ``window``: the default until
-    session 27, called ``default`` in the docs of sessions 23-26 (each grouping on its own affinity
-    window, the lag's start reset at every regrouping: ``affinity_memory=window``,
-    ``lag_reference=grouping``); ``tasklag``: the default, with the first weights moved inside each set by the
+    every window so far, the lag condition with its start kept from the first grouping, ...), whatever
+    the config's ``loss:`` section says about the method; ``window``: the default until session 27,
+    called ``default`` in the docs of sessions 23-26 (each grouping on its own affinity window, the
+    lag's start reset at every regrouping: ``affinity_memory=window``, ``lag_reference=grouping``);
+    ``tasklag``: the default, with the first weights moved inside each set by the
     gated per-task lag rule around the tuned weights (``first_weighting=fixed_lag``, temperature 1);
     ``tasklag_long``: tasklag with the learnability gate fitted over 30 condition calls instead of 6;
     ``normalised``:
