@@ -11,6 +11,8 @@ within the same round.
 
     python bench/train_speed.py --config configs/demo_cpu.yaml --rounds 3 \\
         --variant today "model.backbone.name=resnet model.view.feature_stride=16" --variant recipe ""
+    python bench/train_speed.py --config configs/demo_cpu.yaml --variant float32 "train.amp=false" \\
+        --variant bfloat16 "train.amp=true train.amp_dtype=bfloat16"      # CPU autocast, side by side
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(config: str, overrides: list[str], steps: int, warmup: int, device: str = "cpu",
             amp: str | None = None) -> dict[str, float]:
     """One process: samples/s of training steps of the variant on one real batch (and the peak GPU
-    memory on CUDA); ``amp`` ``bfloat16``/``float16`` runs the forward pass under autocast."""
+    memory on CUDA); ``amp`` ``bfloat16``/``float16`` runs the forward pass under autocast, as does a
+    variant's ``train.amp`` (with its ``train.amp_dtype``)."""
     import torch
 
     from bevperc.config import load_run_config
@@ -41,6 +44,7 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int, device: 
     from bevperc.models.detector import build_detector
 
     cfg = load_run_config(config, overrides)
+    amp = amp or (cfg.train.amp_dtype if cfg.train.amp else None)
     dataset = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True)
     batch = move_to_device(collate_bev([dataset[i % len(dataset)] for i in range(cfg.train.batch_size)]), torch.device(device))
     torch.manual_seed(0)

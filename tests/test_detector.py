@@ -621,6 +621,30 @@ def test_detector_forward_backward_gives_finite_losses_and_gradients_for_every_t
     assert all(DetectionBox.deserialize(e).detection_name in ("car", "truck", "pedestrian") for e in entries)
 
 
+def test_bfloat16_autocast_on_cpu_keeps_the_splat_and_the_losses_in_float32():
+    """CPU bfloat16 autocast (``train.amp``): the convolutions run in bfloat16; the BEV pooling sums
+    float32 (depth probabilities float32, the pooled BEV float32) and every task loss is float32 and
+    close to its float32 value; the gradients are finite."""
+    torch.manual_seed(0)
+    cfg = tiny_config(depth_supervision=True)
+    model = build_detector(cfg).eval()  # eval: BatchNorm statistics fixed, so both passes see the same model
+    batch = synthetic_ring_batch(cfg)
+    pooled = []
+    model.bev_encoder.register_forward_pre_hook(lambda module, inputs: pooled.append(inputs[0].dtype))
+    reference, _ = model.loss(model(batch), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(batch)
+        task_losses, _ = model.loss(outputs, batch)
+    assert outputs["car+truck.heatmap"].dtype == torch.bfloat16, "autocast did not reach the head's convolutions"
+    assert pooled == [torch.float32, torch.float32], "the splat must sum in float32 under autocast"
+    for name, value in task_losses.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        assert value.item() == pytest.approx(reference[name].item(), rel=0.05, abs=1e-3), name
+    sum(task_losses.values()).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.all(torch.isfinite(param.grad)), name
+
+
 def test_detector_rejects_wrong_input_size():
     cfg = tiny_config(depth_supervision=False)
     model = build_detector(cfg)

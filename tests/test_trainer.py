@@ -17,7 +17,7 @@ from torch import nn
 
 from bevperc.training import TrainConfig, Trainer, sample_rng, write_run_info
 from bevperc.training.checkpoint import check_plain, load_checkpoint
-from bevperc.training.distributed import ResumableDistributedSampler
+from bevperc.training.distributed import ResumableDistributedSampler, cpu_has_bfloat16
 from bevperc.training.ema import ModelEMA
 from bevperc.training.logging import close_logger, setup_logger
 from bevperc.training.schedule import build_scheduler, lr_factor
@@ -191,6 +191,18 @@ def test_ema_tracks_weights_with_warmed_up_decay():
     assert ema.current_decay() == 0.9
     assert torch.allclose(ema.module.weight, model.weight, atol=1e-6)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cpu_autocast_is_bfloat16_only_and_where_the_cpu_has_it(tmp_path, dtype):
+    trainer, _, _ = build_trainer(_toy_args(tmp_path, "--amp", "--amp-dtype", dtype, "--epochs", "1", "--samples", "16"))
+    expected = dtype == "bfloat16" and cpu_has_bfloat16()
+    assert trainer.amp_enabled is expected and not trainer.scaler.is_enabled()
+    log = (tmp_path / "train.log").read_text()
+    assert ("mixed precision disabled" in log) is not expected
+    trainer.fit()
+    assert all(torch.all(torch.isfinite(p)) for p in trainer.model.parameters())
+    assert trainer.skipped_steps == 0
 
 
 # ----------------------------------------------------------------------------- sampler, seeding

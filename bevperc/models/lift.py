@@ -359,7 +359,8 @@ class LSSViewTransformer(nn.Module):
                                        handedness.to(scores))
                            * scores.amax(dim=1, keepdim=True))
         context = torch.cat(context, dim=1).reshape(-1, cams, self.lifted_channels, height, width)
-        return depth_logits, depth_logits.softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
+        # float32 depth probabilities (a no-op without autocast): the pooling sums in the wider type
+        return depth_logits, depth_logits.float().softmax(dim=2), context.permute(0, 1, 3, 4, 2), image_logits
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Its tasks (scalar, and ``[B]`` per sample): ``depth`` with ``view.depth_supervision``, and the

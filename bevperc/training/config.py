@@ -38,7 +38,7 @@ class TrainConfig:
     onecycle_final_div_factor: float = 1e4  # and ends at lr / (div_factor * final_div_factor)
 
     grad_clip: float = 35.0             # max global L2 grad norm; <= 0 disables clipping
-    amp: bool = False                   # autocast + GradScaler; only on CUDA (ignored with a warning on CPU)
+    amp: bool = False                   # autocast (+ GradScaler for float16); on CPU: bfloat16, if the CPU has it
     amp_dtype: Literal["float16", "bfloat16"] = "float16"  # bfloat16 needs no GradScaler
     ema: bool = False                   # keep an exponential moving average of the weights
     ema_decay: float = 0.9999           # with warm-up: min(ema_decay, (1 + n) / (10 + n))

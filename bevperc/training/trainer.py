@@ -67,7 +67,8 @@ from torch.utils.data import DataLoader, Dataset
 from bevperc.training import checkpoint as ckpt
 from bevperc.training.config import TrainConfig
 from bevperc.training.distributed import (ResumableDistributedSampler, all_reduce_sum, any_rank, average_gradients,
-                                        init_distributed, iterations_per_epoch, training_device, wrap_model)
+                                        cpu_has_bfloat16, init_distributed, iterations_per_epoch, training_device,
+                                        wrap_model)
 from bevperc.training.ema import ModelEMA
 from bevperc.training.logging import LogWindow, format_duration, setup_logger, write_run_info
 from bevperc.training.schedule import build_optimizer, build_scheduler
@@ -177,11 +178,22 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
     def _configure_precision(self) -> None:
-        """``amp_enabled`` (AMP only on CUDA), ``amp_dtype`` and the ``scaler`` (enabled for float16 AMP)."""
-        self.amp_enabled = self.cfg.amp and self.device.type == "cuda"
-        if self.cfg.amp and not self.amp_enabled:
-            self.logger.warning("TrainConfig.amp=True but training on CPU: mixed precision disabled")
+        """``amp_enabled``, ``amp_dtype`` and the ``scaler`` (enabled for float16 AMP).
+
+        On CUDA either type. On CPU only bfloat16 and only where the CPU computes in it
+        (:func:`cpu_has_bfloat16`): elsewhere oneDNN emulates it, slower than float32.
+        """
         self.amp_dtype = torch.float16 if self.cfg.amp_dtype == "float16" else torch.bfloat16
+        self.amp_enabled = self.cfg.amp
+        if self.cfg.amp and self.device.type == "cpu":
+            if self.amp_dtype != torch.bfloat16:
+                self.amp_enabled = False
+                self.logger.warning("TrainConfig.amp=True with amp_dtype float16 on CPU: mixed precision disabled "
+                                    "(CPU autocast here is bfloat16 only: set train.amp_dtype=bfloat16)")
+            elif not cpu_has_bfloat16():
+                self.amp_enabled = False
+                self.logger.warning("TrainConfig.amp=True but this CPU has no bfloat16 instructions (avx512_bf16 / "
+                                    "AMX): mixed precision disabled, training in float32")
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_enabled and self.amp_dtype == torch.float16)
 
