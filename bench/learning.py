@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = args.variant or [["default", ""]]
     out = Path(args.out)
+    # seed by seed, so that with --jobs 2 the variants of a seed train side by side (paired wall times)
     jobs = [(name, seed, out / name / f"seed{seed}", [*args.overrides, *shlex.split(overrides)])
-            for name, overrides in variants for seed in args.seeds]
+            for seed in args.seeds for name, overrides in variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(name, seed): pool.submit(train_run, args.config, work_dir, seed, overrides, args.threads, args.reuse)
                    for name, seed, work_dir, overrides in jobs}
