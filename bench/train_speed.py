@@ -30,11 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(config: str, overrides: list[str], steps: int, warmup: int, device: str = "cpu",
-            amp: str | None = None) -> dict[str, float]:
+def measure(config: str, overrides: list[str], steps: int, warmup: int, device: str = "cpu") -> dict[str, float]:
     """One process: samples/s of training steps of the variant on one real batch (and the peak GPU
-    memory on CUDA); ``amp`` ``bfloat16``/``float16`` runs the forward pass under autocast, as does a
-    variant's ``train.amp`` (with its ``train.amp_dtype``)."""
+    memory on CUDA); with the variant's ``train.amp`` the forward pass runs under autocast in its
+    ``train.amp_dtype``."""
     import torch
 
     from bevperc.config import load_run_config
@@ -44,7 +43,7 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int, device: 
     from bevperc.models.detector import build_detector
 
     cfg = load_run_config(config, overrides)
-    amp = amp or (cfg.train.amp_dtype if cfg.train.amp else None)
+    amp = cfg.train.amp_dtype if cfg.train.amp else None
     dataset = NuScenesBEVDataset(cfg.data, cfg.data.train_split, train=True)
     batch = move_to_device(collate_bev([dataset[i % len(dataset)] for i in range(cfg.train.batch_size)]), torch.device(device))
     torch.manual_seed(0)
@@ -93,7 +92,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (adds the peak GPU memory)")
-    parser.add_argument("--amp", choices=["bfloat16", "float16"], default=None, help="autocast the forward pass")
     parser.add_argument("--json", help="write the rounds and the table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, printed as JSON
     parser.add_argument("overrides", nargs="*", help="overrides common to every variant")
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         print(json.dumps(measure(args.config, [*args.overrides, *shlex.split(args.worker)], args.steps, args.warmup,
-                                 args.device, args.amp)))
+                                 args.device)))
         return 0
     if not args.variant:
         print("bench/train_speed.py: give at least one --variant NAME OVERRIDES", file=sys.stderr)
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, overrides in args.variant:
             command = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--device", args.device, *(["--amp", args.amp] if args.amp else []),
+                       str(args.warmup), "--device", args.device,
                        "--worker", overrides, *args.overrides]
             output = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(output.strip().splitlines()[-1])
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['parameters'] / 1e6:.2f} M{memory} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "threads": args.threads, "steps": args.steps,
-                                               "device": args.device, "amp": args.amp,
+                                               "device": args.device,
                                                "variants": dict(map(tuple, args.variant)), "rounds": rounds,
                                                "table": table}, indent=1))
     return 0
