@@ -21,6 +21,7 @@ from bevperc.models.image_head import orient_by_image
 from bevperc.models.postprocess import decode_detections, to_nuscenes_detections
 from bevperc.utils.config import to_dict
 from bevperc.utils.io import atomic_write_json
+from bevperc.utils.threads import init_data_worker
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def iterate_predictions(
     ``detections`` holds ego-frame ``boxes [K, 9]``, ``scores [K]``, ``labels [K]``.
     """
     device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_bev)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_bev,
+                        worker_init_fn=init_data_worker)
     if isinstance(model, nn.Module):
         model.eval()
     for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):

@@ -367,3 +367,28 @@ def test_onecycle_handles_runs_shorter_than_warmup(total_iters):
         scheduler.step()
         rates.append(optimizer.param_groups[0]["lr"])
     assert all(0 < r <= 1e-3 + 1e-12 for r in rates)
+
+
+class _BlasThreadsSeen(torch.utils.data.Dataset):
+    """Each sample: the thread count of numpy's BLAS pools in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 1 << 20  # any index the toy run's sampler draws
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from threadpoolctl import threadpool_info
+
+        return torch.tensor([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"])
+
+
+def test_data_workers_run_numpy_blas_on_one_thread(tmp_path):
+    # Beside a busy training step a multi-threaded BLAS pool makes each tiny np.linalg call take
+    # milliseconds (bench/data_loading.py --blas); the trainer's workers get one thread, the caller keeps its pool.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    trainer, _, _ = build_trainer(_toy_args(tmp_path, "--num-workers", "1"))
+    trainer.train_dataset = _BlasThreadsSeen()
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core machine, whatever this one has
+        seen = torch.cat(list(trainer.make_loader(0)))
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {2}
+    assert seen.numel() > 0 and seen.eq(1).all()

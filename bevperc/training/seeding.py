@@ -33,6 +33,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from bevperc.utils.threads import init_data_worker
+
 # Domain tags keep the streams derived from one seed independent of each other.
 _PROCESS_STREAM = 1
 _LOADER_STREAM = 2
@@ -79,11 +81,13 @@ def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed python/numpy globals from the worker's torch seed.
+    """DataLoader ``worker_init_fn``: seed python/numpy globals from the worker's torch seed, and run
+    numpy's BLAS on one thread (:func:`bevperc.utils.threads.init_data_worker`).
 
     torch seeds each worker with ``base_seed + worker_id`` where ``base_seed`` comes from
     :func:`loader_generator`, so worker RNGs are a function of (seed, epoch, rank, worker).
     """
+    init_data_worker(worker_id)
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
