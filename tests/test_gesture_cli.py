@@ -112,3 +112,20 @@ def test_cli_help_lists_every_command(capsys) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     assert all(cmd in text for cmd in ("synth", "train", "distill", "eval", "detect", "export", "demo"))
+
+
+def test_demo_result_does_not_depend_on_its_worker_processes(tmp_path: Path) -> None:
+    """The demo's four trainings in two spawned workers give exactly what they give one after another in
+    this process: every model's weights and mAP (each run is seeded from its config alone)."""
+    from bevperc.gesture.demo import run_demo
+    from bevperc.training.checkpoint import load_checkpoint
+
+    size = {"num_train": 16, "num_test": 8, "epochs": 2}
+    inline = run_demo(tmp_path / "inline", **size, jobs=1)
+    workers = run_demo(tmp_path / "workers", **size, jobs=2)
+    assert inline["mAP50"] == workers["mAP50"] and inline["mAP"] == workers["mAP"]
+    for role in ("teacher1", "teacher2", "student", "student_kd"):
+        a, b = (load_checkpoint(tmp_path / run / "runs" / role / "model.pt")["model"] for run in ("inline", "workers"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    config = yaml.safe_load((tmp_path / "workers" / "configs" / "student.yaml").read_text())
+    assert config["optim"]["num_threads"] == 1  # the threads each worker ran on, so the CLI repeats the run

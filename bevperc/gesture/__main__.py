@@ -71,13 +71,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from bevperc.gesture.demo import run_demo, summary_table
+    from bevperc.gesture.demo import default_jobs, run_demo, summary_table
 
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    summary = run_demo(args.out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs)
+    summary = run_demo(args.out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs,
+                       jobs=default_jobs() if args.jobs is None else args.jobs, threads=args.threads)
     print(json.dumps(summary, indent=2))
     print(summary_table(summary))
 
@@ -131,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=240, help="as bench/distill.py (default 240)")
     p.add_argument("--num-test", type=int, default=80, help="as bench/distill.py (default 80)")
     p.add_argument("--epochs", type=int, default=40, help="as bench/distill.py (default 40)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on a busy shared CPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes for the four trainings (default: the usable CPU cores, at most 2; the result "
+                        "does not depend on it)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

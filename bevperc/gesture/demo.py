@@ -4,14 +4,21 @@ synthetic HaGRID-format set -> train teacher 1, teacher 2 (L=2, K=1) and the pla
 distil the student from both teachers -> COCO mAP of every model -> detect on test images ->
 ONNX export checked against onnxruntime. Each step's YAML config is written to ``<out>/configs``
 so the same run can be repeated with the CLI.
+
+The four trainings run in ``jobs`` worker processes (the teachers side by side, then the student
+beside the distillation, which needs both teachers), each on ``threads`` threads. A run is seeded
+from its config alone, so its result does not depend on ``jobs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import os
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bevperc.gesture.config import (
     DistillConfig,
@@ -36,12 +43,12 @@ def data_configs(root: str | Path, input_size: int = 64) -> tuple[GestureDataCon
 
 def run_configs(
     root: str | Path, epochs: int, seed: int = 0, scale: int = 2, stage_k: int = 1, input_size: int = 64,
-    batch_size: int = 16, lr: float = 3e-3, progress: bool = True, warmup_epochs: float = 0.0,
+    batch_size: int = 16, lr: float = 3e-3, progress: bool = True, warmup_epochs: float = 0.0, num_threads: int = 0,
 ) -> dict[str, Any]:
     """Train configs of student / teacher1 / teacher2 / teacher2_resize and a distillation template."""
     train_data, _ = data_configs(root, input_size)
     optim = OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                        warmup_epochs=warmup_epochs)
+                        warmup_epochs=warmup_epochs, num_threads=num_threads)
     big_data = dataclasses.replace(train_data, input_size=scale * input_size)
     return {
         "student": GestureTrainConfig(model=student_config(), data=train_data, optim=optim, role="student"),
@@ -55,10 +62,30 @@ def run_configs(
     }
 
 
-def run_demo(out: str | Path, num_train: int = 240, num_test: int = 80, epochs: int = 40, seed: int = 0) -> dict[str, Any]:
+def default_jobs() -> int:
+    """Worker processes for the demo's trainings: the CPU cores this process may use, at most 2 (the
+    teachers side by side; then the student beside the distillation)."""
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class _InProcess(Executor):
+    """An executor that runs each task at once in the calling process (``jobs <= 1``)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(error)
+        return future
+
+
+def run_demo(out: str | Path, num_train: int = 240, num_test: int = 80, epochs: int = 40, seed: int = 0,
+             jobs: int = 1, threads: int = 1) -> dict[str, Any]:
     """The whole pipeline at the regime of ``bench/distill.py`` (its set sizes, epochs and engine schedule), so
     the demo shows what the bench measured: distillation closing most of the gap between the plain student
-    and teacher 2 (docs/gesture.md). Returns the summary written to ``<out>/demo_summary.json``."""
+    and teacher 2 (docs/gesture.md). The trainings run in ``jobs`` processes of ``threads`` threads each
+    (``jobs > 1``: spawned workers, no progress bars). Returns the summary written to ``<out>/demo_summary.json``."""
     from bevperc.gesture.data import SyntheticGestureSpec, generate_synthetic_gestures
     from bevperc.gesture.detect import detect_folder
     from bevperc.gesture.distill import distill_student
@@ -69,17 +96,24 @@ def run_demo(out: str | Path, num_train: int = 240, num_test: int = 80, epochs: 
     out = Path(out)
     data_root = out / "data"
     generate_synthetic_gestures(data_root, num_train, num_test, seed, SyntheticGestureSpec(image_size=128), progress=True)
-    cfgs = run_configs(data_root, epochs, seed)
-    ckpts = {}
-    for role in ("teacher1", "teacher2", "student"):
-        save_config(cfgs[role], out / "configs" / f"{role}.yaml")
-        ckpts[role] = train_detector(cfgs[role], out / "runs" / role)
-    steps = epochs * math.ceil(num_train / cfgs["distill"].optim.batch_size)
-    distill = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(ckpts["teacher1"]),
-                                  teacher2_checkpoint=str(ckpts["teacher2"]),
-                                  optim=dataclasses.replace(cfgs["distill"].optim, loss_engine=loss_engine_for_steps(steps)))
-    save_config(distill, out / "configs" / "distill.yaml")
-    ckpts["student_kd"] = distill_student(distill, out / "runs" / "student_kd")
+    cfgs = run_configs(data_root, epochs, seed, progress=jobs <= 1, num_threads=threads)
+    executor = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1
+                else _InProcess())
+    with executor:
+        runs = {}
+        for role in ("teacher1", "teacher2", "student"):
+            save_config(cfgs[role], out / "configs" / f"{role}.yaml")
+            runs[role] = executor.submit(train_detector, cfgs[role], out / "runs" / role)
+        ckpts = {role: runs[role].result() for role in ("teacher1", "teacher2")}
+        steps = epochs * math.ceil(num_train / cfgs["distill"].optim.batch_size)
+        distill = dataclasses.replace(cfgs["distill"], teacher1_checkpoint=str(ckpts["teacher1"]),
+                                      teacher2_checkpoint=str(ckpts["teacher2"]),
+                                      optim=dataclasses.replace(cfgs["distill"].optim,
+                                                                loss_engine=loss_engine_for_steps(steps)))
+        save_config(distill, out / "configs" / "distill.yaml")
+        student_kd = executor.submit(distill_student, distill, out / "runs" / "student_kd")
+        ckpts["student"] = runs["student"].result()
+        ckpts["student_kd"] = student_kd.result()
     _, test_data = data_configs(data_root)
     save_config(test_data, out / "configs" / "test_data.yaml")
     metrics = {name: evaluate_checkpoint(path, test_data) for name, path in ckpts.items()}
