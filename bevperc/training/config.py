@@ -19,8 +19,6 @@ class TrainConfig:
     batch_size: int = 4                 # samples per process (per GPU) per iteration
     num_workers: int = 4                # DataLoader worker processes per training process
     drop_last: bool = True              # every iteration sees a full global batch
-    worker_nice: int = 0                # niceness added to the workers: on a CPU they share with the step, 10
-                                        # lets the step's threads go first (docs/demo.md, "Run time")
 
     # AdamW
     lr: float = 2e-4                    # peak learning rate
@@ -73,8 +71,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.schedule not in ("onecycle", "cosine", "step"):
             raise ValueError(f"TrainConfig.schedule must be 'onecycle', 'cosine' or 'step', got {self.schedule!r}")
-        if not 0 <= self.worker_nice <= 19:
-            raise ValueError(f"TrainConfig.worker_nice must be in [0, 19] (a niceness to add), got {self.worker_nice}")
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"TrainConfig.amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -80,14 +80,14 @@ def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(_LOADER_STREAM, seed, epoch, rank))
 
 
-def seed_worker(worker_id: int, nice: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: seed python/numpy globals from the worker's torch seed, after
-    :func:`bevperc.utils.threads.init_data_worker` (numpy's BLAS on one thread, ``nice``).
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python/numpy globals from the worker's torch seed, and run
+    numpy's BLAS on one thread (:func:`bevperc.utils.threads.init_data_worker`).
 
     torch seeds each worker with ``base_seed + worker_id`` where ``base_seed`` comes from
     :func:`loader_generator`, so worker RNGs are a function of (seed, epoch, rank, worker).
     """
-    init_data_worker(worker_id, nice)
+    init_data_worker(worker_id)
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)

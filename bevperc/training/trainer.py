@@ -53,7 +53,6 @@ scheduler step (always: the learning rate is a function of the iteration number)
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 import warnings
@@ -231,8 +230,7 @@ class Trainer:
         return DataLoader(self.train_dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
                           pin_memory=self.device.type == "cuda", drop_last=self.cfg.drop_last,
-                          worker_init_fn=functools.partial(seed_worker, nice=self.cfg.worker_nice),
-                          generator=loader_generator(self.cfg.seed, epoch, self.dist.rank),
+                          worker_init_fn=seed_worker, generator=loader_generator(self.cfg.seed, epoch, self.dist.rank),
                           persistent_workers=False)
 
     # ------------------------------------------------------------------ one step
