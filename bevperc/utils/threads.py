@@ -13,11 +13,7 @@ from __future__ import annotations
 from threadpoolctl import threadpool_limits
 
 
-def limit_blas_threads(threads: int = 1) -> None:
-    """Run numpy's BLAS/LAPACK (OpenBLAS, MKL, BLIS) on ``threads`` threads for the rest of this process."""
-    threadpool_limits(limits=threads, user_api="blas")
-
-
 def init_data_worker(worker_id: int) -> None:
-    """``worker_init_fn`` of a DataLoader that does no seeding of its own: numpy's BLAS on one thread."""
-    limit_blas_threads(1)
+    """``worker_init_fn`` of a DataLoader: numpy's BLAS/LAPACK (OpenBLAS, MKL, BLIS) on one thread for the
+    rest of the worker process."""
+    threadpool_limits(limits=1, user_api="blas")
