@@ -442,3 +442,24 @@ def test_old_module_path_is_an_alias():
     assert old.generate is sn.generate and old.build_world is sn.build_world and old.SyntheticConfig is sn.SyntheticConfig
     assert old.render_camera is render.render_camera and old.CAMERA_NAMES is sn.CAMERA_NAMES
     assert tables.write_tables is sn.write_tables
+
+
+def test_jpeg_encoding_is_the_bilinear_upscale_of_the_rendered_rgb_image():
+    """``encode_jpeg`` swaps the channels before the resize (fast); the bytes are those of resizing the RGB
+    render to 1600x900 and encoding it, and the JPEG decodes to that image."""
+    import io
+
+    import cv2
+
+    from bevperc.synthetic.render import encode_jpeg
+
+    rng = np.random.default_rng(0)
+    small = cv2.GaussianBlur((rng.random((225, 400, 3)) * 255).astype(np.uint8), (5, 5), 2)
+    small[:, :200, 0] = 255  # channels that differ: a swapped order would show
+    full_rgb = cv2.resize(small, (1600, 900), interpolation=cv2.INTER_LINEAR)
+    ok, reference = cv2.imencode(".jpg", np.ascontiguousarray(full_rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    encoded = encode_jpeg(small, 90)
+    assert encoded == reference.tobytes()
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).astype(int)
+    assert decoded.shape == (900, 1600, 3) and np.abs(decoded - full_rgb).mean() < 3

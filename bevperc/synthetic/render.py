@@ -313,9 +313,12 @@ def encode_jpeg(image_rgb: np.ndarray, quality: int) -> bytes:
     """JPEG bytes of an RGB image ``(H, W, 3)`` uint8, resized (bilinear) to 1600x900 first if needed."""
     import cv2
 
-    full = cv2.resize(image_rgb, (IMAGE_WIDTH, IMAGE_HEIGHT), interpolation=cv2.INTER_LINEAR) \
-        if image_rgb.shape[:2] != (IMAGE_HEIGHT, IMAGE_WIDTH) else image_rgb
-    ok, buf = cv2.imencode(".jpg", full[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    # BGR for OpenCV by cvtColor, before the resize (it acts per channel): a reversed-channel view would make
+    # imencode copy the full-size image element by element, several times the cost of the encoding itself
+    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    full = cv2.resize(bgr, (IMAGE_WIDTH, IMAGE_HEIGHT), interpolation=cv2.INTER_LINEAR) \
+        if bgr.shape[:2] != (IMAGE_HEIGHT, IMAGE_WIDTH) else bgr
+    ok, buf = cv2.imencode(".jpg", full, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
