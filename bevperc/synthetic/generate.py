@@ -2,10 +2,7 @@
 
 Scenes are independent (their own random streams and tokens), so they run one per task in
 ``workers`` processes; the parent merges their records in scene order, so the output does
-not depend on the number of workers. Cost (this 2-core CPU): the demo set (10 mini scenes
-x 40 keyframes, images + LiDAR) takes ~330 CPU-seconds (~3 min on 2 idle cores); the
-tables-only trainval set (150 val scenes x 40 = 6000 samples, 308k annotations) ~72
-CPU-seconds.
+not depend on the number of workers. What the demo's world costs: docs/demo.md, "Run time".
 """
 
 from __future__ import annotations
