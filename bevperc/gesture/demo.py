@@ -65,7 +65,7 @@ def run_configs(
 def default_jobs() -> int:
     """Worker processes for the demo's trainings: the CPU cores this process may use, at most 2 (the
     teachers side by side; then the student beside the distillation)."""
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return min(2, len(os.sched_getaffinity(0)))  # as evaluation.workers.default_workers counts the cores
 
 
 class _InProcess(Executor):
