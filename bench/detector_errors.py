@@ -53,6 +53,11 @@ def matched_pairs(pred: np.ndarray, score: np.ndarray, pred_sample: np.ndarray, 
     return order[hit], matched[hit]
 
 
+def bev_rays(boxes: np.ndarray) -> np.ndarray:
+    """Unit vectors ``[M, 2]`` from the ego origin to the BEV centres of ``boxes [M, 9]``."""
+    return boxes[:, :2] / np.linalg.norm(boxes[:, :2], axis=1, keepdims=True).clip(min=1e-6)
+
+
 def pixels_per_radial_metre(gt: np.ndarray, ego_from_camera: np.ndarray, pixels_from_camera: np.ndarray,
                             input_size: tuple[int, int]) -> np.ndarray:
     """Per GT box (``[M, 9]``, ego frame): how many pixels of the network input (``input_size`` (H, W))
@@ -64,7 +69,7 @@ def pixels_per_radial_metre(gt: np.ndarray, ego_from_camera: np.ndarray, pixels_
     ground = gt[:, :3].copy()
     ground[:, 2] -= gt[:, 5] / 2
     moved = ground.copy()
-    moved[:, :2] += gt[:, :2] / np.linalg.norm(gt[:, :2], axis=1, keepdims=True).clip(min=1e-6)
+    moved[:, :2] += bev_rays(gt)
     pixels, depth = pixels_from_ego_points(np.stack([ground, moved], axis=1)[None], ego_from_camera[:, None],
                                            pixels_from_camera[:, None])  # [N, M, 2, 2], [N, M, 2]
     height, width = input_size
@@ -83,18 +88,19 @@ def offset_errors(offset: np.ndarray, gt: np.ndarray, grid: "BEVGridConfig") -> 
     from bevperc.models.centerpoint_head import encode_boxes
 
     cells, inside, targets = encode_boxes(torch.as_tensor(gt, dtype=torch.float32), grid)
-    cells, target = cells.numpy(), targets["offset"].numpy()
+    inside = inside.numpy()
+    ix, iy = cells.numpy()[inside].T
+    target = targets["offset"].numpy()[inside]
     predicted, centre = np.full(len(gt), np.nan), np.full(len(gt), np.nan)
-    ix, iy = cells[inside.numpy()].T
-    predicted[inside.numpy()] = np.abs(offset[:, iy, ix].T - target[inside.numpy()]).mean(1)
-    centre[inside.numpy()] = np.abs(0.5 - target[inside.numpy()]).mean(1)
+    predicted[inside] = np.abs(offset[:, iy, ix].T - target).mean(1)
+    centre[inside] = np.abs(0.5 - target).mean(1)
     return predicted, centre
 
 
 def error_rows(pred: np.ndarray, gt: np.ndarray, gt_pixels_per_metre: np.ndarray) -> dict[str, np.ndarray]:
     """Per matched pair (rows of ``pred`` / ``gt``, [M, 9] ego-frame boxes, and the GT boxes'
     :func:`pixels_per_radial_metre`): the error components."""
-    ray = gt[:, :2] / np.linalg.norm(gt[:, :2], axis=1, keepdims=True).clip(min=1e-6)
+    ray = bev_rays(gt)
     offset = pred[:, :2] - gt[:, :2]
     yaw = np.abs((pred[:, 6] - gt[:, 6] + np.pi) % (2 * np.pi) - np.pi)
     return {
@@ -180,6 +186,8 @@ def main() -> None:
     group_of = {name: "+".join(group) for group in cfg.model.head.class_groups for name in group}
     found: dict[str, dict[str, list]] = {name: {key: [] for key in columns} for name in args.classes}
     for sample, (item, outputs, det) in enumerate(iterate_predictions(model, dataset, cfg.eval.batch_size)):
+        ego_from_camera = item["ego_from_camera"].numpy().astype(np.float64)
+        pixels_from_camera = (item["image_aug"] @ item["intrinsics"]).numpy().astype(np.float64)
         for name, lists in found.items():
             keep = (det["labels"] == CLASS_INDEX[name]) & (det["scores"] >= args.min_score)
             gt = item["gt_boxes"][item["gt_labels"] == CLASS_INDEX[name]].numpy()
@@ -188,9 +196,8 @@ def main() -> None:
             lists["samples"].append(np.full(int(keep.sum()), sample))
             lists["gt"].append(gt)
             lists["gt_samples"].append(np.full(len(gt), sample))
-            pixels_from_camera = (item["image_aug"] @ item["intrinsics"]).numpy().astype(np.float64)
-            lists["gt_pixels_per_metre"].append(pixels_per_radial_metre(
-                gt, item["ego_from_camera"].numpy().astype(np.float64), pixels_from_camera, cfg.data.input_size))
+            lists["gt_pixels_per_metre"].append(
+                pixels_per_radial_metre(gt, ego_from_camera, pixels_from_camera, cfg.data.input_size))
             offset = outputs[f"{group_of[name]}.offset"].float().numpy()
             for key, values in zip(("offset", "centre_offset"), offset_errors(offset, gt, cfg.model.grid)):
                 lists[key].append(values)
